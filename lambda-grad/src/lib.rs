@@ -1,0 +1,24 @@
+//! p2pml-lambda-grad: everything a gradient computation needs.
+//!
+//! - [`data`]: IDX and CIFAR-10 readers, preprocessing, deterministic partitioning.
+//! - [`models`]: the model zoo (cnn and the seeds' ImageNet models adapted to 28/32 px).
+//! - [`Model`]: parameters in one flat buffer, batch gradients, evaluation.
+//! - [`Optimizer`]: SGD (momentum, weight decay) and Adam over the flat parameters.
+//! - [`export`]: safetensors files that PyTorch loads, preprocessing in the metadata.
+
+pub mod data;
+mod device;
+pub mod export;
+pub mod models;
+mod optim;
+mod train;
+
+pub use device::{device_name, DeviceChoice, DeviceError};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use train::{BatchGrad, Evaluation, Model, ModelSpec, TensorData, TrainError};
+
+/// Sets the number of threads libtorch uses for intra-op parallelism in this process.
+pub fn set_torch_threads(n: usize) {
+    tch::set_num_threads(n.max(1) as i32);
+    tch::set_num_interop_threads(1);
+}

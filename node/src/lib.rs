@@ -1,0 +1,7 @@
+//! p2pml-node: a peer of a decentralized training run.
+//!
+//! - [`config`]: the one serde `Config`, filled from the command line in `main`.
+//! - [`standalone`]: training on one machine with no network (`p2pml-node train`).
+
+pub mod config;
+pub mod standalone;
