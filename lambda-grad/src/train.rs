@@ -95,14 +95,20 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Builds the model on `device` with initial parameters drawn from `seed`.
     pub fn new(spec: ModelSpec, device: Device, seed: u64) -> Result<Self, TrainError> {
+        Self::with_kind(spec, device, seed, Kind::Float)
+    }
+
+    /// As [`Model::new`] with parameters of `kind` (Double for gradient checks).
+    pub fn with_kind(spec: ModelSpec, device: Device, seed: u64, kind: Kind) -> Result<Self, TrainError> {
         tch::manual_seed(seed as i64);
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let net = models::build(spec.model, &vs.root(), spec.shape, spec.classes)?;
+        vs.set_kind(kind);
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let (trainable, buffers): (Vec<_>, Vec<_>) = named.into_iter().partition(|(_, t)| t.requires_grad());
         let flat = if trainable.is_empty() {
-            Tensor::zeros([0], (Kind::Float, device))
+            Tensor::zeros([0], (kind, device))
         } else {
             let parts: Vec<Tensor> = trainable.iter().map(|(_, t)| t.detach().reshape([-1])).collect();
             Tensor::cat(&parts, 0)
@@ -204,7 +210,7 @@ impl Model {
                 if g.defined() {
                     g.reshape([-1])
                 } else {
-                    Tensor::zeros([s.numel], (Kind::Float, self.device()))
+                    Tensor::zeros([s.numel], (self.flat.kind(), self.device()))
                 }
             })
             .collect();

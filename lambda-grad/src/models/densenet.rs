@@ -96,6 +96,7 @@ fn features(f: &nn::Path, c: i64) -> (nn::SequentialT, i64) {
 }
 
 /// DenseNet-121 for `c`-channel 32×32 input and `classes` outputs.
+#[allow(clippy::implied_bounds_in_impls)] // `Send` is spelled out in the signature models/mod.rs expects.
 pub(crate) fn densenet121(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT + Send + 'static {
     let (features, i) = features(&(p / "features"), c);
     let bound = 1. / (i as f64).sqrt();

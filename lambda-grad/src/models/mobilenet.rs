@@ -100,6 +100,7 @@ fn features(f: &nn::Path, c: i64) -> nn::SequentialT {
 }
 
 /// MobileNetV2 for `c`-channel 32×32 input and `classes` outputs.
+#[allow(clippy::implied_bounds_in_impls)] // `Send` is spelled out in the signature models/mod.rs expects.
 pub(crate) fn mobilenet_v2(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT + Send + 'static {
     let lin = nn::LinearConfig {
         ws_init: nn::Init::Randn { mean: 0., stdev: 0.01 },

@@ -52,7 +52,7 @@ pub fn build(kind: ModelKind, p: &nn::Path, shape: [usize; 3], classes: usize) -
     if kind == ModelKind::Cnn {
         return Ok(Box::new(cnn::Cnn::new(p, shape, classes)));
     }
-    if h != w || h > 32 || h < 8 {
+    if h != w || !(8..=32).contains(&h) {
         return Err(ModelError::InputSize { model: kind, h, w });
     }
     let pad = ((32 - h) / 2) as i64;

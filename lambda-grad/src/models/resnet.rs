@@ -67,6 +67,7 @@ impl nn::ModuleT for BasicBlock {
 }
 
 /// ResNet-18 for `c`-channel 32×32 input and `classes` outputs.
+#[allow(clippy::implied_bounds_in_impls)] // `Send` is spelled out in the signature models/mod.rs expects.
 pub(crate) fn resnet18(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT + Send + 'static {
     let mut net = nn::seq_t().add(conv(p / "conv1", c, 64, 3, 1)).add(bn(p / "bn1", 64)).add_fn(|xs| xs.relu());
     let mut i = 64;

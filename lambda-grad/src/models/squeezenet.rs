@@ -51,6 +51,7 @@ fn max_pool(xs: &Tensor) -> Tensor {
 }
 
 /// SqueezeNet 1.1 for `c`-channel 32×32 input and `classes` outputs.
+#[allow(clippy::implied_bounds_in_impls)] // `Send` is spelled out in the signature models/mod.rs expects.
 pub(crate) fn squeezenet1_1(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT + Send + 'static {
     let f = p / "features";
     let fire = |idx: i64, i, s, e| Fire::new(&f / idx, i, s, e);

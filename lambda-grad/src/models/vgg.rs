@@ -40,6 +40,7 @@ const CONV_INIT: nn::Init = nn::Init::Kaiming {
 const HIDDEN: i64 = 512;
 
 /// VGG-11 with batch norm for `c`-channel 32×32 input and `classes` outputs.
+#[allow(clippy::implied_bounds_in_impls)] // `Send` is spelled out in the signature models/mod.rs expects.
 pub(crate) fn vgg11(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT + Send + 'static {
     let f = p / "features";
     let mut net = nn::seq_t();
