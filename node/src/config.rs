@@ -168,3 +168,166 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// How this peer takes part in a decentralized run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct P2pConfig {
+    pub listen: Vec<String>,
+    pub bootstrap: Vec<String>,
+    /// Holds the peer key (and, later, checkpoints); keeps the peer id across restarts.
+    pub state_dir: PathBuf,
+    pub peers: usize,
+    pub min_peers: usize,
+    pub batches_per_round: usize,
+    pub compression: String,
+    pub sync: p2pml_proto::wire::SyncMode,
+    pub failure_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Where the JSON report goes (default: state_dir/report.json).
+    pub report: Option<PathBuf>,
+    pub lr_factor: f64,
+    pub lr_patience: u64,
+    pub min_lr: f64,
+    pub early_stop_patience: u64,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            bootstrap: vec![],
+            state_dir: PathBuf::from("p2pml-state"),
+            peers: 4,
+            min_peers: 0,
+            batches_per_round: 10,
+            compression: "none".into(),
+            sync: p2pml_proto::wire::SyncMode::Sync,
+            failure_timeout_ms: 2000,
+            heartbeat_ms: 250,
+            report: None,
+            lr_factor: 0.1,
+            lr_patience: 5,
+            min_lr: 1e-6,
+            early_stop_patience: 10,
+        }
+    }
+}
+
+fn parse_sync(s: &str) -> Result<String, String> {
+    match s {
+        "sync" | "async" => Ok(s.to_string()),
+        _ => Err(format!("unknown sync mode '{s}': expected sync or async")),
+    }
+}
+
+fn parse_compression(s: &str) -> Result<String, String> {
+    match s {
+        "none" => Ok(s.to_string()),
+        _ => Err(format!("unknown compression '{s}': expected none")),
+    }
+}
+
+/// The command-line form of [`P2pConfig`].
+#[derive(Args, Clone, Debug)]
+pub struct P2pArgs {
+    /// Multiaddr to listen on (repeatable).
+    #[arg(long, env = "P2PML_LISTEN", default_value = "/ip4/0.0.0.0/tcp/0", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Multiaddr of any peer of the run, ending in /p2p/<peer id> (repeatable).
+    #[arg(long, env = "P2PML_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// The node's own directory: its peer key (so a restart keeps the id) and report.
+    #[arg(long, env = "P2PML_STATE_DIR", default_value = "p2pml-state")]
+    pub state_dir: PathBuf,
+    /// Peers the run expects (the data is cut into this many shards).
+    #[arg(long, env = "P2PML_PEERS", default_value_t = 4)]
+    pub peers: usize,
+    /// Below this many live peers the run waits [default: --peers].
+    #[arg(long, env = "P2PML_MIN_PEERS")]
+    pub min_peers: Option<usize>,
+    /// Batches each peer computes per round (one exchange per round).
+    #[arg(long, env = "P2PML_BATCHES_PER_ROUND", default_value_t = 10)]
+    pub batches_per_round: usize,
+    /// Gradient compression on the wire: none.
+    #[arg(long, env = "P2PML_COMPRESSION", default_value = "none", value_parser = parse_compression)]
+    pub compression: String,
+    /// sync: barrier every round; async: no barrier, bounded staleness.
+    #[arg(long, env = "P2PML_SYNC", default_value = "sync", value_parser = parse_sync)]
+    pub sync: String,
+    /// Async mode: apply gradients at most this many rounds old.
+    #[arg(long, env = "P2PML_MAX_STALENESS", default_value_t = 2)]
+    pub max_staleness: u64,
+    /// A peer silent this long is dropped from the round and the membership.
+    #[arg(long, env = "P2PML_FAILURE_TIMEOUT_MS", default_value_t = 2000)]
+    pub failure_timeout_ms: u64,
+    /// Write the JSON report here [default: <state-dir>/report.json].
+    #[arg(long, env = "P2PML_REPORT")]
+    pub report: Option<PathBuf>,
+}
+
+impl P2pArgs {
+    pub fn to_config(&self) -> P2pConfig {
+        let d = P2pConfig::default();
+        P2pConfig {
+            listen: self.listen.clone(),
+            bootstrap: self.bootstrap.clone(),
+            state_dir: self.state_dir.clone(),
+            peers: self.peers,
+            min_peers: self.min_peers.unwrap_or(self.peers),
+            batches_per_round: self.batches_per_round,
+            compression: self.compression.clone(),
+            sync: if self.sync == "async" {
+                p2pml_proto::wire::SyncMode::Async { max_staleness: self.max_staleness }
+            } else {
+                p2pml_proto::wire::SyncMode::Sync
+            },
+            failure_timeout_ms: self.failure_timeout_ms,
+            report: self.report.clone(),
+            ..d
+        }
+    }
+}
+
+/// The part of the configuration every peer of a run must share.
+pub fn run_spec(t: &TrainConfig, p: &P2pConfig) -> p2pml_proto::wire::RunSpec {
+    p2pml_proto::wire::RunSpec {
+        model: t.model,
+        dataset: t.dataset,
+        normalization: t.normalization,
+        seed: t.seed,
+        peers: p.peers,
+        min_peers: p.min_peers,
+        batch_size: t.batch_size,
+        batches_per_round: p.batches_per_round,
+        epochs: t.epochs,
+        optimizer: t.optimizer.kind,
+        lr: t.optimizer.lr,
+        momentum: t.optimizer.momentum,
+        weight_decay: t.optimizer.weight_decay,
+        val_size: t.val_size,
+        limit_train: t.limit_train,
+        limit_test: t.limit_test,
+        compression: p.compression.clone(),
+        sync: p.sync,
+        failure_timeout_ms: p.failure_timeout_ms,
+    }
+}
+
+impl P2pConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.peers == 0 {
+            return Err("--peers must be at least 1".into());
+        }
+        if self.min_peers == 0 || self.min_peers > self.peers {
+            return Err(format!("--min-peers must be between 1 and --peers ({})", self.peers));
+        }
+        if self.batches_per_round == 0 {
+            return Err("--batches-per-round must be at least 1".into());
+        }
+        if self.failure_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(format!("--failure-timeout-ms must be at least {} (two heartbeats)", 2 * self.heartbeat_ms));
+        }
+        Ok(())
+    }
+}

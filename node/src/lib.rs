@@ -5,3 +5,7 @@
 
 pub mod config;
 pub mod standalone;
+pub mod net;
+pub mod round;
+pub mod p2p;
+pub mod store;

@@ -1,17 +1,28 @@
 //! The `p2pml-node` binary.
 
-use clap::{Parser, Subcommand};
-use p2pml_node::config::TrainArgs;
+use clap::{Args, Parser, Subcommand};
+use p2pml_node::config::{P2pArgs, TrainArgs};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// A peer of a decentralized deep-learning run.
+/// A peer of a decentralized deep-learning run. Without a subcommand it joins
+/// (or starts) a run: `p2pml-node --bootstrap /ip4/.../tcp/.../p2p/<id>`.
 #[derive(Parser, Debug)]
-#[command(name = "p2pml-node", version, about)]
+#[command(name = "p2pml-node", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    join: JoinArgs,
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    p2p: P2pArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,16 +40,25 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,libp2p=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { train, out } => {
+        Some(Command::Train { train, out }) => {
             p2pml_node::standalone::run(&train.to_config(), out.as_deref(), std::io::stderr().is_terminal())
                 .map(|_| ())
         }
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(p2pml_node::p2p::run(cli.join.train.to_config(), cli.join.p2p.to_config()))
+            })
+            .map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

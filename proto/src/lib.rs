@@ -4,9 +4,14 @@
 //!   the node, the gradient function and the testnet.
 //! - [`rng`]: the deterministic random number generator every peer derives the same
 //!   streams from (data partitioning, shuffling, stochastic rounding).
+//! - [`wire`]: gossip and request-response messages, size caps, validation.
+//! - [`blob`]: the encoding of gradient and parameter vectors.
 
+mod blob;
 mod rng;
 mod spec;
+pub mod wire;
 
+pub use blob::{decode_f32, encode_f32, BlobError};
 pub use rng::Rng;
 pub use spec::{DatasetKind, ModelKind, Normalization, OptimizerKind, ParseSpecError};

@@ -1,0 +1,418 @@
+//! The network: one task owns the libp2p `Swarm`; the rest of the node talks to it
+//! through a cloneable [`Client`] (commands with oneshot replies) and receives
+//! typed [`Event`]s. Inbound requests go to a separate channel so that a responder
+//! can serve chunks while the training loop is busy.
+//!
+//! Stack: TCP + noise + yamux; identify, Kademlia (peer discovery from one
+//! bootstrap address), gossipsub (strict signing, application validation before
+//! forwarding, content-addressed ids), ping, request-response with CBOR.
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use p2pml_proto::wire::{self, Request, Response};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+const PROTOCOL_VERSION: &str = "/p2pml/1.0.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot listen on {addr}: {msg}")]
+    Listen { addr: Multiaddr, msg: String },
+    #[error("cannot dial {addr}: {msg}")]
+    Dial { addr: Multiaddr, msg: String },
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("request to {peer} failed: {msg}")]
+    Request { peer: PeerId, msg: String },
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+/// Bytes and messages moved, by kind (payload bytes as the application sees them).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub gossip_bytes_sent: AtomicU64,
+    pub gossip_bytes_received: AtomicU64,
+    pub gossip_messages_sent: AtomicU64,
+    pub gossip_messages_received: AtomicU64,
+    pub rr_bytes_sent: AtomicU64,
+    pub rr_bytes_received: AtomicU64,
+    pub invalid_messages: AtomicU64,
+}
+
+impl Traffic {
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    ping: ping::Behaviour,
+    rr: request_response::cbor::Behaviour<Request, Response>,
+}
+
+/// Something the network saw that the node should know.
+#[derive(Debug)]
+pub enum Event {
+    /// A gossip message awaiting validation: answer with [`Client::validate`].
+    Gossip { id: MessageId, propagated_by: PeerId, author: PeerId, data: Vec<u8> },
+    Connected(PeerId),
+    Disconnected(PeerId),
+}
+
+/// An inbound request; answer with [`Client::respond`].
+#[derive(Debug)]
+pub struct InboundRequest {
+    pub peer: PeerId,
+    pub request: Request,
+    pub channel: ResponseChannel<Response>,
+}
+
+enum Command {
+    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), NetError>> },
+    Subscribe { topic: String },
+    Unsubscribe { topic: String },
+    Validate { id: MessageId, from: PeerId, verdict: MessageAcceptance },
+    Request { peer: PeerId, request: Request, reply: oneshot::Sender<Result<Response, NetError>> },
+    Respond { channel: ResponseChannel<Response>, response: Response },
+    Dial { peer: Option<PeerId>, addr: Multiaddr },
+    Disconnect { peer: PeerId },
+    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
+}
+
+/// A handle on the network task.
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+    pub peer_id: PeerId,
+    pub traffic: Arc<Traffic>,
+}
+
+impl Client {
+    async fn send(&self, c: Command) -> Result<(), NetError> {
+        self.tx.send(c).await.map_err(|_| NetError::Stopped)
+    }
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish { topic: topic.into(), data, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+    pub async fn subscribe(&self, topic: &str) -> Result<(), NetError> {
+        self.send(Command::Subscribe { topic: topic.into() }).await
+    }
+    pub async fn unsubscribe(&self, topic: &str) -> Result<(), NetError> {
+        self.send(Command::Unsubscribe { topic: topic.into() }).await
+    }
+    /// Reports the validation verdict of a gossip message: only accepted messages
+    /// are forwarded; rejected ones lower the sender's score.
+    pub async fn validate(&self, id: MessageId, from: PeerId, accept: bool) -> Result<(), NetError> {
+        let verdict = if accept { MessageAcceptance::Accept } else { MessageAcceptance::Reject };
+        self.send(Command::Validate { id, from, verdict }).await
+    }
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request { peer, request, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+    pub async fn respond(&self, channel: ResponseChannel<Response>, response: Response) -> Result<(), NetError> {
+        self.send(Command::Respond { channel, response }).await
+    }
+    pub async fn dial(&self, peer: Option<PeerId>, addr: Multiaddr) -> Result<(), NetError> {
+        self.send(Command::Dial { peer, addr }).await
+    }
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.send(Command::Disconnect { peer }).await
+    }
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ListenAddrs { reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers { reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// The task that owns the swarm.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    requests: mpsc::Sender<InboundRequest>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, NetError>>>,
+    traffic: Arc<Traffic>,
+}
+
+fn response_len(r: &Response) -> usize {
+    match r {
+        Response::Chunk { data, .. } | Response::State { data, .. } => data.len() + 32,
+        _ => 64,
+    }
+}
+
+/// Builds the swarm, listens on `listen` and returns the client, the event
+/// streams and the loop to spawn.
+pub fn new(
+    key: identity::Keypair,
+    listen: &[Multiaddr],
+) -> Result<(Client, mpsc::Receiver<Event>, mpsc::Receiver<InboundRequest>, EventLoop), NetError> {
+    let peer_id = key.public().to_peer_id();
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(250))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(wire::MAX_GOSSIP_BYTES + 4096)
+                .message_id_fn(|m: &gossipsub::Message| {
+                    // Content-addressed: author, sequence number and payload.
+                    let mut h = blake3::Hasher::new();
+                    if let Some(s) = &m.source {
+                        h.update(&s.to_bytes());
+                    }
+                    h.update(&m.sequence_number.unwrap_or(0).to_le_bytes());
+                    h.update(&m.data);
+                    MessageId::from(h.finalize().as_bytes()[..20].to_vec())
+                })
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let mut kad_cfg = kad::Config::new(StreamProtocol::new("/p2pml/kad/1.0.0"));
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            kad.set_mode(Some(kad::Mode::Server));
+            let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
+                .set_request_size_maximum(wire::MAX_REQUEST_BYTES)
+                .set_response_size_maximum(wire::MAX_RESPONSE_BYTES);
+            let rr = request_response::Behaviour::with_codec(
+                codec,
+                [(StreamProtocol::new("/p2pml/rr/1.0.0"), ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(30))
+                    .with_max_concurrent_streams(256),
+            );
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(PROTOCOL_VERSION.into(), key.public())),
+                kad,
+                gossipsub,
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                rr,
+            })
+        })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    for addr in listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen { addr: addr.clone(), msg: e.to_string() })?;
+    }
+    let (tx, commands) = mpsc::channel(1024);
+    let (events_tx, events) = mpsc::channel(4096);
+    let (requests_tx, requests) = mpsc::channel(1024);
+    let traffic = Arc::new(Traffic::default());
+    let client = Client { tx, peer_id, traffic: traffic.clone() };
+    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic };
+    Ok((client, events, requests, el))
+}
+
+impl EventLoop {
+    /// Runs until every client is dropped.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
+                cmd = self.commands.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn on_command(&mut self, c: Command) {
+        let b = self.swarm.behaviour_mut();
+        match c {
+            Command::Publish { topic, data, reply } => {
+                let len = data.len();
+                let r = b.gossipsub.publish(IdentTopic::new(topic), data);
+                let r = match r {
+                    Ok(_) => {
+                        Traffic::add(&self.traffic.gossip_bytes_sent, len);
+                        Traffic::add(&self.traffic.gossip_messages_sent, 1);
+                        Ok(())
+                    }
+                    // Alone for now (peers not yet in the mesh): nothing to deliver to.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                    Err(e) => Err(NetError::Publish(e.to_string())),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Subscribe { topic } => {
+                if let Err(e) = b.gossipsub.subscribe(&IdentTopic::new(topic.clone())) {
+                    tracing::warn!("subscribe {topic}: {e}");
+                }
+            }
+            Command::Unsubscribe { topic } => {
+                b.gossipsub.unsubscribe(&IdentTopic::new(topic));
+            }
+            Command::Validate { id, from, verdict } => {
+                if matches!(verdict, MessageAcceptance::Reject) {
+                    Traffic::add(&self.traffic.invalid_messages, 1);
+                }
+                b.gossipsub.report_message_validation_result(&id, &from, verdict);
+            }
+            Command::Request { peer, request, reply } => {
+                let id = b.rr.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                Traffic::add(&self.traffic.rr_bytes_sent, response_len(&response));
+                let _ = b.rr.send_response(channel, response);
+            }
+            Command::Dial { peer, addr } => {
+                if let Some(p) = peer {
+                    b.kad.add_address(&p, addr.clone());
+                    if self.swarm.is_connected(&p) {
+                        return;
+                    }
+                }
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!("dial {addr}: {e}");
+                }
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().cloned().collect());
+            }
+        }
+    }
+
+    async fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                Traffic::add(&self.traffic.gossip_bytes_received, message.data.len());
+                Traffic::add(&self.traffic.gossip_messages_received, 1);
+                let Some(author) = message.source else {
+                    // Strict mode never delivers unsigned messages; refuse defensively.
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Reject,
+                    );
+                    return;
+                };
+                let _ = self
+                    .events
+                    .send(Event::Gossip { id: message_id, propagated_by: propagation_source, author, data: message.data })
+                    .await;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if info.protocol_version != PROTOCOL_VERSION {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+                // Discovery: connect to every peer Kademlia finds (small swarms are
+                // fully meshed; gossipsub prunes its mesh to its own degree).
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message { peer, message, .. })) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        Traffic::add(&self.traffic.rr_bytes_received, 64);
+                        let _ = self.requests.send(InboundRequest { peer, request, channel }).await;
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        Traffic::add(&self.traffic.rr_bytes_received, response_len(&response));
+                        if let Some(tx) = self.pending.remove(&request_id) {
+                            let _ = tx.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            })) => {
+                if let Some(tx) = self.pending.remove(&request_id) {
+                    let _ = tx.send(Err(NetError::Request { peer, msg: error.to_string() }));
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, endpoint, .. } => {
+                if endpoint.is_dialer() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    let _ = self.events.send(Event::Connected(peer_id)).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if num_established == 0 {
+                    let _ = self.events.send(Event::Disconnected(peer_id)).await;
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!("listening on {address}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Loads the node's key from `path`, or creates and saves a new one, so that a
+/// restarted node keeps its peer id.
+pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<identity::Keypair> {
+    if path.exists() {
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the node key {}: {e}", path.display()))?;
+        return identity::Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a libp2p key ({e}); move it away to start with a new identity", path.display()));
+    }
+    let key = identity::Keypair::generate_ed25519();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let bytes = key.to_protobuf_encoding().map_err(|e| anyhow::anyhow!("cannot encode the node key: {e}"))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(key)
+}

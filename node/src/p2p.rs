@@ -1,0 +1,973 @@
+//! Decentralized synchronous (or bounded-staleness asynchronous) training: the
+//! node's main loop. Each round: compute the gradient of this peer's next batches
+//! off the async threads, announce it on the epoch's gossip topic, wait at the
+//! barrier while fetching the others' gradients, aggregate deterministically,
+//! update, and gossip the parameter digest.
+
+use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::net::{self, Client, Event, InboundRequest};
+use crate::round::{Barrier, Change, RoundState};
+use crate::store::{chunks, SharedStore, Store};
+use anyhow::{anyhow, bail, Context};
+use libp2p::{Multiaddr, PeerId};
+use p2pml_lambda_grad::data::{self, Partition};
+use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_proto::wire::{self, Announce, Digest, Gossip, Heartbeat, MemberEntry, Request, Response, RunSpec, SyncMode, ValStats};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Wall-clock seconds spent in each stage of one round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageTimes {
+    pub compute: f64,
+    pub encode: f64,
+    pub send: f64,
+    pub barrier_wait: f64,
+    pub decode: f64,
+    pub aggregate: f64,
+    pub update: f64,
+}
+
+/// One completed round as this peer saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub epoch: u64,
+    pub contributors: usize,
+    pub samples: u64,
+    pub train_loss: f64,
+    pub lr: f64,
+    pub digest: String,
+    pub finished_at: f64,
+    pub stages: StageTimes,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub lr: f64,
+}
+
+/// The node's report, written as JSON at the end of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeReport {
+    pub peer_id: String,
+    pub run_id: String,
+    pub spec: RunSpec,
+    pub device: String,
+    pub threads: i32,
+    pub rounds: u64,
+    pub epochs: u64,
+    pub final_digest: String,
+    pub final_test_accuracy: f64,
+    pub final_test_loss: f64,
+    pub stopped_early: bool,
+    pub gossip_bytes_sent: u64,
+    pub gossip_bytes_received: u64,
+    pub fetch_bytes_sent: u64,
+    pub fetch_bytes_received: u64,
+    pub gradient_bytes_sent: u64,
+    pub invalid_messages: u64,
+    pub digest_mismatches: u64,
+    pub state_syncs: u64,
+    pub wall_seconds: f64,
+    pub rounds_log: Vec<RoundRecord>,
+    pub epochs_log: Vec<EpochRecord>,
+}
+
+fn hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn params_digest(model: &Model) -> Digest {
+    let v = model.params_vec();
+    let mut h = blake3::Hasher::new();
+    for x in &v {
+        h.update(&x.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// ReduceLROnPlateau (mode min, relative threshold 1e-4) and early stopping,
+/// stepped with the members' mean validation loss: the same inputs on every peer,
+/// so the same decisions at the same round.
+#[derive(Clone, Debug)]
+struct Convergence {
+    best: f64,
+    bad_epochs: u64,
+    best_for_stop: f64,
+    stop_bad: u64,
+    factor: f64,
+    patience: u64,
+    min_lr: f64,
+    stop_patience: u64,
+}
+
+impl Convergence {
+    fn new(p: &P2pConfig) -> Self {
+        Convergence {
+            best: f64::INFINITY,
+            bad_epochs: 0,
+            best_for_stop: f64::INFINITY,
+            stop_bad: 0,
+            factor: p.lr_factor,
+            patience: p.lr_patience,
+            min_lr: p.min_lr,
+            stop_patience: p.early_stop_patience,
+        }
+    }
+    /// Returns (new lr, stop).
+    fn step(&mut self, val_loss: f64, lr: f64) -> (f64, bool) {
+        let mut lr = lr;
+        if val_loss < self.best * (1.0 - 1e-4) {
+            self.best = val_loss;
+            self.bad_epochs = 0;
+        } else {
+            self.bad_epochs += 1;
+            if self.bad_epochs > self.patience {
+                lr = (lr * self.factor).max(self.min_lr);
+                self.bad_epochs = 0;
+            }
+        }
+        if val_loss < self.best_for_stop {
+            self.best_for_stop = val_loss;
+            self.stop_bad = 0;
+        } else {
+            self.stop_bad += 1;
+        }
+        (lr, self.stop_bad >= self.stop_patience)
+    }
+}
+
+/// A gradient fetched (or failed to fetch) by a background task.
+struct Fetched {
+    round: u64,
+    owner: PeerId,
+    result: Result<Vec<u8>, String>,
+}
+
+struct PeerView {
+    round: u64,
+    finished: bool,
+    addrs: Vec<String>,
+}
+
+struct Node {
+    cfg: TrainConfig,
+    p2p: P2pConfig,
+    spec: RunSpec,
+    run_id: String,
+    client: Client,
+    events: mpsc::Receiver<Event>,
+    store: SharedStore,
+    rs: RoundState<PeerId>,
+    announces: HashMap<(u64, PeerId), Announce>,
+    fetching: HashSet<(u64, PeerId)>,
+    fetch_tx: mpsc::Sender<Fetched>,
+    fetch_rx: mpsc::Receiver<Fetched>,
+    digests: BTreeMap<u64, BTreeMap<PeerId, Digest>>,
+    views: HashMap<PeerId, PeerView>,
+    accepted: HashSet<PeerId>,
+    hello_tx: mpsc::Sender<(PeerId, Result<Response, String>)>,
+    hello_rx: mpsc::Receiver<(PeerId, Result<Response, String>)>,
+    round: u64,
+    epoch: u64,
+    last_digest: Option<(u64, Digest)>,
+    finished: bool,
+    start: Instant,
+    next_heartbeat: Instant,
+    gradient_bytes_sent: u64,
+    digest_mismatches: u64,
+}
+
+impl Node {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn control_topic(&self) -> String {
+        format!("p2pml/{}/control", self.run_id)
+    }
+    fn epoch_topic(&self, epoch: u64) -> String {
+        format!("p2pml/{}/epoch/{epoch}", self.run_id)
+    }
+
+    async fn heartbeat(&mut self) {
+        let now = self.now_ms();
+        for change in self.rs.tick(now) {
+            self.on_change(change);
+        }
+        let members = self
+            .rs
+            .members()
+            .iter()
+            .map(|(p, m)| MemberEntry { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive })
+            .collect();
+        let contributed = self
+            .rs
+            .recent_contributions(self.round.saturating_sub(2))
+            .into_iter()
+            .map(|(r, ps)| (r, ps.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect()))
+            .collect();
+        let addrs = self.client.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
+        let hb = Heartbeat {
+            run_id: self.run_id.clone(),
+            incarnation: self.rs.incarnation(),
+            round: self.round,
+            epoch: self.epoch,
+            last_digest: self.last_digest,
+            members,
+            contributed,
+            addrs,
+            finished: self.finished,
+        };
+        let topic = self.control_topic();
+        if let Err(e) = self.client.publish(&topic, wire::encode(&Gossip::Heartbeat(hb))).await {
+            tracing::debug!("heartbeat: {e}");
+        }
+        self.next_heartbeat = Instant::now() + Duration::from_millis(self.p2p.heartbeat_ms);
+    }
+
+    fn on_change(&mut self, c: Change<PeerId>) {
+        match c {
+            Change::Joined(p) => tracing::info!("peer {p} joined"),
+            Change::Rejoined { peer, incarnation } => tracing::info!("peer {peer} rejoined (incarnation {incarnation})"),
+            Change::Died(p) => tracing::warn!("peer {p} declared dead (silent for {} ms)", self.p2p.failure_timeout_ms),
+        }
+    }
+
+    /// Handles one input: a network event, a finished fetch, a Hello answer or a timer.
+    async fn pump(&mut self) -> anyhow::Result<()> {
+        let sleep = tokio::time::sleep_until(self.next_heartbeat.into());
+        tokio::select! {
+            ev = self.events.recv() => match ev {
+                Some(ev) => self.on_event(ev).await,
+                None => bail!("the network task stopped"),
+            },
+            Some(f) = self.fetch_rx.recv() => self.on_fetched(f),
+            Some((peer, r)) = self.hello_rx.recv() => self.on_hello(peer, r).await?,
+            _ = sleep => self.heartbeat().await,
+        }
+        Ok(())
+    }
+
+    /// Runs `fut` (blocking work on another thread) while keeping the node responsive.
+    async fn while_pumping<T>(&mut self, fut: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                r = self.pump() => r?,
+            }
+        }
+    }
+
+    async fn on_hello(&mut self, peer: PeerId, r: Result<Response, String>) -> anyhow::Result<()> {
+        match r {
+            Ok(Response::Hello { accepted: true, .. }) => {
+                self.accepted.insert(peer);
+            }
+            Ok(Response::Hello { accepted: false, reason, .. }) => {
+                let reason = reason.unwrap_or_default();
+                if self.accepted.is_empty() {
+                    bail!(
+                        "peer {peer} refused to let this node join: {reason}. Start the node with the run's settings or start a new run"
+                    );
+                }
+                tracing::warn!("peer {peer} runs a different configuration ({reason}); ignoring it");
+                let _ = self.client.disconnect(peer).await;
+            }
+            Ok(other) => tracing::debug!("unexpected hello answer from {peer}: {other:?}"),
+            Err(e) => tracing::debug!("hello to {peer} failed: {e}"),
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected(peer) => {
+                let (client, spec, tx) = (self.client.clone(), self.spec.clone(), self.hello_tx.clone());
+                tokio::spawn(async move {
+                    let r = client.request(peer, Request::Hello { spec }).await.map_err(|e| e.to_string());
+                    let _ = tx.send((peer, r)).await;
+                });
+            }
+            Event::Disconnected(peer) => tracing::debug!("disconnected from {peer}"),
+            Event::Gossip { id, propagated_by, author, data } => {
+                let refused = self.store.lock().expect("store lock").refused.contains(&author);
+                let msg = if refused {
+                    Err(wire::WireError::Invalid("sender runs another configuration".into()))
+                } else {
+                    Gossip::decode_valid(&data, &self.run_id, self.round)
+                };
+                match msg {
+                    Ok(g) => {
+                        let _ = self.client.validate(id, propagated_by, true).await;
+                        if author != self.client.peer_id {
+                            self.on_gossip(author, g).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("rejected gossip from {author} via {propagated_by}: {e}");
+                        let _ = self.client.validate(id, propagated_by, false).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_gossip(&mut self, author: PeerId, g: Gossip) {
+        let now = self.now_ms();
+        match g {
+            Gossip::Heartbeat(h) => {
+                if let Some(c) = self.rs.heard(author, h.incarnation, now) {
+                    self.on_change(c);
+                }
+                for m in &h.members {
+                    if let Ok(p) = PeerId::from_bytes(&m.peer) {
+                        if let Some(c) = self.rs.merge_member(p, m.incarnation, m.alive, now) {
+                            self.on_change(c);
+                        }
+                    }
+                }
+                for (r, ps) in &h.contributed {
+                    for p in ps {
+                        if let Ok(p) = PeerId::from_bytes(p) {
+                            self.rs.contributed(*r, p);
+                        }
+                    }
+                }
+                if let Some((r, d)) = h.last_digest {
+                    self.digests.entry(r).or_default().insert(author, d);
+                }
+                let is_new = !self.views.contains_key(&author);
+                self.views.insert(author, PeerView { round: h.round, finished: h.finished, addrs: h.addrs.clone() });
+                if is_new {
+                    for a in &h.addrs {
+                        if let Ok(addr) = a.parse::<Multiaddr>() {
+                            let _ = self.client.dial(Some(author), addr).await;
+                        }
+                    }
+                }
+            }
+            Gossip::Announce(a) => {
+                if let Some(c) = self.rs.heard(author, self.rs.members().get(&author).map_or(1, |m| m.incarnation), now) {
+                    self.on_change(c);
+                }
+                let key = (a.round, author);
+                if a.round < self.round || self.announces.contains_key(&key) {
+                    return;
+                }
+                self.rs.contributed(a.round, author);
+                if let Some(inline) = &a.inline {
+                    let blob = inline.to_vec();
+                    self.announces.insert(key, a.clone());
+                    self.on_fetched(Fetched { round: a.round, owner: author, result: Ok(blob) });
+                } else {
+                    self.announces.insert(key, a.clone());
+                    self.start_fetch(a.round, author);
+                }
+            }
+        }
+    }
+
+    /// Fetches `owner`'s gradient for `round` in chunks, from the owner first and
+    /// then from any other peer that has it.
+    fn start_fetch(&mut self, round: u64, owner: PeerId) {
+        if !self.fetching.insert((round, owner)) {
+            return;
+        }
+        let Some(a) = self.announces.get(&(round, owner)).cloned() else { return };
+        let mut sources = vec![owner];
+        sources.extend(self.rs.contributors(round).into_iter().filter(|p| *p != owner && *p != self.client.peer_id));
+        let client = self.client.clone();
+        let tx = self.fetch_tx.clone();
+        tokio::spawn(async move {
+            let mut last_err = String::from("no source");
+            for attempt in 0..6 {
+                let src = sources[attempt % sources.len()];
+                match fetch_blob(&client, src, owner, round, a.len).await {
+                    Ok(blob) if *blake3::hash(&blob).as_bytes() == a.digest => {
+                        let _ = tx.send(Fetched { round, owner, result: Ok(blob) }).await;
+                        return;
+                    }
+                    Ok(_) => last_err = format!("digest mismatch from {src}"),
+                    Err(e) => last_err = e,
+                }
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+            }
+            let _ = tx.send(Fetched { round, owner, result: Err(last_err) }).await;
+        });
+    }
+
+    fn on_fetched(&mut self, f: Fetched) {
+        self.fetching.remove(&(f.round, f.owner));
+        match f.result {
+            Ok(blob) => {
+                let Some(a) = self.announces.get(&(f.round, f.owner)) else { return };
+                if *blake3::hash(&blob).as_bytes() != a.digest || blob.len() as u64 != a.len {
+                    tracing::warn!("gradient of {} for round {} does not match its announcement", f.owner, f.round);
+                    return;
+                }
+                self.store.lock().expect("store lock").insert(f.round, &f.owner, Arc::new(blob));
+                self.rs.hold(f.round, f.owner);
+            }
+            Err(e) => {
+                tracing::warn!("could not fetch the gradient of {} for round {}: {e}", f.owner, f.round);
+                // Try again later while the barrier still waits for it.
+                self.announces.get(&(f.round, f.owner)).cloned().map(|_| self.start_fetch(f.round, f.owner));
+            }
+        }
+    }
+
+    /// Waits until `ready` says so, pumping events; prints why while it waits.
+    async fn wait_until(&mut self, what: &str, mut ready: impl FnMut(&mut Node) -> bool) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut next_note = start + Duration::from_secs(10);
+        while !ready(self) {
+            self.pump().await?;
+            if Instant::now() > next_note {
+                tracing::info!("still waiting for {what} ({:.0} s)", start.elapsed().as_secs_f64());
+                next_note = Instant::now() + Duration::from_secs(10);
+            }
+        }
+        Ok(start.elapsed())
+    }
+}
+
+async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
+    let n = chunks(len);
+    let reqs = (0..n).map(|index| {
+        let client = client.clone();
+        async move { client.request(src, Request::Chunk { owner: owner.to_bytes(), round, index }).await }
+    });
+    let parts = futures::future::join_all(reqs).await;
+    let mut blob = Vec::with_capacity(len as usize);
+    for p in parts {
+        match p.map_err(|e| e.to_string())? {
+            Response::Chunk { total_len, data } if total_len == len => blob.extend_from_slice(&data),
+            Response::Chunk { .. } => return Err(format!("{src} has a different blob")),
+            Response::Missing => return Err(format!("{src} does not have it")),
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+    }
+    if blob.len() as u64 != len {
+        return Err(format!("got {} of {len} bytes", blob.len()));
+    }
+    Ok(blob)
+}
+
+/// Serves inbound requests from the shared store until the network stops.
+async fn responder(client: Client, store: SharedStore, spec: RunSpec, mut requests: mpsc::Receiver<InboundRequest>) {
+    while let Some(r) = requests.recv().await {
+        let response = store.lock().expect("store lock").answer(&spec, r.peer, r.request);
+        if client.respond(r.channel, response).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The work of one round: this peer's gradient, summed over its batches.
+struct Computed {
+    grad: Vec<f32>,
+    loss_sum: f64,
+    samples: u64,
+    secs: f64,
+}
+
+/// Model, optimizer and data: moved onto a blocking thread for each heavy step.
+struct Trainer {
+    model: Model,
+    opt: Optimizer,
+    train: TensorData,
+}
+
+fn compute(t: &mut Trainer, batches: &[Vec<usize>]) -> Computed {
+    let start = Instant::now();
+    let n = t.model.numel();
+    let mut acc: Option<tch::Tensor> = None;
+    let (mut loss_sum, mut samples) = (0.0, 0u64);
+    for b in batches {
+        let (x, y) = t.train.batch(b);
+        let g = t.model.batch_gradient(&x, &y);
+        loss_sum += g.loss_sum;
+        samples += g.samples as u64;
+        acc = Some(match acc {
+            None => g.grad,
+            Some(a) => a + g.grad,
+        });
+    }
+    let grad = match acc {
+        Some(a) => Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).expect("f32 gradient"),
+        None => vec![0.0; n],
+    };
+    Computed { grad, loss_sum, samples, secs: start.elapsed().as_secs_f64() }
+}
+
+/// Joins (or starts) a decentralized run and trains until it ends.
+pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
+    cfg.validate()?;
+    p2p.validate().map_err(|e| anyhow!(e))?;
+    if cfg.threads > 0 {
+        p2pml_lambda_grad::set_torch_threads(cfg.threads);
+    }
+    let device = cfg.device.resolve()?;
+    let spec = run_spec(&cfg, &p2p);
+    let run_id = spec.run_id();
+
+    let mut listen = Vec::new();
+    for a in &p2p.listen {
+        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
+    }
+    let mut bootstrap = Vec::new();
+    for a in &p2p.bootstrap {
+        let addr: Multiaddr = a.parse().map_err(|e| anyhow!("--bootstrap {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+            _ => bail!("--bootstrap {a} must end in /p2p/<peer id> (the id the bootstrap node prints at start)"),
+        };
+        bootstrap.push((peer, addr));
+    }
+
+    // Data and model before the network, so that a bad flag fails fast.
+    let mut ds = data::load(cfg.dataset, cfg.data_dir.as_deref())?;
+    if cfg.limit_train > 0 {
+        ds.train = ds.train.truncate(cfg.limit_train);
+    }
+    if cfg.limit_test > 0 {
+        ds.test = ds.test.truncate(cfg.limit_test);
+    }
+    let n_train = ds.train.len();
+    let val_partition = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?;
+    let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
+    let val_all: Vec<usize> = val_partition.validation().to_vec();
+    let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
+    let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
+    let opt = Optimizer::new(cfg.optimizer);
+    let numel = model.numel();
+
+    std::fs::create_dir_all(&p2p.state_dir)
+        .with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
+    let key = net::load_or_create_key(&p2p.state_dir.join("peer.key"))?;
+    let (client, events, requests, event_loop) = net::new(key, &listen)?;
+    tokio::spawn(event_loop.run());
+    let store: SharedStore = Arc::new(Mutex::new(Store::default()));
+    tokio::spawn(responder(client.clone(), store.clone(), spec.clone(), requests));
+
+    let me = client.peer_id;
+    // Wait for the listeners, then print where to reach us: testnet and users read this line.
+    let started = Instant::now();
+    let addrs = loop {
+        let a = client.listen_addrs().await?;
+        let concrete: Vec<_> = a.into_iter().filter(|a| !a.to_string().contains("/tcp/0")).collect();
+        if !concrete.is_empty() || started.elapsed() > Duration::from_secs(5) {
+            break concrete;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for a in &addrs {
+        println!("listening {a}/p2p/{me}");
+    }
+    println!("peer {me} run {run_id}");
+
+    let (fetch_tx, fetch_rx) = mpsc::channel(256);
+    let (hello_tx, hello_rx) = mpsc::channel(64);
+    let mut node = Node {
+        rs: RoundState::new(me, 1, p2p.min_peers, p2p.failure_timeout_ms),
+        cfg: cfg.clone(),
+        p2p: p2p.clone(),
+        spec: spec.clone(),
+        run_id: run_id.clone(),
+        client: client.clone(),
+        events,
+        store: store.clone(),
+        announces: HashMap::new(),
+        fetching: HashSet::new(),
+        fetch_tx,
+        fetch_rx,
+        digests: BTreeMap::new(),
+        views: HashMap::new(),
+        accepted: HashSet::new(),
+        hello_tx,
+        hello_rx,
+        round: 0,
+        epoch: 0,
+        last_digest: None,
+        finished: false,
+        start: Instant::now(),
+        next_heartbeat: Instant::now(),
+        gradient_bytes_sent: 0,
+        digest_mismatches: 0,
+    };
+    client.subscribe(&node.control_topic()).await?;
+    client.subscribe(&node.epoch_topic(0)).await?;
+    for (peer, addr) in &bootstrap {
+        client.dial(Some(*peer), addr.clone()).await?;
+    }
+    if !bootstrap.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let peers: Vec<PeerId> = bootstrap.iter().map(|(p, _)| *p).collect();
+        while !node.accepted.iter().any(|p| peers.contains(p)) {
+            if Instant::now() > deadline {
+                bail!(
+                    "cannot reach any bootstrap peer ({}) within 30 s: check the address and that the peer runs",
+                    p2p.bootstrap.join(", ")
+                );
+            }
+            tokio::select! {
+                r = node.pump() => r?,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    tracing::info!("waiting for {} live peers", p2p.min_peers);
+    let min = p2p.min_peers;
+    node.wait_until("peers to join", |n| n.rs.live().len() >= min).await?;
+    // Give late heartbeats a moment so that every peer starts from the same membership.
+    let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
+    while Instant::now() < settle {
+        tokio::select! {
+            r = node.pump() => r?,
+            _ = tokio::time::sleep_until(settle.into()) => {}
+        }
+    }
+
+    let mut trainer = Some(Trainer { model, opt, train });
+    let mut conv = Convergence::new(&p2p);
+    let mut rounds_log = Vec::new();
+    let mut epochs_log = Vec::new();
+    let mut pending_val: Option<ValStats> = None;
+    let mut stopped_early = false;
+    let wall = Instant::now();
+    let bs = cfg.batch_size;
+    let bpr = p2p.batches_per_round;
+
+    'epochs: for epoch in 0..cfg.epochs {
+        node.epoch = epoch;
+        let members = node.rs.live();
+        let p = members.len();
+        let my_index = members.iter().position(|x| *x == me).expect("self is live");
+        let partition = Partition::new(n_train - cfg.val_size, 0, p, cfg.seed ^ 0x5eed)?;
+        // Shards index into the training samples that are not validation samples.
+        let val_set: HashSet<usize> = val_all.iter().copied().collect();
+        let train_idx: Vec<usize> = (0..n_train).filter(|i| !val_set.contains(i)).collect();
+        let my_batches: Vec<Vec<usize>> = partition
+            .epoch_batches(my_index, epoch, bs)?
+            .into_iter()
+            .map(|b| b.into_iter().map(|i| train_idx[i]).collect())
+            .collect();
+        let max_batches = (0..p).map(|i| partition.shard(i).map(|s| s.len().div_ceil(bs)).unwrap_or(0)).max().unwrap_or(0);
+        let rounds_this_epoch = max_batches.div_ceil(bpr).max(1) as u64;
+        client.subscribe(&node.epoch_topic(epoch + 1)).await?;
+        if epoch > 0 {
+            client.unsubscribe(&node.epoch_topic(epoch - 1)).await?;
+        }
+        tracing::info!(
+            "epoch {} of {}: {p} peers, shard {my_index} of {} batches, {rounds_this_epoch} rounds",
+            epoch + 1,
+            cfg.epochs,
+            my_batches.len()
+        );
+
+        for k in 0..rounds_this_epoch {
+            let round = node.round;
+            store.lock().expect("store lock").round = round;
+            let mut st = StageTimes::default();
+            let lo = (k as usize * bpr).min(my_batches.len());
+            let hi = ((k as usize + 1) * bpr).min(my_batches.len());
+            let batches = my_batches[lo..hi].to_vec();
+
+            // Compute, off the async threads.
+            let mut t = trainer.take().expect("trainer present");
+            let (t_back, c) = node
+                .while_pumping(tokio::task::spawn_blocking(move || {
+                    let c = compute(&mut t, &batches);
+                    (t, c)
+                }))
+                .await??;
+            trainer = Some(t_back);
+            st.compute = c.secs;
+
+            // Encode and announce.
+            let t0 = Instant::now();
+            let blob = p2pml_proto::encode_f32(&c.grad).map_err(|e| anyhow!("round {round}: gradient {e}; lower --lr"))?;
+            let digest = *blake3::hash(&blob).as_bytes();
+            st.encode = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let len = blob.len() as u64;
+            let inline = (blob.len() <= wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.clone()));
+            store.lock().expect("store lock").insert(round, &me, Arc::new(blob));
+            node.rs.hold(round, me);
+            let val = if k == 0 { pending_val.take() } else { None };
+            let a = Announce { run_id: run_id.clone(), round, epoch, samples: c.samples, loss_sum: c.loss_sum, val, len, digest, inline };
+            node.announces.insert((round, me), a.clone());
+            let topic = node.epoch_topic(epoch);
+            client.publish(&topic, wire::encode(&Gossip::Announce(a))).await?;
+            node.gradient_bytes_sent += len;
+            st.send = t0.elapsed().as_secs_f64();
+
+            // Barrier.
+            let t0 = Instant::now();
+            let contributors: Vec<PeerId> = match p2p.sync {
+                SyncMode::Sync => {
+                    let mut released = Vec::new();
+                    node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
+                        Barrier::Release(c) => {
+                            released = c;
+                            true
+                        }
+                        _ => false,
+                    })
+                    .await?;
+                    released
+                }
+                SyncMode::Async { max_staleness } => {
+                    // Bounded staleness: wait only for peers more than max_staleness behind.
+                    let floor = round.saturating_sub(max_staleness);
+                    node.wait_until("stragglers", |n| {
+                        n.rs.live().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
+                    })
+                    .await?;
+                    let mut chosen = Vec::new();
+                    for p in node.rs.live() {
+                        if let Some(r) = (floor..=round).rev().find(|r| node.rs.holds(*r, &p)) {
+                            chosen.push((p, r));
+                        }
+                    }
+                    chosen.into_iter().map(|(p, r)| {
+                        // Encode the chosen round in the announcement lookup below.
+                        node.announces.get(&(r, p)).map(|_| p).unwrap_or(p)
+                    }).collect()
+                }
+            };
+            st.barrier_wait = t0.elapsed().as_secs_f64();
+
+            // Decode and aggregate, deterministically: contributors sorted by peer id,
+            // each (ours included) in the decoded form everyone else sees.
+            let t0 = Instant::now();
+            let mut sorted = contributors.clone();
+            sorted.sort();
+            let mut inputs = Vec::with_capacity(sorted.len());
+            let mut val_sum = (0.0f64, 0u64, 0u64);
+            let mut any_val = false;
+            for p in &sorted {
+                let r = match p2p.sync {
+                    SyncMode::Sync => round,
+                    SyncMode::Async { max_staleness } => (round.saturating_sub(max_staleness)..=round)
+                        .rev()
+                        .find(|r| node.rs.holds(*r, p))
+                        .unwrap_or(round),
+                };
+                let a = node.announces.get(&(r, *p)).cloned();
+                let blob = store.lock().expect("store lock").get(r, p);
+                if let (Some(a), Some(blob)) = (a, blob) {
+                    if let Some(v) = a.val {
+                        val_sum.0 += v.loss_sum;
+                        val_sum.1 += v.correct;
+                        val_sum.2 += v.count;
+                        any_val = true;
+                    }
+                    inputs.push((a.samples, a.loss_sum, blob));
+                }
+            }
+            let (grad_mean, total_samples, loss_total) = tokio::task::spawn_blocking(move || {
+                let mut acc = vec![0f32; numel];
+                let (mut samples, mut loss) = (0u64, 0f64);
+                for (s, l, blob) in &inputs {
+                    match p2pml_proto::decode_f32(blob, numel) {
+                        Ok(v) => {
+                            for (a, x) in acc.iter_mut().zip(&v) {
+                                *a += *x;
+                            }
+                            samples += s;
+                            loss += l;
+                        }
+                        Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
+                    }
+                }
+                let scale = 1.0 / samples.max(1) as f32;
+                for a in acc.iter_mut() {
+                    *a *= scale;
+                }
+                (acc, samples, loss)
+            })
+            .await?;
+            st.decode = t0.elapsed().as_secs_f64();
+            st.aggregate = 0.0;
+
+            // Convergence decisions ride on the first round of each epoch.
+            let mut t = trainer.take().expect("trainer present");
+            if any_val && val_sum.2 > 0 {
+                let val_loss = val_sum.0 / val_sum.2 as f64;
+                let (lr, stop) = conv.step(val_loss, t.opt.lr());
+                if lr != t.opt.lr() {
+                    tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
+                    t.opt.set_lr(lr);
+                }
+                if let Some(e) = epochs_log.last_mut() {
+                    let e: &mut EpochRecord = e;
+                    e.val_loss = Some(val_loss);
+                    e.val_accuracy = Some(val_sum.1 as f64 / val_sum.2 as f64);
+                }
+                stopped_early = stop;
+            }
+
+            // Update.
+            let t0 = Instant::now();
+            let lr = t.opt.lr();
+            let (t_back, digest) = node
+                .while_pumping(tokio::task::spawn_blocking(move || {
+                    if total_samples > 0 {
+                        let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
+                        let Trainer { model, opt, .. } = &mut t;
+                        opt.step(model.flat_params_mut(), &g);
+                    }
+                    let d = params_digest(&t.model);
+                    (t, d)
+                }))
+                .await??;
+            trainer = Some(t_back);
+            st.update = t0.elapsed().as_secs_f64();
+            node.last_digest = Some((round, digest));
+            node.digests.entry(round).or_default().insert(me, digest);
+            let train_loss = loss_total / total_samples.max(1) as f64;
+            println!(
+                "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
+                epoch + 1,
+                sorted.len(),
+                st.barrier_wait * 1000.0,
+                &hex(&digest)[..16]
+            );
+            rounds_log.push(RoundRecord {
+                round,
+                epoch,
+                contributors: sorted.len(),
+                samples: total_samples,
+                train_loss,
+                lr,
+                digest: hex(&digest),
+                finished_at: wall.elapsed().as_secs_f64(),
+                stages: st,
+            });
+            node.check_digests(round.saturating_sub(1));
+            node.rs.prune(round.saturating_sub(4));
+            store.lock().expect("store lock").prune(round.saturating_sub(4));
+            node.announces.retain(|(r, _), _| *r + 4 >= round);
+            node.round += 1;
+            if stopped_early {
+                tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
+                break 'epochs;
+            }
+        }
+
+        // End of epoch: this peer's slice of the validation set (shared on the
+        // next announcement), and the test set for the log.
+        let mut t = trainer.take().expect("trainer present");
+        let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
+        let val_data = (!my_val.is_empty()).then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
+        let eval_bs = cfg.eval_batch_size;
+        let test_x = test.x.shallow_clone();
+        let test_y = test.y.shallow_clone();
+        let (t_back, v, te) = node
+            .while_pumping(tokio::task::spawn_blocking(move || {
+                let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
+                let te = t.model.evaluate(&test_x, &test_y, eval_bs);
+                (t, v, te)
+            }))
+            .await??;
+        trainer = Some(t_back);
+        pending_val = v.map(|v| ValStats {
+            epoch,
+            loss_sum: v.loss * v.samples as f64,
+            correct: (v.accuracy * v.samples as f64).round() as u64,
+            count: v.samples as u64,
+        });
+        println!("epoch {} test_acc {:.2}% test_loss {:.4}", epoch + 1, 100.0 * te.accuracy, te.loss);
+        epochs_log.push(EpochRecord {
+            epoch: epoch + 1,
+            val_loss: None,
+            val_accuracy: None,
+            test_accuracy: te.accuracy,
+            test_loss: te.loss,
+            lr: trainer.as_ref().map_or(0.0, |t| t.opt.lr()),
+        });
+    }
+
+    // Keep serving until every live peer has passed our last round (bounded).
+    node.finished = true;
+    node.heartbeat().await;
+    let last = node.round;
+    let linger_deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < linger_deadline {
+        let live: Vec<PeerId> = node.rs.live().into_iter().filter(|p| *p != me).collect();
+        if live.iter().all(|p| node.views.get(p).is_some_and(|v| v.finished || v.round >= last)) {
+            break;
+        }
+        tokio::select! {
+            r = node.pump() => r?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    node.check_digests(last.saturating_sub(1));
+
+    let t = trainer.expect("trainer present");
+    let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
+    let tr = &client.traffic;
+    let report = NodeReport {
+        peer_id: me.to_string(),
+        run_id,
+        spec,
+        device: device_name(device),
+        threads: tch::get_num_threads(),
+        rounds: node.round,
+        epochs: epochs_log.len() as u64,
+        final_digest: hex(&params_digest(&t.model)),
+        final_test_accuracy: final_eval.0,
+        final_test_loss: final_eval.1,
+        stopped_early,
+        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+        gradient_bytes_sent: node.gradient_bytes_sent,
+        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
+        digest_mismatches: node.digest_mismatches,
+        state_syncs: 0,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        rounds_log,
+        epochs_log,
+    };
+    let path = p2p.report.clone().unwrap_or_else(|| p2p.state_dir.join("report.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("done rounds {} test_acc {:.2}% digest {} report {}", report.rounds, 100.0 * report.final_test_accuracy, &report.final_digest[..16], path.display());
+    Ok(report)
+}
+
+impl Node {
+    /// Compares our digest of `round` with the other peers': a peer in the minority
+    /// has diverged (a message it missed, a fault) and says so loudly.
+    fn check_digests(&mut self, round: u64) {
+        let Some(ds) = self.digests.get(&round) else { return };
+        let mine = ds.get(&self.client.peer_id).copied();
+        let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
+        for d in ds.values() {
+            *counts.entry(*d).or_default() += 1;
+        }
+        if let (Some(mine), Some((major, n))) = (mine, counts.iter().max_by_key(|(_, n)| **n)) {
+            if *major != mine && *n > ds.len() / 2 {
+                self.digest_mismatches += 1;
+                tracing::warn!("round {round}: our parameter digest differs from the majority ({n} of {})", ds.len());
+            }
+        }
+        self.digests = self.digests.split_off(&round.saturating_sub(8));
+    }
+}

@@ -1,0 +1,326 @@
+//! The round logic as a pure state machine: membership with incarnation numbers,
+//! a timeout failure detector, and the barrier's CRDT. It takes time (ms) and
+//! events as inputs and never touches the network or a clock, so churn and
+//! timeouts are tested without either.
+//!
+//! CRDT state, merged by union:
+//! - membership: peer → (incarnation, alive). The higher incarnation wins; at equal
+//!   incarnation a death wins over life. A peer that comes back joins with a
+//!   higher incarnation and so overrides its own death.
+//! - contributions: round → set of peers that announced a gradient for it.
+//!
+//! The barrier of round r releases when this peer *holds* the gradient of every
+//! live member for r (holding implies the contribution). Members silent for longer
+//! than the failure timeout are declared dead, so a dead peer holds the others at
+//! most that long. Below `min_peers` live members nothing releases.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Liveness of a member as this peer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub incarnation: u64,
+    pub alive: bool,
+    /// When we last heard from it (ms); `None` for entries learnt second-hand.
+    pub last_heard: Option<u64>,
+}
+
+/// What happened to the membership on an input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change<P> {
+    Joined(P),
+    Rejoined { peer: P, incarnation: u64 },
+    Died(P),
+}
+
+/// The barrier's verdict for a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Barrier<P> {
+    /// Aggregate these contributors' gradients (sorted).
+    Release(Vec<P>),
+    /// Still waiting for these live members.
+    Waiting(Vec<P>),
+    /// Fewer live members than `min_peers`.
+    BelowMinPeers { live: usize, min: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct RoundState<P: Ord + Clone> {
+    me: P,
+    min_peers: usize,
+    timeout_ms: u64,
+    members: BTreeMap<P, Member>,
+    contributed: BTreeMap<u64, BTreeSet<P>>,
+    held: BTreeMap<u64, BTreeSet<P>>,
+}
+
+impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
+    pub fn new(me: P, incarnation: u64, min_peers: usize, timeout_ms: u64) -> Self {
+        let mut members = BTreeMap::new();
+        members.insert(me.clone(), Member { incarnation, alive: true, last_heard: None });
+        RoundState { me, min_peers, timeout_ms, members, contributed: BTreeMap::new(), held: BTreeMap::new() }
+    }
+
+    pub fn me(&self) -> &P {
+        &self.me
+    }
+    pub fn members(&self) -> &BTreeMap<P, Member> {
+        &self.members
+    }
+    /// Live members, sorted (this peer included).
+    pub fn live(&self) -> Vec<P> {
+        self.members.iter().filter(|(_, m)| m.alive).map(|(p, _)| p.clone()).collect()
+    }
+    pub fn is_alive(&self, p: &P) -> bool {
+        self.members.get(p).is_some_and(|m| m.alive)
+    }
+    pub fn incarnation(&self) -> u64 {
+        self.members[&self.me].incarnation
+    }
+
+    /// Direct evidence that `peer` (at `incarnation`) is alive: a heartbeat or message.
+    pub fn heard(&mut self, peer: P, incarnation: u64, now: u64) -> Option<Change<P>> {
+        if peer == self.me {
+            return None;
+        }
+        match self.members.get_mut(&peer) {
+            None => {
+                self.members.insert(peer.clone(), Member { incarnation, alive: true, last_heard: Some(now) });
+                Some(Change::Joined(peer))
+            }
+            Some(m) if incarnation > m.incarnation || (incarnation == m.incarnation && m.alive) => {
+                let rejoined = !m.alive || incarnation > m.incarnation;
+                m.incarnation = incarnation;
+                m.alive = true;
+                m.last_heard = Some(now);
+                rejoined.then_some(Change::Rejoined { peer, incarnation })
+            }
+            // A message from an incarnation we already buried: stale, ignore.
+            Some(_) => None,
+        }
+    }
+
+    /// Merges another peer's view of the membership (second-hand knowledge).
+    /// Deaths are adopted; second-hand life never revives a peer we buried at the
+    /// same incarnation, and an unknown live peer is learnt but must still be heard.
+    pub fn merge_member(&mut self, peer: P, incarnation: u64, alive: bool, now: u64) -> Option<Change<P>> {
+        if peer == self.me {
+            // Someone thinks we are dead: refute with a higher incarnation.
+            let mine = self.members.get_mut(&self.me).expect("self is a member");
+            if !alive && incarnation >= mine.incarnation {
+                mine.incarnation = incarnation + 1;
+            }
+            return None;
+        }
+        match self.members.get_mut(&peer) {
+            None if alive => {
+                self.members.insert(peer.clone(), Member { incarnation, alive, last_heard: Some(now) });
+                Some(Change::Joined(peer))
+            }
+            None => {
+                self.members.insert(peer, Member { incarnation, alive, last_heard: None });
+                None
+            }
+            Some(m) => {
+                if incarnation > m.incarnation || (incarnation == m.incarnation && !alive && m.alive) {
+                    let was_alive = m.alive;
+                    m.incarnation = incarnation;
+                    m.alive = alive;
+                    if alive {
+                        m.last_heard = Some(now);
+                    }
+                    match (was_alive, alive) {
+                        (true, false) => Some(Change::Died(peer)),
+                        (false, true) => Some(Change::Rejoined { peer, incarnation }),
+                        _ => None,
+                    }
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Runs the failure detector: members silent past the timeout die.
+    pub fn tick(&mut self, now: u64) -> Vec<Change<P>> {
+        let mut changes = Vec::new();
+        for (p, m) in self.members.iter_mut() {
+            if *p == self.me || !m.alive {
+                continue;
+            }
+            let last = m.last_heard.unwrap_or(now);
+            if m.last_heard.is_none() {
+                m.last_heard = Some(now);
+            }
+            if now.saturating_sub(last) > self.timeout_ms {
+                m.alive = false;
+                changes.push(Change::Died(p.clone()));
+            }
+        }
+        changes
+    }
+
+    /// Marks `peer` dead at once (for example, its connection closed and it was
+    /// not heard since); it may come back with a higher incarnation.
+    pub fn declare_dead(&mut self, peer: &P) -> Option<Change<P>> {
+        let m = self.members.get_mut(peer)?;
+        if *peer == self.me || !m.alive {
+            return None;
+        }
+        m.alive = false;
+        Some(Change::Died(peer.clone()))
+    }
+
+    /// `peer` announced a gradient for `round` (first- or second-hand).
+    pub fn contributed(&mut self, round: u64, peer: P) {
+        self.contributed.entry(round).or_default().insert(peer);
+    }
+
+    /// We now hold `peer`'s gradient for `round`.
+    pub fn hold(&mut self, round: u64, peer: P) {
+        self.contributed(round, peer.clone());
+        self.held.entry(round).or_default().insert(peer);
+    }
+
+    pub fn holds(&self, round: u64, peer: &P) -> bool {
+        self.held.get(&round).is_some_and(|s| s.contains(peer))
+    }
+
+    /// Who contributed to `round`, as far as we know.
+    pub fn contributors(&self, round: u64) -> Vec<P> {
+        self.contributed.get(&round).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The barrier of `round`.
+    pub fn barrier(&self, round: u64) -> Barrier<P> {
+        let live = self.live();
+        if live.len() < self.min_peers {
+            return Barrier::BelowMinPeers { live: live.len(), min: self.min_peers };
+        }
+        let held = self.held.get(&round);
+        let missing: Vec<P> = live.iter().filter(|p| !held.is_some_and(|h| h.contains(*p))).cloned().collect();
+        if !missing.is_empty() {
+            return Barrier::Waiting(missing);
+        }
+        // Everything held from members (live or dead since) counts: a gradient that
+        // arrived before its sender died is as good as any other.
+        let contributors = held
+            .map(|h| h.iter().filter(|p| self.members.contains_key(*p)).cloned().collect())
+            .unwrap_or_default();
+        Barrier::Release(contributors)
+    }
+
+    /// Forgets rounds before `round`.
+    pub fn prune(&mut self, round: u64) {
+        self.contributed = self.contributed.split_off(&round);
+        self.held = self.held.split_off(&round);
+    }
+
+    /// Rounds with known contributors at or after `from` (for heartbeats).
+    pub fn recent_contributions(&self, from: u64) -> Vec<(u64, Vec<P>)> {
+        self.contributed.range(from..).map(|(r, s)| (*r, s.iter().cloned().collect())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> RoundState<u32> {
+        let mut s = RoundState::new(0, 1, 3, 2000);
+        for p in 1..4 {
+            assert_eq!(s.heard(p, 1, 0), Some(Change::Joined(p)));
+        }
+        s
+    }
+
+    #[test]
+    fn releases_when_every_live_member_is_held() {
+        let mut s = state();
+        for p in [0, 2, 1] {
+            s.hold(7, p);
+            assert!(matches!(s.barrier(7), Barrier::Waiting(_)));
+        }
+        s.hold(7, 3);
+        assert_eq!(s.barrier(7), Barrier::Release(vec![0, 1, 2, 3]));
+        assert_eq!(s.barrier(8), Barrier::Waiting(vec![0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn a_silent_peer_is_dropped_after_the_timeout_and_never_waited_for_longer() {
+        let mut s = state();
+        for p in [0, 1, 2] {
+            s.hold(1, p);
+        }
+        for t in (0..=2000).step_by(250) {
+            for p in [1, 2] {
+                s.heard(p, 1, t);
+            }
+            assert!(s.tick(t).is_empty(), "nobody dies before the timeout");
+            assert_eq!(s.barrier(1), Barrier::Waiting(vec![3]));
+        }
+        s.heard(1, 1, 2001);
+        s.heard(2, 1, 2001);
+        assert_eq!(s.tick(2001), vec![Change::Died(3)]);
+        assert_eq!(s.barrier(1), Barrier::Release(vec![0, 1, 2]));
+        assert_eq!(s.live(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn below_min_peers_waits_instead_of_training_alone() {
+        let mut s = state();
+        s.declare_dead(&2);
+        s.declare_dead(&3);
+        s.hold(0, 0);
+        s.hold(0, 1);
+        assert_eq!(s.barrier(0), Barrier::BelowMinPeers { live: 2, min: 3 });
+    }
+
+    #[test]
+    fn rejoin_needs_a_higher_incarnation() {
+        let mut s = state();
+        s.declare_dead(&3);
+        assert_eq!(s.heard(3, 1, 10), None, "a late message of the dead incarnation");
+        assert!(!s.is_alive(&3));
+        assert_eq!(s.heard(3, 2, 20), Some(Change::Rejoined { peer: 3, incarnation: 2 }));
+        assert!(s.is_alive(&3));
+    }
+
+    #[test]
+    fn membership_merge_is_a_crdt() {
+        // Merging the same facts in any order gives the same state.
+        let facts = [(5u32, 1u64, true), (5, 1, false), (6, 2, true), (5, 2, true), (6, 1, false)];
+        let mut views = Vec::new();
+        for perm in [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3], [1, 3, 0, 4, 2]] {
+            let mut s: RoundState<u32> = RoundState::new(0, 1, 1, 1000);
+            for i in perm {
+                let (p, inc, alive) = facts[i];
+                s.merge_member(p, inc, alive, 0);
+                s.merge_member(p, inc, alive, 0); // idempotent
+            }
+            views.push(s.members().iter().map(|(p, m)| (*p, m.incarnation, m.alive)).collect::<Vec<_>>());
+        }
+        assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+        assert_eq!(views[0], vec![(0, 1, true), (5, 2, true), (6, 2, true)]);
+    }
+
+    #[test]
+    fn a_rumour_of_our_death_is_refuted() {
+        let mut s = state();
+        s.merge_member(0, 1, false, 5);
+        assert_eq!(s.incarnation(), 2);
+        assert!(s.is_alive(&0));
+    }
+
+    #[test]
+    fn gradients_from_peers_that_died_after_sending_still_count() {
+        let mut s = state();
+        for p in 0..4 {
+            s.hold(3, p);
+        }
+        s.declare_dead(&2);
+        assert_eq!(s.barrier(3), Barrier::Release(vec![0, 1, 2, 3]));
+        s.prune(4);
+        assert!(s.contributors(3).is_empty());
+    }
+}

@@ -1,0 +1,94 @@
+//! What this peer can serve to others: gradient blobs of recent rounds (its own
+//! and those it fetched), its latest full state, and the answer to Hello.
+//! Shared between the training loop (writer) and the responder task (reader).
+
+use libp2p::PeerId;
+use p2pml_proto::wire::{Request, Response, RunSpec, CHUNK_BYTES};
+use serde_bytes::ByteBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// A serialized state: parameters and optimizer state after `round`.
+#[derive(Clone, Debug)]
+pub struct StateBlob {
+    pub round: u64,
+    pub epoch: u64,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    blobs: BTreeMap<(u64, Vec<u8>), Arc<Vec<u8>>>,
+    state: Option<StateBlob>,
+    /// The round this peer is on (for Hello answers).
+    pub round: u64,
+    /// Peers whose Hello was refused: their gossip is rejected.
+    pub refused: HashSet<PeerId>,
+}
+
+pub type SharedStore = Arc<Mutex<Store>>;
+
+impl Store {
+    pub fn insert(&mut self, round: u64, owner: &PeerId, blob: Arc<Vec<u8>>) {
+        self.blobs.insert((round, owner.to_bytes()), blob);
+    }
+    pub fn get(&self, round: u64, owner: &PeerId) -> Option<Arc<Vec<u8>>> {
+        self.blobs.get(&(round, owner.to_bytes())).cloned()
+    }
+    /// Drops blobs of rounds before `round`.
+    pub fn prune(&mut self, round: u64) {
+        self.blobs = self.blobs.split_off(&(round, Vec::new()));
+    }
+    pub fn set_state(&mut self, s: StateBlob) {
+        self.state = Some(s);
+    }
+
+    /// The answer to an inbound request.
+    pub fn answer(&mut self, spec: &RunSpec, peer: PeerId, req: Request) -> Response {
+        match req {
+            Request::Hello { spec: theirs } => {
+                if theirs == *spec {
+                    self.refused.remove(&peer);
+                    Response::Hello { accepted: true, reason: None, round: self.round }
+                } else {
+                    self.refused.insert(peer);
+                    let diff = spec.differences(&theirs).join(", ");
+                    Response::Hello {
+                        accepted: false,
+                        reason: Some(format!("run config differs ({diff}; ours vs yours)")),
+                        round: self.round,
+                    }
+                }
+            }
+            Request::Chunk { owner, round, index } => {
+                let Ok(owner) = PeerId::from_bytes(&owner) else { return Response::Missing };
+                match self.get(round, &owner) {
+                    Some(blob) => chunk(&blob, index)
+                        .map(|data| Response::Chunk { total_len: blob.len() as u64, data })
+                        .unwrap_or(Response::Missing),
+                    None => Response::Missing,
+                }
+            }
+            Request::State { round, index } => match &self.state {
+                Some(s) if s.round >= round => chunk(&s.bytes, index)
+                    .map(|data| Response::State { round: s.round, epoch: s.epoch, total_len: s.bytes.len() as u64, data })
+                    .unwrap_or(Response::Missing),
+                _ => Response::Missing,
+            },
+        }
+    }
+}
+
+fn chunk(blob: &[u8], index: u32) -> Option<ByteBuf> {
+    let start = (index as usize).checked_mul(CHUNK_BYTES)?;
+    if start >= blob.len() && !(start == 0 && blob.is_empty()) {
+        return None;
+    }
+    let end = (start + CHUNK_BYTES).min(blob.len());
+    Some(ByteBuf::from(blob[start..end].to_vec()))
+}
+
+/// Number of chunks of a blob of `len` bytes.
+pub fn chunks(len: u64) -> u32 {
+    (len.div_ceil(CHUNK_BYTES as u64)).max(1) as u32
+}

@@ -1,0 +1,324 @@
+//! Messages between peers, their size limits and their validation.
+//!
+//! Gossip carries small things (heartbeats with the barrier's CRDT state, gradient
+//! announcements); gradients larger than [`INLINE_MAX_BYTES`] are fetched in chunks
+//! over request-response from any peer that holds them. Everything is CBOR
+//! (cbor4ii through serde); byte strings are CBOR byte strings (`serde_bytes`).
+
+use crate::spec::{DatasetKind, ModelKind, Normalization, OptimizerKind};
+use serde::{Deserialize, Serialize};
+
+/// Gossipsub's transmit cap for our topics.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// Gradients up to this size ride inline in their announcement.
+pub const INLINE_MAX_BYTES: usize = 48 * 1024;
+/// Size of one chunk of a fetched gradient or state blob.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Request-response caps: requests are tiny, responses at most one chunk plus framing.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+pub const MAX_RESPONSE_BYTES: u64 = CHUNK_BYTES as u64 + 64 * 1024;
+/// Largest gradient or parameter blob accepted (256 Mi f32 values).
+pub const MAX_BLOB_BYTES: u64 = 1 << 30;
+/// How many rounds ahead of or behind our own a message may be.
+pub const ROUND_WINDOW: u64 = 64;
+
+/// How peers synchronise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncMode {
+    /// Barrier every round; every fault-free peer holds bit-identical parameters.
+    Sync,
+    /// No barrier: apply the freshest gradient of each peer at most this many rounds old.
+    Async { max_staleness: u64 },
+}
+
+/// What every peer of a run must agree on. A node whose spec differs is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub model: ModelKind,
+    pub dataset: DatasetKind,
+    pub normalization: Normalization,
+    pub seed: u64,
+    pub peers: usize,
+    pub min_peers: usize,
+    pub batch_size: usize,
+    pub batches_per_round: usize,
+    pub epochs: u64,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub val_size: usize,
+    pub limit_train: usize,
+    pub limit_test: usize,
+    pub compression: String,
+    pub sync: SyncMode,
+    pub failure_timeout_ms: u64,
+}
+
+impl RunSpec {
+    /// The run's identity: a hash of its canonical CBOR encoding, as hex.
+    pub fn run_id(&self) -> String {
+        let bytes = encode(self);
+        // FNV-1a, 64 bit: an identifier, not a security boundary.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// The fields where `other` differs, as "name: ours vs theirs".
+    pub fn differences(&self, other: &RunSpec) -> Vec<String> {
+        let a = serde_json_like(self);
+        let b = serde_json_like(other);
+        a.iter()
+            .zip(b.iter())
+            .filter(|(x, y)| x.1 != y.1)
+            .map(|(x, y)| format!("{}: {} vs {}", x.0, x.1, y.1))
+            .collect()
+    }
+}
+
+fn serde_json_like(s: &RunSpec) -> Vec<(&'static str, String)> {
+    vec![
+        ("model", s.model.to_string()),
+        ("dataset", s.dataset.to_string()),
+        ("normalization", s.normalization.to_string()),
+        ("seed", s.seed.to_string()),
+        ("peers", s.peers.to_string()),
+        ("min_peers", s.min_peers.to_string()),
+        ("batch_size", s.batch_size.to_string()),
+        ("batches_per_round", s.batches_per_round.to_string()),
+        ("epochs", s.epochs.to_string()),
+        ("optimizer", s.optimizer.to_string()),
+        ("lr", s.lr.to_string()),
+        ("momentum", s.momentum.to_string()),
+        ("weight_decay", s.weight_decay.to_string()),
+        ("val_size", s.val_size.to_string()),
+        ("limit_train", s.limit_train.to_string()),
+        ("limit_test", s.limit_test.to_string()),
+        ("compression", s.compression.clone()),
+        ("sync", format!("{:?}", s.sync)),
+        ("failure_timeout_ms", s.failure_timeout_ms.to_string()),
+    ]
+}
+
+/// A 32-byte content digest (BLAKE3 of the bytes it names).
+pub type Digest = [u8; 32];
+
+/// One member as the sender sees it: the state-based CRDT of membership.
+/// Merge: the higher incarnation wins; at equal incarnation `alive == false` wins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    pub incarnation: u64,
+    pub alive: bool,
+}
+
+/// Published on the control topic every heartbeat interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub run_id: String,
+    pub incarnation: u64,
+    /// The round the sender is working on.
+    pub round: u64,
+    pub epoch: u64,
+    /// Digest of the sender's parameters after its last completed round.
+    pub last_digest: Option<(u64, Digest)>,
+    /// The sender's view of the membership.
+    pub members: Vec<MemberEntry>,
+    /// The sender's view of the barrier: for recent rounds, who has contributed.
+    pub contributed: Vec<(u64, Vec<serde_bytes::ByteBuf>)>,
+    /// Listen addresses, so that peers learn each other through gossip as well as Kademlia.
+    pub addrs: Vec<String>,
+    /// Set when the sender has finished the run and is only serving data.
+    pub finished: bool,
+}
+
+/// Validation statistics riding on the first announcement of an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValStats {
+    pub epoch: u64,
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub count: u64,
+}
+
+/// A peer's gradient for one round, published on the epoch's topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    pub run_id: String,
+    pub round: u64,
+    pub epoch: u64,
+    /// Samples the gradient sums over (0: the peer had no batch this round).
+    pub samples: u64,
+    pub loss_sum: f64,
+    pub val: Option<ValStats>,
+    /// Byte length and digest of the encoded gradient.
+    pub len: u64,
+    pub digest: Digest,
+    /// The encoded gradient itself when it is small.
+    pub inline: Option<serde_bytes::ByteBuf>,
+}
+
+/// Everything published on gossip topics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Gossip {
+    Heartbeat(Heartbeat),
+    Announce(Announce),
+}
+
+/// Requests over request-response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Sent on every new connection: "I want to join this run".
+    Hello { spec: RunSpec },
+    /// One chunk of `owner`'s gradient for `round`.
+    Chunk {
+        #[serde(with = "serde_bytes")]
+        owner: Vec<u8>,
+        round: u64,
+        index: u32,
+    },
+    /// One chunk of the responder's full state (parameters and optimizer) after `round`.
+    State { round: u64, index: u32 },
+}
+
+/// Responses over request-response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Hello { accepted: bool, reason: Option<String>, round: u64 },
+    Chunk { total_len: u64, data: serde_bytes::ByteBuf },
+    /// The state blob's header rides with chunk 0.
+    State { round: u64, epoch: u64, total_len: u64, data: serde_bytes::ByteBuf },
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message of {0} bytes exceeds the {1}-byte cap")]
+    TooLarge(usize, usize),
+    #[error("malformed message: {0}")]
+    Decode(String),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// CBOR encoding of any wire type.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), value).expect("wire types serialize")
+}
+
+/// CBOR decoding with a size cap checked before any parsing.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], cap: usize) -> Result<T, WireError> {
+    if bytes.len() > cap {
+        return Err(WireError::TooLarge(bytes.len(), cap));
+    }
+    cbor4ii::serde::from_slice(bytes).map_err(|e| WireError::Decode(e.to_string()))
+}
+
+impl Gossip {
+    /// Decodes and validates a gossip message of run `run_id` for a peer at `round`.
+    pub fn decode_valid(bytes: &[u8], run_id: &str, round: u64) -> Result<Gossip, WireError> {
+        let g: Gossip = decode(bytes, MAX_GOSSIP_BYTES)?;
+        let (rid, r) = match &g {
+            Gossip::Heartbeat(h) => (&h.run_id, h.round),
+            Gossip::Announce(a) => (&a.run_id, a.round),
+        };
+        if rid != run_id {
+            return Err(WireError::Invalid(format!("run {rid} is not this run ({run_id})")));
+        }
+        if r > round + ROUND_WINDOW || r + ROUND_WINDOW < round {
+            // A far-behind heartbeat is a restarting peer: still useful; announcements are not.
+            if matches!(g, Gossip::Announce(_)) {
+                return Err(WireError::Invalid(format!("round {r} is outside the window around {round}")));
+            }
+        }
+        if let Gossip::Announce(a) = &g {
+            if a.len > MAX_BLOB_BYTES || a.len % 4 != 0 {
+                return Err(WireError::Invalid(format!("gradient length {} is not a valid f32 blob", a.len)));
+            }
+            if let Some(i) = &a.inline {
+                if i.len() as u64 != a.len {
+                    return Err(WireError::Invalid("inline payload length differs from the announced length".into()));
+                }
+            }
+            if !a.loss_sum.is_finite() {
+                return Err(WireError::Invalid("non-finite loss".into()));
+            }
+        }
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            model: ModelKind::Cnn,
+            dataset: DatasetKind::FashionMnist,
+            normalization: Normalization::MeanStd,
+            seed: 1,
+            peers: 4,
+            min_peers: 4,
+            batch_size: 64,
+            batches_per_round: 10,
+            epochs: 3,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            val_size: 5000,
+            limit_train: 0,
+            limit_test: 0,
+            compression: "none".into(),
+            sync: SyncMode::Sync,
+            failure_timeout_ms: 2000,
+        }
+    }
+
+    #[test]
+    fn run_id_and_differences() {
+        let a = spec();
+        let mut b = spec();
+        assert_eq!(a.run_id(), b.run_id());
+        b.lr = 0.02;
+        assert_ne!(a.run_id(), b.run_id());
+        assert_eq!(a.differences(&b), vec!["lr: 0.01 vs 0.02".to_string()]);
+    }
+
+    #[test]
+    fn round_trip_and_validation() {
+        let a = Announce {
+            run_id: spec().run_id(),
+            round: 5,
+            epoch: 0,
+            samples: 64,
+            loss_sum: 10.0,
+            val: None,
+            len: 8,
+            digest: [7; 32],
+            inline: Some(serde_bytes::ByteBuf::from(vec![0u8; 8])),
+        };
+        let bytes = encode(&Gossip::Announce(a.clone()));
+        assert_eq!(Gossip::decode_valid(&bytes, &spec().run_id(), 5).unwrap(), Gossip::Announce(a.clone()));
+        assert!(Gossip::decode_valid(&bytes, "other", 5).is_err());
+        assert!(Gossip::decode_valid(&bytes, &spec().run_id(), 500).is_err());
+        // Mangled bytes are an error, never a panic.
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Gossip::decode_valid(&bytes[..cut], &spec().run_id(), 5).is_err());
+        }
+        let mut flipped = bytes.clone();
+        flipped[3] ^= 0xff;
+        let _ = Gossip::decode_valid(&flipped, &spec().run_id(), 5);
+        let mut bad = a;
+        bad.inline = Some(serde_bytes::ByteBuf::from(vec![0u8; 4]));
+        let bytes = encode(&Gossip::Announce(bad));
+        assert!(Gossip::decode_valid(&bytes, &spec().run_id(), 5).is_err());
+        assert!(matches!(decode::<Gossip>(&vec![0u8; MAX_GOSSIP_BYTES + 1], MAX_GOSSIP_BYTES), Err(WireError::TooLarge(..))));
+    }
+}
