@@ -157,11 +157,9 @@ struct Fetched {
 struct PeerView {
     round: u64,
     finished: bool,
-    addrs: Vec<String>,
 }
 
 struct Node {
-    cfg: TrainConfig,
     p2p: P2pConfig,
     spec: RunSpec,
     run_id: String,
@@ -186,6 +184,8 @@ struct Node {
     next_heartbeat: Instant,
     gradient_bytes_sent: u64,
     digest_mismatches: u64,
+    /// Async mode: gradients already applied, never applied twice.
+    applied: HashSet<(u64, PeerId)>,
 }
 
 impl Node {
@@ -349,7 +349,7 @@ impl Node {
                     self.digests.entry(r).or_default().insert(author, d);
                 }
                 let is_new = !self.views.contains_key(&author);
-                self.views.insert(author, PeerView { round: h.round, finished: h.finished, addrs: h.addrs.clone() });
+                self.views.insert(author, PeerView { round: h.round, finished: h.finished });
                 if is_new {
                     for a in &h.addrs {
                         if let Ok(addr) = a.parse::<Multiaddr>() {
@@ -582,7 +582,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let (hello_tx, hello_rx) = mpsc::channel(64);
     let mut node = Node {
         rs: RoundState::new(me, 1, p2p.min_peers, p2p.failure_timeout_ms),
-        cfg: cfg.clone(),
         p2p: p2p.clone(),
         spec: spec.clone(),
         run_id: run_id.clone(),
@@ -606,6 +605,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         next_heartbeat: Instant::now(),
         gradient_bytes_sent: 0,
         digest_mismatches: 0,
+        applied: HashSet::new(),
     };
     client.subscribe(&node.control_topic()).await?;
     client.subscribe(&node.epoch_topic(0)).await?;
@@ -717,7 +717,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
             // Barrier.
             let t0 = Instant::now();
-            let contributors: Vec<PeerId> = match p2p.sync {
+            // Each contributor with the round of the gradient used.
+            let contributors: Vec<(PeerId, u64)> = match p2p.sync {
                 SyncMode::Sync => {
                     let mut released = Vec::new();
                     node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
@@ -728,10 +729,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                         _ => false,
                     })
                     .await?;
-                    released
+                    released.into_iter().map(|p| (p, round)).collect()
                 }
                 SyncMode::Async { max_staleness } => {
-                    // Bounded staleness: wait only for peers more than max_staleness behind.
+                    // Bounded staleness: wait only for peers more than max_staleness
+                    // behind, then apply each peer's freshest gradient not yet applied.
                     let floor = round.saturating_sub(max_staleness);
                     node.wait_until("stragglers", |n| {
                         n.rs.live().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
@@ -739,14 +741,14 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     .await?;
                     let mut chosen = Vec::new();
                     for p in node.rs.live() {
-                        if let Some(r) = (floor..=round).rev().find(|r| node.rs.holds(*r, &p)) {
+                        let fresh = (floor..=round).rev().find(|r| node.rs.holds(*r, &p) && !node.applied.contains(&(*r, p)));
+                        if let Some(r) = fresh {
+                            node.applied.insert((r, p));
                             chosen.push((p, r));
                         }
                     }
-                    chosen.into_iter().map(|(p, r)| {
-                        // Encode the chosen round in the announcement lookup below.
-                        node.announces.get(&(r, p)).map(|_| p).unwrap_or(p)
-                    }).collect()
+                    node.applied.retain(|(r, _)| *r >= floor);
+                    chosen
                 }
             };
             st.barrier_wait = t0.elapsed().as_secs_f64();
@@ -759,14 +761,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let mut inputs = Vec::with_capacity(sorted.len());
             let mut val_sum = (0.0f64, 0u64, 0u64);
             let mut any_val = false;
-            for p in &sorted {
-                let r = match p2p.sync {
-                    SyncMode::Sync => round,
-                    SyncMode::Async { max_staleness } => (round.saturating_sub(max_staleness)..=round)
-                        .rev()
-                        .find(|r| node.rs.holds(*r, p))
-                        .unwrap_or(round),
-                };
+            for (p, r) in &sorted {
+                let (p, r) = (p, *r);
                 let a = node.announces.get(&(r, *p)).cloned();
                 let blob = store.lock().expect("store lock").get(r, p);
                 if let (Some(a), Some(blob)) = (a, blob) {
@@ -859,9 +855,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 stages: st,
             });
             node.check_digests(round.saturating_sub(1));
-            node.rs.prune(round.saturating_sub(4));
-            store.lock().expect("store lock").prune(round.saturating_sub(4));
-            node.announces.retain(|(r, _), _| *r + 4 >= round);
+            let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
+            node.rs.prune(round.saturating_sub(keep));
+            store.lock().expect("store lock").prune(round.saturating_sub(keep));
+            node.announces.retain(|(r, _), _| *r + 2 * keep >= round);
             node.round += 1;
             if stopped_early {
                 tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
@@ -871,7 +868,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
         // End of epoch: this peer's slice of the validation set (shared on the
         // next announcement), and the test set for the log.
-        let mut t = trainer.take().expect("trainer present");
+        let t = trainer.take().expect("trainer present");
         let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
         let val_data = (!my_val.is_empty()).then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
         let eval_bs = cfg.eval_batch_size;

@@ -1,0 +1,172 @@
+//! The testnet's report: every node's own report, and the checks across them.
+
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Serialize)]
+pub(crate) struct PeerSummary {
+    pub(crate) index: usize,
+    pub(crate) peer_id: String,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) final_digest: String,
+    pub(crate) rounds: u64,
+    pub(crate) epochs: u64,
+    pub(crate) final_test_accuracy: f64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) bytes_received: u64,
+    pub(crate) gradient_bytes_sent: u64,
+    pub(crate) invalid_messages: u64,
+    /// Mean seconds per round in each stage.
+    pub(crate) mean_stage_seconds: BTreeMap<String, f64>,
+    /// Per-round timings by stage, as the node measured them.
+    pub(crate) rounds_log: Value,
+    pub(crate) epochs_log: Value,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub(crate) ok: bool,
+    /// "sync" or "async": only synchronous runs must agree bit for bit.
+    pub(crate) sync: String,
+    pub(crate) peers: usize,
+    pub(crate) node_args: Vec<String>,
+    pub(crate) wall_seconds: f64,
+    /// Rounds that every peer completed, and in how many all digests were equal.
+    pub(crate) common_rounds: u64,
+    pub(crate) rounds_with_equal_digests: u64,
+    pub(crate) all_final_digests_equal: bool,
+    /// Test accuracy after each epoch (from the first peer; equal on all when digests are).
+    pub(crate) accuracy_by_epoch: Vec<f64>,
+    pub(crate) problems: Vec<String>,
+    pub(crate) peer_reports: Vec<PeerSummary>,
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+pub(crate) fn collect(
+    out: &Path,
+    peers: usize,
+    args: &[String],
+    wall: Duration,
+    exits: &[Option<Option<i32>>],
+) -> anyhow::Result<Report> {
+    let mut problems = Vec::new();
+    let mut summaries = Vec::new();
+    let mut digests_by_round: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut first_spec_sync: Option<String> = None;
+    for i in 0..peers {
+        let path = out.join("nodes").join(format!("n{i}")).join("report.json");
+        let exit_code: Option<i32> = exits.get(i).copied().flatten().flatten();
+        let v: Value = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            Some(v) => v,
+            None => {
+                let err = std::fs::read_to_string(out.join("nodes").join(format!("n{i}")).join("stderr.log")).unwrap_or_default();
+                problems.push(format!(
+                    "peer {i} wrote no report (exit {exit_code:?}): {}",
+                    err.lines().rev().find(|l| l.contains("error")).unwrap_or("no error line")
+                ));
+                continue;
+            }
+        };
+        if exit_code != Some(0) {
+            problems.push(format!("peer {i} exited with {exit_code:?}"));
+        }
+        if first_spec_sync.is_none() {
+            first_spec_sync = Some(if v["spec"]["sync"].is_string() { "sync".into() } else { "async".into() });
+        }
+        let rounds_log = v["rounds_log"].clone();
+        let mut stage_sum: BTreeMap<String, f64> = BTreeMap::new();
+        let n_rounds = rounds_log.as_array().map_or(0, Vec::len);
+        for r in rounds_log.as_array().into_iter().flatten() {
+            if let (Some(round), Some(d)) = (r["round"].as_u64(), r["digest"].as_str()) {
+                digests_by_round.entry(round).or_default().push(d.to_string());
+            }
+            if let Some(st) = r["stages"].as_object() {
+                for (k, s) in st {
+                    *stage_sum.entry(k.clone()).or_default() += s.as_f64().unwrap_or(0.0);
+                }
+            }
+        }
+        let mean_stage_seconds = stage_sum.into_iter().map(|(k, s)| (k, s / n_rounds.max(1) as f64)).collect();
+        summaries.push(PeerSummary {
+            index: i,
+            peer_id: v["peer_id"].as_str().unwrap_or_default().to_string(),
+            exit_code,
+            final_digest: v["final_digest"].as_str().unwrap_or_default().to_string(),
+            rounds: u(&v, "rounds"),
+            epochs: u(&v, "epochs"),
+            final_test_accuracy: v["final_test_accuracy"].as_f64().unwrap_or(0.0),
+            bytes_sent: u(&v, "gossip_bytes_sent") + u(&v, "fetch_bytes_sent"),
+            bytes_received: u(&v, "gossip_bytes_received") + u(&v, "fetch_bytes_received"),
+            gradient_bytes_sent: u(&v, "gradient_bytes_sent"),
+            invalid_messages: u(&v, "invalid_messages"),
+            mean_stage_seconds,
+            rounds_log,
+            epochs_log: v["epochs_log"].clone(),
+        });
+    }
+    // Asynchronous runs are not expected to agree bit for bit.
+    let sync = first_spec_sync.as_deref() != Some("async");
+    let common: Vec<(&u64, &Vec<String>)> = digests_by_round.iter().filter(|(_, d)| d.len() == summaries.len()).collect();
+    let equal = common.iter().filter(|(_, d)| d.windows(2).all(|w| w[0] == w[1])).count() as u64;
+    if sync && equal < common.len() as u64 {
+        problems.push(format!("digests differ in {} of {} rounds", common.len() as u64 - equal, common.len()));
+    }
+    let all_final_equal = !summaries.is_empty() && summaries.windows(2).all(|w| w[0].final_digest == w[1].final_digest);
+    if sync && !all_final_equal {
+        problems.push("final parameter digests differ".into());
+    }
+    if summaries.len() < peers {
+        problems.push(format!("{} of {peers} peers reported", summaries.len()));
+    }
+    let accuracy_by_epoch = summaries
+        .first()
+        .and_then(|s| s.epochs_log.as_array())
+        .map(|es| es.iter().filter_map(|e| e["test_accuracy"].as_f64()).collect())
+        .unwrap_or_default();
+    Ok(Report {
+        ok: problems.is_empty(),
+        sync: if sync { "sync".into() } else { "async".into() },
+        peers,
+        node_args: args.to_vec(),
+        wall_seconds: wall.as_secs_f64(),
+        common_rounds: common.len() as u64,
+        rounds_with_equal_digests: equal,
+        all_final_digests_equal: all_final_equal,
+        accuracy_by_epoch,
+        problems,
+        peer_reports: summaries,
+    })
+}
+
+pub(crate) fn print_summary(r: &Report) {
+    println!("{:<5} {:<54} {:>6} {:>7} {:>9} {:>12} {:>12}", "peer", "id", "rounds", "epochs", "test acc", "sent", "received");
+    for p in &r.peer_reports {
+        println!(
+            "{:<5} {:<54} {:>6} {:>7} {:>8.2}% {:>12} {:>12}",
+            p.index,
+            p.peer_id,
+            p.rounds,
+            p.epochs,
+            100.0 * p.final_test_accuracy,
+            p.bytes_sent,
+            p.bytes_received
+        );
+    }
+    let acc: Vec<String> = r.accuracy_by_epoch.iter().map(|a| format!("{:.2}%", 100.0 * a)).collect();
+    println!("accuracy by epoch: {}", acc.join(" -> "));
+    println!(
+        "digests equal in {} of {} rounds; final digests {}",
+        r.rounds_with_equal_digests,
+        r.common_rounds,
+        if r.all_final_digests_equal { "equal" } else { "DIFFER" }
+    );
+    for p in &r.problems {
+        println!("problem: {p}");
+    }
+}

@@ -1,0 +1,134 @@
+//! End-to-end: real `p2pml-node` processes on loopback, started by `testnet`.
+
+use p2pml_tests::{bin, fashion_mnist, wait_for};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The multi-process tests share two cores: one at a time, so that no heartbeat
+/// starves past the failure timeout.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn testnet(out: &std::path::Path, peers: usize, node_args: &[&str]) -> (bool, Value) {
+    let o = Command::new(bin("testnet"))
+        .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600", "--"])
+        .args(node_args)
+        .output()
+        .expect("run testnet");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
+        .unwrap_or_else(|_| panic!("no report; testnet said: {}", String::from_utf8_lossy(&o.stderr)));
+    (o.status.success(), report)
+}
+
+#[test]
+fn four_peers_hold_identical_parameters_every_round_and_learn() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let (ok, r) = testnet(
+        dir.path(),
+        4,
+        &[
+            "--data-dir", data.to_str().unwrap(), "--limit-train", "6000", "--limit-test", "1000",
+            "--val-size", "400", "--epochs", "3", "--batches-per-round", "1", "--device", "cpu", "--seed", "3",
+        ],
+    );
+    assert!(ok, "testnet reported problems: {}", r["problems"]);
+    let peers = r["peer_reports"].as_array().unwrap();
+    assert_eq!(peers.len(), 4);
+    // Every round, every peer: the same parameters, bit for bit.
+    let common = r["common_rounds"].as_u64().unwrap();
+    assert!(common >= 60, "{common} rounds");
+    assert_eq!(r["rounds_with_equal_digests"].as_u64().unwrap(), common);
+    for p in peers {
+        let log = p["rounds_log"].as_array().unwrap();
+        assert_eq!(log.len() as u64, common);
+        assert!(log.iter().all(|x| x["contributors"] == 4));
+        assert!(p["gradient_bytes_sent"].as_u64().unwrap() > 0);
+        assert!(p["bytes_received"].as_u64().unwrap() > p["gradient_bytes_sent"].as_u64().unwrap());
+        for stage in ["compute", "encode", "send", "barrier_wait", "decode", "update"] {
+            assert!(p["mean_stage_seconds"][stage].is_number(), "{stage}");
+        }
+    }
+    // Accuracy rises epoch over epoch.
+    let acc: Vec<f64> = r["accuracy_by_epoch"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(acc.len(), 3);
+    assert!(acc[2] > acc[0] && acc[2] > 0.6, "accuracy by epoch {acc:?}");
+}
+
+#[test]
+fn asynchronous_mode_completes_and_learns() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let (ok, r) = testnet(
+        dir.path(),
+        3,
+        &[
+            "--data-dir", data.to_str().unwrap(), "--limit-train", "3000", "--limit-test", "500",
+            "--val-size", "300", "--epochs", "2", "--batches-per-round", "1", "--device", "cpu",
+            "--sync", "async", "--max-staleness", "2",
+        ],
+    );
+    assert!(ok, "testnet reported problems: {}", r["problems"]);
+    assert_eq!(r["sync"], "async");
+    let peers = r["peer_reports"].as_array().unwrap();
+    assert_eq!(peers.len(), 3, "{}", r["problems"]);
+    for p in peers {
+        assert_eq!(p["exit_code"], 0);
+        assert!(p["final_test_accuracy"].as_f64().unwrap() > 0.4, "{}", p["final_test_accuracy"]);
+    }
+}
+
+#[test]
+fn a_node_with_a_different_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let common = [
+        "--data-dir", data.to_str().unwrap(), "--limit-train", "1000", "--limit-test", "100", "--val-size", "100",
+        "--peers", "2", "--device", "cpu", "--threads", "1", "--listen", "/ip4/127.0.0.1/tcp/0",
+    ];
+    let mut first = Command::new(bin("p2pml-node"))
+        .args(common)
+        .arg("--state-dir")
+        .arg(dir.path().join("a"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    wait_for("the first node's address", Duration::from_secs(60), || {
+        if let Some(Ok(l)) = lines.next() {
+            addr = l.strip_prefix("listening ").map(str::to_string);
+        }
+        addr.is_some()
+    });
+    let o = Command::new(bin("p2pml-node"))
+        .args(common)
+        .args(["--lr", "0.5", "--bootstrap", addr.as_deref().unwrap()])
+        .arg("--state-dir")
+        .arg(dir.path().join("b"))
+        .output()
+        .unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    let last = e.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: peer ") && last.contains("refused") && last.contains("lr: 0.01 vs 0.5"), "{e}");
+}
+
+#[test]
+fn a_bad_bootstrap_address_is_one_clear_line() {
+    let o = Command::new(bin("p2pml-node"))
+        .args(["--bootstrap", "/ip4/127.0.0.1/tcp/9", "--data-dir", fashion_mnist().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("must end in /p2p/<peer id>"), "{e}");
+    assert!(!e.contains("panicked"));
+}
