@@ -17,8 +17,9 @@ pub use device::{device_name, DeviceChoice, DeviceError};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use train::{BatchGrad, Evaluation, Model, ModelSpec, TensorData, TrainError};
 
-/// Sets the number of threads libtorch uses for intra-op parallelism in this process.
+/// Sets the number of threads libtorch uses for intra-op parallelism in this
+/// process (inter-op threads are left alone: libtorch allows setting them only
+/// once, before any parallel work, and the training loop does not use them).
 pub fn set_torch_threads(n: usize) {
     tch::set_num_threads(n.max(1) as i32);
-    tch::set_num_interop_threads(1);
 }

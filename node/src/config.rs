@@ -190,6 +190,8 @@ pub struct P2pConfig {
     pub lr_patience: u64,
     pub min_lr: f64,
     pub early_stop_patience: u64,
+    /// Fault injection for tests: corrupt one parameter after this round.
+    pub perturb_round: Option<u64>,
 }
 
 impl Default for P2pConfig {
@@ -210,6 +212,7 @@ impl Default for P2pConfig {
             lr_patience: 5,
             min_lr: 1e-6,
             early_stop_patience: 10,
+            perturb_round: None,
         }
     }
 }
@@ -264,6 +267,9 @@ pub struct P2pArgs {
     /// Write the JSON report here [default: <state-dir>/report.json].
     #[arg(long, env = "P2PML_REPORT")]
     pub report: Option<PathBuf>,
+    /// Fault injection: silently corrupt one parameter after this round (tests the digest check).
+    #[arg(long, hide = true)]
+    pub fault_perturb_round: Option<u64>,
 }
 
 impl P2pArgs {
@@ -284,6 +290,7 @@ impl P2pArgs {
             },
             failure_timeout_ms: self.failure_timeout_ms,
             report: self.report.clone(),
+            perturb_round: self.fault_perturb_round,
             ..d
         }
     }

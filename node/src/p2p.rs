@@ -7,7 +7,7 @@
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::net::{self, Client, Event, InboundRequest};
 use crate::round::{Barrier, Change, RoundState};
-use crate::store::{chunks, SharedStore, Store};
+use crate::store::{chunks, SharedStore, StateBlob, Store};
 use anyhow::{anyhow, bail, Context};
 use libp2p::{Multiaddr, PeerId};
 use p2pml_lambda_grad::data::{self, Partition};
@@ -123,6 +123,13 @@ impl Convergence {
             min_lr: p.min_lr,
             stop_patience: p.early_stop_patience,
         }
+    }
+    fn snapshot(&self) -> ((f64, u64), (f64, u64)) {
+        ((self.best, self.bad_epochs), (self.best_for_stop, self.stop_bad))
+    }
+    fn restore(&mut self, plateau: (f64, u64), stopping: (f64, u64)) {
+        (self.best, self.bad_epochs) = plateau;
+        (self.best_for_stop, self.stop_bad) = stopping;
     }
     /// Returns (new lr, stop).
     fn step(&mut self, val_loss: f64, lr: f64) -> (f64, bool) {
@@ -647,6 +654,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut epochs_log = Vec::new();
     let mut pending_val: Option<ValStats> = None;
     let mut stopped_early = false;
+    let mut state_syncs = 0u64;
     let wall = Instant::now();
     let bs = cfg.batch_size;
     let bpr = p2p.batches_per_round;
@@ -820,18 +828,28 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             // Update.
             let t0 = Instant::now();
             let lr = t.opt.lr();
-            let (t_back, digest) = node
+            let (plateau, stopping) = conv.snapshot();
+            let perturb = p2p.perturb_round == Some(round);
+            let (t_back, digest, state) = node
                 .while_pumping(tokio::task::spawn_blocking(move || {
                     if total_samples > 0 {
                         let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
                         let Trainer { model, opt, .. } = &mut t;
                         opt.step(model.flat_params_mut(), &g);
                     }
+                    if perturb {
+                        // Fault injection (--fault-perturb-round): silent corruption of one value.
+                        let mut v = t.model.params_vec();
+                        v[0] += 1e-3;
+                        t.model.set_params(&v).expect("same length");
+                    }
                     let d = params_digest(&t.model);
-                    (t, d)
+                    let state = state_blob(&t, round, epoch, plateau, stopping);
+                    (t, d, state)
                 }))
                 .await??;
             trainer = Some(t_back);
+            store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: Arc::new(state) });
             st.update = t0.elapsed().as_secs_f64();
             node.last_digest = Some((round, digest));
             node.digests.entry(round).or_default().insert(me, digest);
@@ -854,7 +872,21 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 finished_at: wall.elapsed().as_secs_f64(),
                 stages: st,
             });
-            node.check_digests(round.saturating_sub(1));
+            if let Some(good) = node.check_digests(round) {
+                let t = trainer.take().expect("trainer present");
+                let (t_back, r) = node.sync_state(good, round, t, &mut conv).await?;
+                trainer = Some(t_back);
+                match r {
+                    Ok(()) => {
+                        state_syncs += 1;
+                        if let Some(r) = rounds_log.last_mut() {
+                            let r: &mut RoundRecord = r;
+                            r.digest = node.last_digest.map(|(_, d)| hex(&d)).unwrap_or_default();
+                        }
+                    }
+                    Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
+                }
+            }
             let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
             node.rs.prune(round.saturating_sub(keep));
             store.lock().expect("store lock").prune(round.saturating_sub(keep));
@@ -914,7 +946,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
-    node.check_digests(last.saturating_sub(1));
 
     let t = trainer.expect("trainer present");
     let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
@@ -938,7 +969,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         gradient_bytes_sent: node.gradient_bytes_sent,
         invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
         digest_mismatches: node.digest_mismatches,
-        state_syncs: 0,
+        state_syncs,
         wall_seconds: wall.elapsed().as_secs_f64(),
         rounds_log,
         epochs_log,
@@ -949,22 +980,120 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     Ok(report)
 }
 
+/// The state blob of the trainer after `round`.
+fn state_blob(t: &Trainer, round: u64, epoch: u64, plateau: (f64, u64), stopping: (f64, u64)) -> Vec<u8> {
+    let opt: Vec<Vec<f32>> = t
+        .opt
+        .state()
+        .iter()
+        .map(|x| Vec::<f32>::try_from(&x.to_device(tch::Device::Cpu)).expect("f32 state"))
+        .collect();
+    let h = p2pml_proto::StateHeader {
+        round,
+        epoch,
+        lr: t.opt.lr(),
+        opt_steps: t.opt.steps(),
+        numel: t.model.numel() as u64,
+        opt_vectors: opt.len() as u32,
+        plateau,
+        stopping,
+    };
+    p2pml_proto::encode_state(&h, &t.model.params_vec(), &opt)
+}
+
 impl Node {
-    /// Compares our digest of `round` with the other peers': a peer in the minority
-    /// has diverged (a message it missed, a fault) and says so loudly.
-    fn check_digests(&mut self, round: u64) {
-        let Some(ds) = self.digests.get(&round) else { return };
-        let mine = ds.get(&self.client.peer_id).copied();
-        let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
-        for d in ds.values() {
-            *counts.entry(*d).or_default() += 1;
-        }
-        if let (Some(mine), Some((major, n))) = (mine, counts.iter().max_by_key(|(_, n)| **n)) {
-            if *major != mine && *n > ds.len() / 2 {
-                self.digest_mismatches += 1;
-                tracing::warn!("round {round}: our parameter digest differs from the majority ({n} of {})", ds.len());
+    /// Compares our parameter digests of recent rounds with the live members'.
+    /// When a strict majority of the live members agree on a digest that is not
+    /// ours, returns one of them to re-sync from.
+    fn check_digests(&mut self, current: u64) -> Option<PeerId> {
+        let me = self.client.peer_id;
+        let live = self.rs.live();
+        let mut resync = None;
+        for (round, ds) in self.digests.range(current.saturating_sub(4)..=current) {
+            let Some(mine) = ds.get(&me) else { continue };
+            let mut counts: BTreeMap<Digest, Vec<PeerId>> = BTreeMap::new();
+            for (p, d) in ds {
+                if live.contains(p) {
+                    counts.entry(*d).or_default().push(*p);
+                }
+            }
+            if let Some((major, peers)) = counts.iter().max_by_key(|(_, ps)| ps.len()) {
+                if major != mine && peers.len() > live.len() / 2 {
+                    tracing::warn!(
+                        "round {round}: our parameters differ from the majority ({} of {} live peers): re-syncing",
+                        peers.len(),
+                        live.len()
+                    );
+                    self.digest_mismatches += 1;
+                    resync = peers.first().copied();
+                    break;
+                }
             }
         }
-        self.digests = self.digests.split_off(&round.saturating_sub(8));
+        if resync.is_some() {
+            // Forget the evidence: after the sync our digest is the majority's.
+            self.digests.clear();
+        }
+        self.digests = self.digests.split_off(&current.saturating_sub(8));
+        resync
+    }
+
+    /// Replaces our state with `peer`'s state after `round` (which it reaches
+    /// without us: it cannot pass round + 1 before we announce it).
+    async fn sync_state(
+        &mut self,
+        peer: PeerId,
+        round: u64,
+        mut t: Trainer,
+        conv: &mut Convergence,
+    ) -> anyhow::Result<(Trainer, Result<(), String>)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            let client = self.client.clone();
+            let r = async move { client.request(peer, Request::State { round, index: 0 }).await };
+            match self.while_pumping(r).await? {
+                Ok(Response::State { round: r, epoch, total_len, data }) if r == round => break (epoch, total_len, data),
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    let pause = tokio::time::sleep(Duration::from_millis(100));
+                    self.while_pumping(pause).await?;
+                }
+                Ok(other) => return Ok((t, Err(format!("no state for round {round}: {other:?}")))),
+                Err(e) => return Ok((t, Err(e.to_string()))),
+            }
+        };
+        let (_, total_len, data) = first;
+        if total_len > wire::MAX_BLOB_BYTES * 3 {
+            return Ok((t, Err(format!("state of {total_len} bytes is too large"))));
+        }
+        let mut bytes = data.into_vec();
+        for index in 1..chunks(total_len) {
+            let client = self.client.clone();
+            let r = async move { client.request(peer, Request::State { round, index }).await };
+            match self.while_pumping(r).await? {
+                Ok(Response::State { round: r, data, .. }) if r == round => bytes.extend_from_slice(&data),
+                other => return Ok((t, Err(format!("state chunk {index}: {other:?}")))),
+            }
+        }
+        let numel = t.model.numel() as u64;
+        let (h, params, opt) = match p2pml_proto::decode_state(&bytes, numel) {
+            Ok(x) => x,
+            Err(e) => return Ok((t, Err(e.to_string()))),
+        };
+        let (t, digest) = self
+            .while_pumping(tokio::task::spawn_blocking(move || {
+                t.model.set_params(&params).expect("length checked by decode_state");
+                let device = t.model.device();
+                let state = opt.iter().map(|v| tch::Tensor::from_slice(v).to_device(device)).collect();
+                t.opt.restore(h.lr, h.opt_steps, state);
+                let d = params_digest(&t.model);
+                (t, d)
+            }))
+            .await??;
+        conv.restore(h.plateau, h.stopping);
+        self.last_digest = Some((round, digest));
+        self.digests.entry(round).or_default().insert(self.client.peer_id, digest);
+        self.store.lock().expect("store lock").set_state(StateBlob { round, epoch: h.epoch, bytes: Arc::new(bytes) });
+        tracing::info!("state synced from {peer} at round {round}: digest {}", &hex(&digest)[..16]);
+        Ok((t, Ok(())))
     }
 }

@@ -47,6 +47,10 @@ struct RunArgs {
     /// Give up (and kill the nodes) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
+    /// Extra arguments for one peer: "INDEX=ARGS" (split on spaces), repeatable,
+    /// e.g. --peer-args "2=--fault-perturb-round 5".
+    #[arg(long)]
+    peer_args: Vec<String>,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -172,7 +176,17 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.timeout);
     let node_dir = |i: usize| a.out.join("nodes").join(format!("n{i}"));
-    let mut procs = vec![spawn_node(0, &bin, &node_dir(0), &args, tx.clone()).await?];
+    let mut extra: Vec<Vec<String>> = vec![Vec::new(); a.peers];
+    for pa in &a.peer_args {
+        let Some((i, rest)) = pa.split_once('=') else { bail!("--peer-args {pa}: expected INDEX=ARGS") };
+        let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--peer-args {pa}: {i} is not a peer index"))?;
+        if i >= a.peers {
+            bail!("--peer-args {pa}: peer {i} does not exist (--peers {})", a.peers);
+        }
+        extra[i].extend(rest.split_whitespace().map(String::from));
+    }
+    let args_for = |i: usize| -> Vec<String> { args.iter().cloned().chain(extra[i].iter().cloned()).collect() };
+    let mut procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), tx.clone()).await?];
     // The first node's address is everyone's bootstrap.
     let boot = loop {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -185,7 +199,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
     };
     for i in 1..a.peers {
-        let mut args_i = args.clone();
+        let mut args_i = args_for(i);
         args_i.extend(["--bootstrap".into(), boot.clone()]);
         procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
     }

@@ -132,3 +132,29 @@ fn a_bad_bootstrap_address_is_one_clear_line() {
     assert!(e.contains("must end in /p2p/<peer id>"), "{e}");
     assert!(!e.contains("panicked"));
 }
+
+#[test]
+fn a_diverged_peer_resyncs_from_the_majority() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let o = Command::new(bin("testnet"))
+        .args(["run", "--peers", "3", "--out", dir.path().to_str().unwrap(), "--timeout", "600"])
+        .args(["--peer-args", "1=--fault-perturb-round 3", "--"])
+        .args(["--data-dir", data.to_str().unwrap(), "--limit-train", "2000", "--limit-test", "300"])
+        .args(["--val-size", "200", "--epochs", "1", "--batches-per-round", "1", "--device", "cpu"])
+        .output()
+        .expect("run testnet");
+    let r: Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    // Peer 1 corrupted its parameters after round 3; it notices that the majority
+    // disagrees, fetches a majority peer's state, and is in step again.
+    assert_eq!(r["all_final_digests_equal"], true, "{}", r["problems"]);
+    let common = r["common_rounds"].as_u64().unwrap();
+    assert_eq!(r["rounds_with_equal_digests"].as_u64().unwrap(), common - 1, "only round 3 differs");
+    let peers = r["peer_reports"].as_array().unwrap();
+    let syncs: Vec<u64> = peers.iter().map(|p| std::fs::read(dir.path().join("nodes").join(format!("n{}", p["index"])).join("report.json")))
+        .map(|b| serde_json::from_slice::<Value>(&b.unwrap()).unwrap()["state_syncs"].as_u64().unwrap())
+        .collect();
+    assert_eq!(syncs, vec![0, 1, 0]);
+}
