@@ -65,45 +65,73 @@ impl Optimizer {
 
     /// Applies one update with the averaged gradient `grad` to `params` in place.
     pub fn step(&mut self, params: &mut Tensor, grad: &Tensor) {
+        let n = params.numel() as i64;
+        self.step_parts(params, &[(0, grad.shallow_clone())], 1.0, n);
+    }
+
+    /// Applies one update whose gradient is `scale` times the gradient given in
+    /// parts: `(offset, tensor)` pairs covering the flat parameter vector (for
+    /// example each parameter's `.grad`, which saves concatenating them). The
+    /// result is bit-identical to [`Optimizer::step`] on the concatenated,
+    /// scaled gradient: every operation is element-wise.
+    pub fn step_parts(&mut self, params: &mut Tensor, parts: &[(i64, Tensor)], scale: f64, numel: i64) {
         let cfg = self.cfg;
         let lr = self.lr;
+        let t = (self.step + 1) as i32;
         tch::no_grad(|| {
-            let mut d = if cfg.weight_decay != 0.0 { grad + &*params * cfg.weight_decay } else { grad.shallow_clone() };
-            match cfg.kind {
-                OptimizerKind::Sgd => {
-                    if cfg.momentum != 0.0 {
-                        if self.state.is_empty() {
-                            self.state.push(d.detach().copy());
+            let opts = (params.kind(), params.device());
+            if self.state.is_empty() {
+                let n = match cfg.kind {
+                    OptimizerKind::Sgd if cfg.momentum != 0.0 => 1,
+                    OptimizerKind::Sgd => 0,
+                    OptimizerKind::Adam => 2,
+                };
+                self.state = (0..n).map(|_| Tensor::zeros([numel], opts)).collect();
+            }
+            let first = self.step == 0;
+            let scalar = |v: f64| Tensor::from(v).to_kind(opts.0).to_device(opts.1);
+            for (offset, g) in parts {
+                let g = g.reshape([-1]);
+                let len = g.numel() as i64;
+                let mut p = params.narrow(0, *offset, len);
+                // d = scale·g (+ wd·p), each product rounded on its own so that the
+                // result does not depend on how the gradient was split.
+                let g = if scale != 1.0 { &g * scale } else { g };
+                let d = if cfg.weight_decay != 0.0 {
+                    let mut d = &p * cfg.weight_decay;
+                    let _ = d.g_add_(&g);
+                    d
+                } else {
+                    g
+                };
+                match cfg.kind {
+                    OptimizerKind::Sgd => {
+                        if cfg.momentum != 0.0 {
+                            let mut buf = self.state[0].narrow(0, *offset, len);
+                            if first {
+                                buf.copy_(&d);
+                            } else {
+                                let _ = buf.g_mul_scalar_(cfg.momentum);
+                                let _ = buf.g_add_(&d);
+                            }
+                            let _ = p.addcmul_(&buf, &scalar(-lr));
                         } else {
-                            let buf = &mut self.state[0];
-                            let _ = buf.g_mul_scalar_(cfg.momentum);
-                            let _ = buf.g_add_(&d);
+                            let _ = p.addcmul_(&d, &scalar(-lr));
                         }
-                        d = self.state[0].shallow_clone();
                     }
-                    let _ = params.g_sub_(&(d * lr));
-                }
-                OptimizerKind::Adam => {
-                    if self.state.is_empty() {
-                        self.state.push(params.zeros_like());
-                        self.state.push(params.zeros_like());
-                    }
-                    let t = (self.step + 1) as i32;
-                    let (b1, b2) = (cfg.beta1, cfg.beta2);
-                    {
-                        let m = &mut self.state[0];
+                    OptimizerKind::Adam => {
+                        let (b1, b2) = (cfg.beta1, cfg.beta2);
+                        let mut m = self.state[0].narrow(0, *offset, len);
+                        let mut v = self.state[1].narrow(0, *offset, len);
                         let _ = m.g_mul_scalar_(b1);
-                        let _ = m.g_add_(&(&d * (1.0 - b1)));
-                    }
-                    {
-                        let v = &mut self.state[1];
+                        let _ = m.addcmul_(&d, &scalar(1.0 - b1));
                         let _ = v.g_mul_scalar_(b2);
-                        let _ = v.g_add_(&(&d * &d * (1.0 - b2)));
+                        let _ = v.addcmul_(&(&d * &d), &scalar(1.0 - b2));
+                        let bc1 = 1.0 - b1.powi(t);
+                        let bc2 = 1.0 - b2.powi(t);
+                        let denom = (v.sqrt() / bc2.sqrt()) + cfg.eps;
+                        let _ = p.addcmul_(&(&m / denom), &scalar(-(lr / bc1)));
                     }
-                    let bc1 = 1.0 - b1.powi(t);
-                    let bc2 = 1.0 - b2.powi(t);
-                    let denom = (self.state[1].sqrt() / bc2.sqrt()) + cfg.eps;
-                    let _ = params.g_sub_(&(&self.state[0] / denom * (lr / bc1)));
                 }
             }
         });

@@ -52,7 +52,8 @@ pub struct BatchGrad {
 impl BatchGrad {
     /// The mean gradient (what PyTorch's mean-reduced loss would give).
     pub fn mean_grad(&self) -> Tensor {
-        &self.grad / self.samples.max(1) as f64
+        // Multiplication by the reciprocal, as the optimizer's fused path does.
+        &self.grad * (1.0 / self.samples.max(1) as f64)
     }
     pub fn mean_loss(&self) -> f64 {
         self.loss_sum / self.samples.max(1) as f64
@@ -216,6 +217,30 @@ impl Model {
             .collect();
         let grad = if grads.is_empty() { self.flat.zeros_like() } else { Tensor::cat(&grads, 0) };
         BatchGrad { grad, loss_sum: loss.double_value(&[]), samples: y.size()[0] as usize }
+    }
+
+    /// One local SGD/Adam step on the mean loss of `x`, `y`, without flattening
+    /// the gradient: the optimizer reads each parameter's `.grad` where it lies.
+    /// Returns the summed loss and the sample count.
+    pub fn local_step(&mut self, x: &Tensor, y: &Tensor, opt: &mut crate::Optimizer) -> (f64, usize) {
+        for s in &mut self.params {
+            s.var.zero_grad();
+        }
+        let logits = self.net.forward_t(x, true);
+        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
+        loss.backward();
+        let n = y.size()[0] as usize;
+        let parts: Vec<(i64, Tensor)> = self
+            .params
+            .iter()
+            .map(|s| {
+                let g = s.var.grad();
+                (s.offset, if g.defined() { g } else { Tensor::zeros([s.numel], (self.flat.kind(), self.device())) })
+            })
+            .collect();
+        let numel = self.flat.numel() as i64;
+        opt.step_parts(&mut self.flat, &parts, 1.0 / n.max(1) as f64, numel);
+        (loss.double_value(&[]), n)
     }
 
     /// Mean loss and accuracy over `x`, `y` in eval mode, `batch` samples at a time.

@@ -154,3 +154,27 @@ fn safetensors_round_trip() {
     let e = export::load(&path, Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("not a valid safetensors file"), "{e}");
 }
+
+#[test]
+fn local_step_equals_flat_gradient_step_bit_for_bit() {
+    let _rng = torch_rng();
+    for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+        let cfg = OptimizerConfig { kind, lr: 0.05, weight_decay: 1e-3, ..Default::default() };
+        let mut a = Model::new(tiny(), Device::Cpu, 4).unwrap();
+        let mut b = Model::new(tiny(), Device::Cpu, 4).unwrap();
+        let (mut oa, mut ob) = (Optimizer::new(cfg), Optimizer::new(cfg));
+        for s in 0..4 {
+            let (x, y) = batch(8, 50 + s, Kind::Float);
+            tch::manual_seed(s as i64);
+            let g = a.batch_gradient(&x, &y);
+            oa.step(a.flat_params_mut(), &g.mean_grad());
+            tch::manual_seed(s as i64);
+            let (loss, n) = b.local_step(&x, &y, &mut ob);
+            assert_eq!((loss, n), (g.loss_sum, g.samples));
+        }
+        let (pa, pb) = (a.params_vec(), b.params_vec());
+        let same = pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits());
+        let max_diff = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(same, "{kind}: the two paths differ by up to {max_diff}");
+    }
+}

@@ -164,6 +164,7 @@ struct Fetched {
 struct PeerView {
     round: u64,
     finished: bool,
+    ready: bool,
 }
 
 struct Node {
@@ -193,6 +194,22 @@ struct Node {
     digest_mismatches: u64,
     /// Async mode: gradients already applied, never applied twice.
     applied: HashSet<(u64, PeerId)>,
+    /// This peer holds the run's state (it founded the run or has synced).
+    ready: bool,
+    /// The highest round a Hello answer reported.
+    hello_round: u64,
+    /// Whose gradients the last aggregation used.
+    last_contributors: Vec<PeerId>,
+    /// Epoch topics subscribed to.
+    subscribed: HashSet<u64>,
+    /// Announcements asked for over request-response, and the answers.
+    asked: HashSet<(u64, PeerId)>,
+    recovered_tx: mpsc::Sender<(PeerId, Announce)>,
+    recovered_rx: mpsc::Receiver<(PeerId, Announce)>,
+    /// Training samples outside the validation set, and the batch size (to
+    /// compute an epoch's rounds while joining).
+    n_train_minus_val: usize,
+    batch_size: usize,
 }
 
 impl Node {
@@ -207,7 +224,43 @@ impl Node {
         format!("p2pml/{}/epoch/{epoch}", self.run_id)
     }
 
+    /// For the round being waited on: asks for the announcements of expected
+    /// peers we hold nothing from (a missed gossip message, or a peer that joined
+    /// the topic late), from the owner and any peer that saw it.
+    fn recover_announcements(&mut self) {
+        let round = self.round;
+        for p in self.rs.expected() {
+            if p == self.client.peer_id || self.rs.holds(round, &p) || self.announces.contains_key(&(round, p)) {
+                continue;
+            }
+            if !self.asked.insert((round, p)) {
+                continue;
+            }
+            let mut sources = vec![p];
+            sources.extend(self.rs.live().into_iter().filter(|x| *x != p && *x != self.client.peer_id));
+            let (client, tx) = (self.client.clone(), self.recovered_tx.clone());
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    for src in &sources {
+                        if let Ok(Response::Announcement(a)) =
+                            client.request(*src, Request::Announcement { owner: p.to_bytes(), round }).await
+                        {
+                            let _ = tx.send((p, *a)).await;
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                // Not found: allow another attempt at the next heartbeat.
+                let _ = tx.send((p, Announce::missing(round))).await;
+            });
+        }
+    }
+
     async fn heartbeat(&mut self) {
+        if self.ready {
+            self.recover_announcements();
+        }
         let now = self.now_ms();
         for change in self.rs.tick(now) {
             self.on_change(change);
@@ -235,6 +288,7 @@ impl Node {
             contributed,
             addrs,
             finished: self.finished,
+            ready: self.ready,
         };
         let topic = self.control_topic();
         if let Err(e) = self.client.publish(&topic, wire::encode(&Gossip::Heartbeat(hb))).await {
@@ -261,6 +315,13 @@ impl Node {
             },
             Some(f) = self.fetch_rx.recv() => self.on_fetched(f),
             Some((peer, r)) = self.hello_rx.recv() => self.on_hello(peer, r).await?,
+            Some((owner, a)) = self.recovered_rx.recv() => {
+                self.asked.remove(&(a.round, owner));
+                let g = Gossip::Announce(a);
+                if g.validate(&self.run_id, self.round).is_ok() {
+                    self.on_gossip(owner, g).await;
+                }
+            }
             _ = sleep => self.heartbeat().await,
         }
         Ok(())
@@ -279,8 +340,9 @@ impl Node {
 
     async fn on_hello(&mut self, peer: PeerId, r: Result<Response, String>) -> anyhow::Result<()> {
         match r {
-            Ok(Response::Hello { accepted: true, .. }) => {
+            Ok(Response::Hello { accepted: true, round, .. }) => {
                 self.accepted.insert(peer);
+                self.hello_round = self.hello_round.max(round);
             }
             Ok(Response::Hello { accepted: false, reason, .. }) => {
                 let reason = reason.unwrap_or_default();
@@ -355,8 +417,13 @@ impl Node {
                 if let Some((r, d)) = h.last_digest {
                     self.digests.entry(r).or_default().insert(author, d);
                 }
+                for e in [h.epoch, h.epoch + 1] {
+                    if self.subscribed.insert(e) {
+                        let _ = self.client.subscribe(&self.epoch_topic(e)).await;
+                    }
+                }
                 let is_new = !self.views.contains_key(&author);
-                self.views.insert(author, PeerView { round: h.round, finished: h.finished });
+                self.views.insert(author, PeerView { round: h.round, finished: h.finished, ready: h.ready });
                 if is_new {
                     for a in &h.addrs {
                         if let Ok(addr) = a.parse::<Multiaddr>() {
@@ -373,6 +440,7 @@ impl Node {
                 if a.round < self.round || self.announces.contains_key(&key) {
                     return;
                 }
+                self.store.lock().expect("store lock").insert_announce(&author, a.clone());
                 self.rs.contributed(a.round, author);
                 if let Some(inline) = &a.inline {
                     let blob = inline.to_vec();
@@ -587,6 +655,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
     let (fetch_tx, fetch_rx) = mpsc::channel(256);
     let (hello_tx, hello_rx) = mpsc::channel(64);
+    let (recovered_tx, recovered_rx) = mpsc::channel(64);
     let mut node = Node {
         rs: RoundState::new(me, 1, p2p.min_peers, p2p.failure_timeout_ms),
         p2p: p2p.clone(),
@@ -613,6 +682,15 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         gradient_bytes_sent: 0,
         digest_mismatches: 0,
         applied: HashSet::new(),
+        ready: false,
+        hello_round: 0,
+        last_contributors: Vec::new(),
+        asked: HashSet::new(),
+        subscribed: HashSet::from([0]),
+        recovered_tx,
+        recovered_rx,
+        n_train_minus_val: n_train - cfg.val_size,
+        batch_size: cfg.batch_size,
     };
     client.subscribe(&node.control_topic()).await?;
     client.subscribe(&node.epoch_topic(0)).await?;
@@ -636,63 +714,124 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    tracing::info!("waiting for {} live peers", p2p.min_peers);
-    let min = p2p.min_peers;
-    node.wait_until("peers to join", |n| n.rs.live().len() >= min).await?;
-    // Give late heartbeats a moment so that every peer starts from the same membership.
-    let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
-    while Instant::now() < settle {
-        tokio::select! {
-            r = node.pump() => r?,
-            _ = tokio::time::sleep_until(settle.into()) => {}
+    // A run in progress (a peer is past round 0) is joined by state sync; a new
+    // run starts when --min-peers peers are live.
+    let in_progress = |n: &Node| n.remote_round() > 0;
+    let mut trainer = Some(Trainer { model, opt, train });
+    let mut conv = Convergence::new(&p2p);
+    let mut state_syncs = 0u64;
+    let mut sched = if in_progress(&node) {
+        let t = trainer.take().expect("trainer present");
+        let (t_back, joined) = node.join_running(t, &mut conv).await?;
+        trainer = Some(t_back);
+        state_syncs += 1;
+        let (epoch, first_round, members) = joined;
+        Schedule::new(&cfg, &p2p, n_train, &val_all, epoch, first_round, members, me)?
+    } else {
+        tracing::info!("waiting for {} live peers", p2p.min_peers);
+        let min = p2p.min_peers;
+        node.wait_until("peers to join", |n| n.rs.live().len() >= min || in_progress(n)).await?;
+        // Give late heartbeats a moment so that every peer starts from the same membership.
+        let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
+        while Instant::now() < settle {
+            tokio::select! {
+                r = node.pump() => r?,
+                _ = tokio::time::sleep_until(settle.into()) => {}
+            }
+        }
+        if in_progress(&node) {
+            bail!("a run with this configuration is already past round 0 and this node started as a founder: restart it to join by state sync");
+        }
+        Schedule::new(&cfg, &p2p, n_train, &val_all, 0, 0, node.rs.live(), me)?
+    };
+    node.ready = true;
+    node.rs.set_epoch_members(sched.members.clone());
+    node.epoch = sched.epoch;
+    for e in [sched.epoch, sched.epoch + 1] {
+        if node.subscribed.insert(e) {
+            client.subscribe(&node.epoch_topic(e)).await?;
         }
     }
 
-    let mut trainer = Some(Trainer { model, opt, train });
-    let mut conv = Convergence::new(&p2p);
     let mut rounds_log = Vec::new();
-    let mut epochs_log = Vec::new();
+    let mut epochs_log: Vec<EpochRecord> = Vec::new();
     let mut pending_val: Option<ValStats> = None;
     let mut stopped_early = false;
-    let mut state_syncs = 0u64;
     let wall = Instant::now();
-    let bs = cfg.batch_size;
     let bpr = p2p.batches_per_round;
 
-    'epochs: for epoch in 0..cfg.epochs {
-        node.epoch = epoch;
-        let members = node.rs.live();
-        let p = members.len();
-        let my_index = members.iter().position(|x| *x == me).expect("self is live");
-        let partition = Partition::new(n_train - cfg.val_size, 0, p, cfg.seed ^ 0x5eed)?;
-        // Shards index into the training samples that are not validation samples.
-        let val_set: HashSet<usize> = val_all.iter().copied().collect();
-        let train_idx: Vec<usize> = (0..n_train).filter(|i| !val_set.contains(i)).collect();
-        let my_batches: Vec<Vec<usize>> = partition
-            .epoch_batches(my_index, epoch, bs)?
-            .into_iter()
-            .map(|b| b.into_iter().map(|i| train_idx[i]).collect())
-            .collect();
-        let max_batches = (0..p).map(|i| partition.shard(i).map(|s| s.len().div_ceil(bs)).unwrap_or(0)).max().unwrap_or(0);
-        let rounds_this_epoch = max_batches.div_ceil(bpr).max(1) as u64;
-        client.subscribe(&node.epoch_topic(epoch + 1)).await?;
-        if epoch > 0 {
-            client.unsubscribe(&node.epoch_topic(epoch - 1)).await?;
+    loop {
+        if node.round >= sched.first_round + sched.rounds {
+            // End of the epoch: an active peer evaluates its slice of the
+            // validation set (shared on its next announcement) and the test set.
+            if let Some(my_index) = sched.my_index {
+                let t = trainer.take().expect("trainer present");
+                let p = sched.members.len();
+                let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
+                let val_data = (!my_val.is_empty())
+                    .then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
+                let eval_bs = cfg.eval_batch_size;
+                let test_x = test.x.shallow_clone();
+                let test_y = test.y.shallow_clone();
+                let (t_back, v, te) = node
+                    .while_pumping(tokio::task::spawn_blocking(move || {
+                        let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
+                        let te = t.model.evaluate(&test_x, &test_y, eval_bs);
+                        (t, v, te)
+                    }))
+                    .await??;
+                trainer = Some(t_back);
+                pending_val = v.map(|v| ValStats {
+                    epoch: sched.epoch,
+                    loss_sum: v.loss * v.samples as f64,
+                    correct: (v.accuracy * v.samples as f64).round() as u64,
+                    count: v.samples as u64,
+                });
+                println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
+                epochs_log.push(EpochRecord {
+                    epoch: sched.epoch + 1,
+                    val_loss: None,
+                    val_accuracy: None,
+                    test_accuracy: te.accuracy,
+                    test_loss: te.loss,
+                    lr: trainer.as_ref().map_or(0.0, |t| t.opt.lr()),
+                });
+            }
+            if sched.epoch + 1 >= cfg.epochs || stopped_early {
+                break;
+            }
+            // The next epoch's members: in synchronous mode, the contributors of
+            // the last round plus the ready joiners they named, which every peer
+            // computes from the same announcements; in asynchronous mode, the live peers.
+            let members = match p2p.sync {
+                SyncMode::Sync => node.next_epoch_members(node.round - 1),
+                SyncMode::Async { .. } => node.rs.live(),
+            };
+            let old_epoch = sched.epoch;
+            sched = Schedule::new(&cfg, &p2p, n_train, &val_all, old_epoch + 1, node.round, members, me)?;
+            node.rs.set_epoch_members(sched.members.clone());
+            node.epoch = sched.epoch;
+                    if node.subscribed.insert(sched.epoch + 1) {
+                client.subscribe(&node.epoch_topic(sched.epoch + 1)).await?;
+            }
+            if node.subscribed.remove(&old_epoch) {
+                client.unsubscribe(&node.epoch_topic(old_epoch)).await?;
+            }
+            if sched.my_index.is_none() {
+                tracing::info!("epoch {}: not a member yet, following", sched.epoch + 1);
+            }
+            continue;
         }
-        tracing::info!(
-            "epoch {} of {}: {p} peers, shard {my_index} of {} batches, {rounds_this_epoch} rounds",
-            epoch + 1,
-            cfg.epochs,
-            my_batches.len()
-        );
+        let round = node.round;
+        let epoch = sched.epoch;
+        let k = round - sched.first_round;
+        store.lock().expect("store lock").round = round;
+        let mut st = StageTimes::default();
 
-        for k in 0..rounds_this_epoch {
-            let round = node.round;
-            store.lock().expect("store lock").round = round;
-            let mut st = StageTimes::default();
-            let lo = (k as usize * bpr).min(my_batches.len());
-            let hi = ((k as usize + 1) * bpr).min(my_batches.len());
-            let batches = my_batches[lo..hi].to_vec();
+        if sched.my_index.is_some() {
+            let lo = (k as usize * bpr).min(sched.batches.len());
+            let hi = ((k as usize + 1) * bpr).min(sched.batches.len());
+            let batches = sched.batches[lo..hi].to_vec();
 
             // Compute, off the async threads.
             let mut t = trainer.take().expect("trainer present");
@@ -716,219 +855,203 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             store.lock().expect("store lock").insert(round, &me, Arc::new(blob));
             node.rs.hold(round, me);
             let val = if k == 0 { pending_val.take() } else { None };
-            let a = Announce { run_id: run_id.clone(), round, epoch, samples: c.samples, loss_sum: c.loss_sum, val, len, digest, inline };
+            let joiners = node.ready_joiners().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect();
+            let a = Announce {
+                run_id: run_id.clone(),
+                round,
+                epoch,
+                samples: c.samples,
+                loss_sum: c.loss_sum,
+                val,
+                len,
+                digest,
+                inline,
+                joiners,
+            };
             node.announces.insert((round, me), a.clone());
+            store.lock().expect("store lock").insert_announce(&me, a.clone());
             let topic = node.epoch_topic(epoch);
             client.publish(&topic, wire::encode(&Gossip::Announce(a))).await?;
             node.gradient_bytes_sent += len;
             st.send = t0.elapsed().as_secs_f64();
-
-            // Barrier.
-            let t0 = Instant::now();
-            // Each contributor with the round of the gradient used.
-            let contributors: Vec<(PeerId, u64)> = match p2p.sync {
-                SyncMode::Sync => {
-                    let mut released = Vec::new();
-                    node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
-                        Barrier::Release(c) => {
-                            released = c;
-                            true
-                        }
-                        _ => false,
-                    })
-                    .await?;
-                    released.into_iter().map(|p| (p, round)).collect()
-                }
-                SyncMode::Async { max_staleness } => {
-                    // Bounded staleness: wait only for peers more than max_staleness
-                    // behind, then apply each peer's freshest gradient not yet applied.
-                    let floor = round.saturating_sub(max_staleness);
-                    node.wait_until("stragglers", |n| {
-                        n.rs.live().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
-                    })
-                    .await?;
-                    let mut chosen = Vec::new();
-                    for p in node.rs.live() {
-                        let fresh = (floor..=round).rev().find(|r| node.rs.holds(*r, &p) && !node.applied.contains(&(*r, p)));
-                        if let Some(r) = fresh {
-                            node.applied.insert((r, p));
-                            chosen.push((p, r));
-                        }
-                    }
-                    node.applied.retain(|(r, _)| *r >= floor);
-                    chosen
-                }
-            };
-            st.barrier_wait = t0.elapsed().as_secs_f64();
-
-            // Decode and aggregate, deterministically: contributors sorted by peer id,
-            // each (ours included) in the decoded form everyone else sees.
-            let t0 = Instant::now();
-            let mut sorted = contributors.clone();
-            sorted.sort();
-            let mut inputs = Vec::with_capacity(sorted.len());
-            let mut val_sum = (0.0f64, 0u64, 0u64);
-            let mut any_val = false;
-            for (p, r) in &sorted {
-                let (p, r) = (p, *r);
-                let a = node.announces.get(&(r, *p)).cloned();
-                let blob = store.lock().expect("store lock").get(r, p);
-                if let (Some(a), Some(blob)) = (a, blob) {
-                    if let Some(v) = a.val {
-                        val_sum.0 += v.loss_sum;
-                        val_sum.1 += v.correct;
-                        val_sum.2 += v.count;
-                        any_val = true;
-                    }
-                    inputs.push((a.samples, a.loss_sum, blob));
-                }
-            }
-            let (grad_mean, total_samples, loss_total) = tokio::task::spawn_blocking(move || {
-                let mut acc = vec![0f32; numel];
-                let (mut samples, mut loss) = (0u64, 0f64);
-                for (s, l, blob) in &inputs {
-                    match p2pml_proto::decode_f32(blob, numel) {
-                        Ok(v) => {
-                            for (a, x) in acc.iter_mut().zip(&v) {
-                                *a += *x;
-                            }
-                            samples += s;
-                            loss += l;
-                        }
-                        Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
-                    }
-                }
-                let scale = 1.0 / samples.max(1) as f32;
-                for a in acc.iter_mut() {
-                    *a *= scale;
-                }
-                (acc, samples, loss)
-            })
-            .await?;
-            st.decode = t0.elapsed().as_secs_f64();
-            st.aggregate = 0.0;
-
-            // Convergence decisions ride on the first round of each epoch.
-            let mut t = trainer.take().expect("trainer present");
-            if any_val && val_sum.2 > 0 {
-                let val_loss = val_sum.0 / val_sum.2 as f64;
-                let (lr, stop) = conv.step(val_loss, t.opt.lr());
-                if lr != t.opt.lr() {
-                    tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
-                    t.opt.set_lr(lr);
-                }
-                if let Some(e) = epochs_log.last_mut() {
-                    let e: &mut EpochRecord = e;
-                    e.val_loss = Some(val_loss);
-                    e.val_accuracy = Some(val_sum.1 as f64 / val_sum.2 as f64);
-                }
-                stopped_early = stop;
-            }
-
-            // Update.
-            let t0 = Instant::now();
-            let lr = t.opt.lr();
-            let (plateau, stopping) = conv.snapshot();
-            let perturb = p2p.perturb_round == Some(round);
-            let (t_back, digest, state) = node
-                .while_pumping(tokio::task::spawn_blocking(move || {
-                    if total_samples > 0 {
-                        let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
-                        let Trainer { model, opt, .. } = &mut t;
-                        opt.step(model.flat_params_mut(), &g);
-                    }
-                    if perturb {
-                        // Fault injection (--fault-perturb-round): silent corruption of one value.
-                        let mut v = t.model.params_vec();
-                        v[0] += 1e-3;
-                        t.model.set_params(&v).expect("same length");
-                    }
-                    let d = params_digest(&t.model);
-                    let state = state_blob(&t, round, epoch, plateau, stopping);
-                    (t, d, state)
-                }))
-                .await??;
-            trainer = Some(t_back);
-            store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: Arc::new(state) });
-            st.update = t0.elapsed().as_secs_f64();
-            node.last_digest = Some((round, digest));
-            node.digests.entry(round).or_default().insert(me, digest);
-            let train_loss = loss_total / total_samples.max(1) as f64;
-            println!(
-                "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
-                epoch + 1,
-                sorted.len(),
-                st.barrier_wait * 1000.0,
-                &hex(&digest)[..16]
-            );
-            rounds_log.push(RoundRecord {
-                round,
-                epoch,
-                contributors: sorted.len(),
-                samples: total_samples,
-                train_loss,
-                lr,
-                digest: hex(&digest),
-                finished_at: wall.elapsed().as_secs_f64(),
-                stages: st,
-            });
-            if let Some(good) = node.check_digests(round) {
-                let t = trainer.take().expect("trainer present");
-                let (t_back, r) = node.sync_state(good, round, t, &mut conv).await?;
-                trainer = Some(t_back);
-                match r {
-                    Ok(()) => {
-                        state_syncs += 1;
-                        if let Some(r) = rounds_log.last_mut() {
-                            let r: &mut RoundRecord = r;
-                            r.digest = node.last_digest.map(|(_, d)| hex(&d)).unwrap_or_default();
-                        }
-                    }
-                    Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
-                }
-            }
-            let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
-            node.rs.prune(round.saturating_sub(keep));
-            store.lock().expect("store lock").prune(round.saturating_sub(keep));
-            node.announces.retain(|(r, _), _| *r + 2 * keep >= round);
-            node.round += 1;
-            if stopped_early {
-                tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
-                break 'epochs;
-            }
         }
 
-        // End of epoch: this peer's slice of the validation set (shared on the
-        // next announcement), and the test set for the log.
-        let t = trainer.take().expect("trainer present");
-        let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
-        let val_data = (!my_val.is_empty()).then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
-        let eval_bs = cfg.eval_batch_size;
-        let test_x = test.x.shallow_clone();
-        let test_y = test.y.shallow_clone();
-        let (t_back, v, te) = node
+        // Barrier.
+        let t0 = Instant::now();
+        // Each contributor with the round of the gradient used.
+        let contributors: Vec<(PeerId, u64)> = match p2p.sync {
+            SyncMode::Sync => {
+                let mut released = Vec::new();
+                node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
+                    Barrier::Release(c) => {
+                        released = c;
+                        true
+                    }
+                    _ => false,
+                })
+                .await?;
+                released.into_iter().map(|p| (p, round)).collect()
+            }
+            SyncMode::Async { max_staleness } => {
+                // Bounded staleness: wait only for peers more than max_staleness
+                // behind, then apply each peer's freshest gradient not yet applied.
+                let floor = round.saturating_sub(max_staleness);
+                node.wait_until("stragglers", |n| {
+                    n.rs.expected().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
+                })
+                .await?;
+                let mut chosen = Vec::new();
+                for p in node.rs.expected() {
+                    let fresh = (floor..=round).rev().find(|r| node.rs.holds(*r, &p) && !node.applied.contains(&(*r, p)));
+                    if let Some(r) = fresh {
+                        node.applied.insert((r, p));
+                        chosen.push((p, r));
+                    }
+                }
+                node.applied.retain(|(r, _)| *r >= floor);
+                chosen
+            }
+        };
+        st.barrier_wait = t0.elapsed().as_secs_f64();
+
+        // Decode and aggregate, deterministically: contributors sorted by peer id,
+        // each (ours included) in the decoded form everyone else sees.
+        let t0 = Instant::now();
+        let mut sorted = contributors.clone();
+        sorted.sort();
+        node.last_contributors = sorted.iter().map(|(p, _)| *p).collect();
+        let mut inputs = Vec::with_capacity(sorted.len());
+        let mut val_sum = (0.0f64, 0u64, 0u64);
+        let mut any_val = false;
+        for (p, r) in &sorted {
+            let (p, r) = (p, *r);
+            let a = node.announces.get(&(r, *p)).cloned();
+            let blob = store.lock().expect("store lock").get(r, p);
+            if let (Some(a), Some(blob)) = (a, blob) {
+                if let Some(v) = a.val {
+                    val_sum.0 += v.loss_sum;
+                    val_sum.1 += v.correct;
+                    val_sum.2 += v.count;
+                    any_val = true;
+                }
+                inputs.push((a.samples, a.loss_sum, blob));
+            }
+        }
+        let (grad_mean, total_samples, loss_total) = tokio::task::spawn_blocking(move || {
+            let mut acc = vec![0f32; numel];
+            let (mut samples, mut loss) = (0u64, 0f64);
+            for (s, l, blob) in &inputs {
+                match p2pml_proto::decode_f32(blob, numel) {
+                    Ok(v) => {
+                        for (a, x) in acc.iter_mut().zip(&v) {
+                            *a += *x;
+                        }
+                        samples += s;
+                        loss += l;
+                    }
+                    Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
+                }
+            }
+            let scale = 1.0 / samples.max(1) as f32;
+            for a in acc.iter_mut() {
+                *a *= scale;
+            }
+            (acc, samples, loss)
+        })
+        .await?;
+        st.decode = t0.elapsed().as_secs_f64();
+        st.aggregate = 0.0;
+
+        // Convergence decisions ride on the first round of each epoch.
+        let mut t = trainer.take().expect("trainer present");
+        if any_val && val_sum.2 > 0 {
+            let val_loss = val_sum.0 / val_sum.2 as f64;
+            let (lr, stop) = conv.step(val_loss, t.opt.lr());
+            if lr != t.opt.lr() {
+                tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
+                t.opt.set_lr(lr);
+            }
+            if let Some(e) = epochs_log.last_mut() {
+                let e: &mut EpochRecord = e;
+                e.val_loss = Some(val_loss);
+                e.val_accuracy = Some(val_sum.1 as f64 / val_sum.2 as f64);
+            }
+            stopped_early = stop;
+        }
+
+        // Update.
+        let t0 = Instant::now();
+        let lr = t.opt.lr();
+        let (plateau, stopping) = conv.snapshot();
+        let perturb = p2p.perturb_round == Some(round);
+        let sched_info = (sched.first_round, sched.members.clone());
+        let (t_back, digest, state) = node
             .while_pumping(tokio::task::spawn_blocking(move || {
-                let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
-                let te = t.model.evaluate(&test_x, &test_y, eval_bs);
-                (t, v, te)
+                if total_samples > 0 {
+                    let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
+                    let Trainer { model, opt, .. } = &mut t;
+                    opt.step(model.flat_params_mut(), &g);
+                }
+                if perturb {
+                    // Fault injection (--fault-perturb-round): silent corruption of one value.
+                    let mut v = t.model.params_vec();
+                    v[0] += 1e-3;
+                    t.model.set_params(&v).expect("same length");
+                }
+                let d = params_digest(&t.model);
+                let state = state_blob(&t, round, epoch, plateau, stopping, &sched_info);
+                (t, d, state)
             }))
             .await??;
         trainer = Some(t_back);
-        pending_val = v.map(|v| ValStats {
+        store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: Arc::new(state) });
+        st.update = t0.elapsed().as_secs_f64();
+        node.last_digest = Some((round, digest));
+        node.digests.entry(round).or_default().insert(me, digest);
+        let train_loss = loss_total / total_samples.max(1) as f64;
+        println!(
+            "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
+            epoch + 1,
+            sorted.len(),
+            st.barrier_wait * 1000.0,
+            &hex(&digest)[..16]
+        );
+        rounds_log.push(RoundRecord {
+            round,
             epoch,
-            loss_sum: v.loss * v.samples as f64,
-            correct: (v.accuracy * v.samples as f64).round() as u64,
-            count: v.samples as u64,
+            contributors: sorted.len(),
+            samples: total_samples,
+            train_loss,
+            lr,
+            digest: hex(&digest),
+            finished_at: wall.elapsed().as_secs_f64(),
+            stages: st,
         });
-        println!("epoch {} test_acc {:.2}% test_loss {:.4}", epoch + 1, 100.0 * te.accuracy, te.loss);
-        epochs_log.push(EpochRecord {
-            epoch: epoch + 1,
-            val_loss: None,
-            val_accuracy: None,
-            test_accuracy: te.accuracy,
-            test_loss: te.loss,
-            lr: trainer.as_ref().map_or(0.0, |t| t.opt.lr()),
-        });
+        if let Some(good) = node.check_digests(round) {
+            let t = trainer.take().expect("trainer present");
+            let (t_back, r) = node.sync_state(good, round, t, &mut conv).await?;
+            trainer = Some(t_back);
+            match r {
+                Ok(_) => {
+                    state_syncs += 1;
+                    if let Some(r) = rounds_log.last_mut() {
+                        let r: &mut RoundRecord = r;
+                        r.digest = node.last_digest.map(|(_, d)| hex(&d)).unwrap_or_default();
+                    }
+                }
+                Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
+            }
+        }
+        let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
+        node.rs.prune(round.saturating_sub(keep));
+        store.lock().expect("store lock").prune(round.saturating_sub(keep));
+        node.announces.retain(|(r, _), _| *r + 2 * keep >= round);
+        node.round += 1;
+        if stopped_early {
+            tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
+            // Finish this epoch's bookkeeping and stop at the same round as everyone.
+            sched.rounds = node.round - sched.first_round;
+        }
     }
 
     // Keep serving until every live peer has passed our last round (bounded).
@@ -981,7 +1104,14 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 }
 
 /// The state blob of the trainer after `round`.
-fn state_blob(t: &Trainer, round: u64, epoch: u64, plateau: (f64, u64), stopping: (f64, u64)) -> Vec<u8> {
+fn state_blob(
+    t: &Trainer,
+    round: u64,
+    epoch: u64,
+    plateau: (f64, u64),
+    stopping: (f64, u64),
+    sched: &(u64, Vec<PeerId>),
+) -> Vec<u8> {
     let opt: Vec<Vec<f32>> = t
         .opt
         .state()
@@ -997,11 +1127,143 @@ fn state_blob(t: &Trainer, round: u64, epoch: u64, plateau: (f64, u64), stopping
         opt_vectors: opt.len() as u32,
         plateau,
         stopping,
+        epoch_start: sched.0,
+        epoch_members: sched.1.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
     };
     p2pml_proto::encode_state(&h, &t.model.params_vec(), &opt)
 }
 
+/// One epoch's plan, the same on every peer: who trains, on which shard, for how many rounds.
+struct Schedule {
+    epoch: u64,
+    first_round: u64,
+    rounds: u64,
+    /// Sorted peer ids; shard i belongs to members[i].
+    members: Vec<PeerId>,
+    my_index: Option<usize>,
+    /// This peer's batches (indices into the training split) when it is a member.
+    batches: Vec<Vec<usize>>,
+}
+
+impl Schedule {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &TrainConfig,
+        p2p: &P2pConfig,
+        n_train: usize,
+        val_all: &[usize],
+        epoch: u64,
+        first_round: u64,
+        mut members: Vec<PeerId>,
+        me: PeerId,
+    ) -> anyhow::Result<Schedule> {
+        members.sort();
+        members.dedup();
+        let p = members.len().max(1);
+        // Shards index into the training samples that are not validation samples.
+        let partition = Partition::new(n_train - cfg.val_size, 0, p, cfg.seed ^ 0x5eed)?;
+        let bs = cfg.batch_size;
+        let max_batches = (0..p).map(|i| partition.shard(i).map(|s| s.len().div_ceil(bs)).unwrap_or(0)).max().unwrap_or(0);
+        let rounds = max_batches.div_ceil(p2p.batches_per_round).max(1) as u64;
+        let my_index = members.iter().position(|x| *x == me);
+        let batches = match my_index {
+            Some(i) => {
+                let val_set: HashSet<usize> = val_all.iter().copied().collect();
+                let train_idx: Vec<usize> = (0..n_train).filter(|i| !val_set.contains(i)).collect();
+                partition
+                    .epoch_batches(i, epoch, bs)?
+                    .into_iter()
+                    .map(|b| b.into_iter().map(|i| train_idx[i]).collect())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        tracing::info!(
+            "epoch {} from round {first_round}: {} members, {rounds} rounds{}",
+            epoch + 1,
+            members.len(),
+            my_index.map(|i| format!(", shard {i} of {} batches", batches.len())).unwrap_or_default()
+        );
+        Ok(Schedule { epoch, first_round, rounds, members, my_index, batches })
+    }
+}
+
 impl Node {
+    /// The furthest round another peer has told us about.
+    fn remote_round(&self) -> u64 {
+        self.views.values().map(|v| v.round).max().unwrap_or(0).max(self.hello_round)
+    }
+
+    /// Live, ready peers that are not members of this epoch.
+    fn ready_joiners(&self) -> Vec<PeerId> {
+        self.rs
+            .live()
+            .into_iter()
+            .filter(|p| !self.rs.is_epoch_member(p) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
+            .collect()
+    }
+
+    /// The members of the next epoch: the last round's contributors and the
+    /// joiners they named (the same announcements on every peer).
+    fn next_epoch_members(&self, last_round: u64) -> Vec<PeerId> {
+        let mut members: Vec<PeerId> = self.last_contributors.clone();
+        for c in &self.last_contributors {
+            if let Some(a) = self.announces.get(&(last_round, *c)) {
+                members.extend(a.joiners.iter().filter_map(|b| PeerId::from_bytes(b).ok()));
+            }
+        }
+        members.sort();
+        members.dedup();
+        members
+    }
+
+    /// Joins a run in progress: adopts a running peer's latest state (not the last
+    /// round of an epoch, so that the epoch's end is seen like everyone else) and
+    /// returns (epoch, first round, members) of that state's epoch.
+    async fn join_running(&mut self, mut t: Trainer, conv: &mut Convergence) -> anyhow::Result<(Trainer, (u64, u64, Vec<PeerId>))> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if Instant::now() > deadline {
+                bail!("could not obtain the run's state within 120 s");
+            }
+            let source = self
+                .views
+                .iter()
+                .filter(|(p, v)| v.ready && !v.finished && self.rs.is_alive(p))
+                .max_by_key(|(_, v)| v.round)
+                .map(|(p, _)| *p);
+            let Some(source) = source else {
+                self.pump().await?;
+                continue;
+            };
+            tracing::info!("the run is in progress: syncing state from {source}");
+            let (t_back, r) = self.sync_state(source, 0, t, conv).await?;
+            t = t_back;
+            let header = match r {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("state sync from {source} failed: {e}; retrying");
+                    let pause = tokio::time::sleep(Duration::from_millis(500));
+                    self.while_pumping(pause).await?;
+                    continue;
+                }
+            };
+            let members: Vec<PeerId> = header.epoch_members.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect();
+            // Rounds of that epoch, as Schedule computes them.
+            let p = members.len().max(1);
+            let shard = (self.n_train_minus_val).div_ceil(p);
+            let rounds = shard.div_ceil(self.batch_size).div_ceil(self.p2p.batches_per_round).max(1) as u64;
+            if header.round + 1 >= header.epoch_start + rounds {
+                // The last round of an epoch: the next epoch's members are not in the state yet.
+                let pause = tokio::time::sleep(Duration::from_millis(200));
+                self.while_pumping(pause).await?;
+                continue;
+            }
+            self.round = header.round + 1;
+            return Ok((t, (header.epoch, header.epoch_start, members)));
+        }
+    }
+
     /// Compares our parameter digests of recent rounds with the live members'.
     /// When a strict majority of the live members agree on a digest that is not
     /// ours, returns one of them to re-sync from.
@@ -1038,30 +1300,30 @@ impl Node {
         resync
     }
 
-    /// Replaces our state with `peer`'s state after `round` (which it reaches
-    /// without us: it cannot pass round + 1 before we announce it).
+    /// Replaces our state with `peer`'s state after round `min_round` or later
+    /// (exactly `min_round` when re-syncing: the peer cannot pass round + 1
+    /// before we announce it). Returns the adopted state's header.
     async fn sync_state(
         &mut self,
         peer: PeerId,
-        round: u64,
+        min_round: u64,
         mut t: Trainer,
         conv: &mut Convergence,
-    ) -> anyhow::Result<(Trainer, Result<(), String>)> {
+    ) -> anyhow::Result<(Trainer, Result<p2pml_proto::StateHeader, String>)> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let first = loop {
+        let (round, total_len, data) = loop {
             let client = self.client.clone();
-            let r = async move { client.request(peer, Request::State { round, index: 0 }).await };
+            let r = async move { client.request(peer, Request::State { round: min_round, index: 0 }).await };
             match self.while_pumping(r).await? {
-                Ok(Response::State { round: r, epoch, total_len, data }) if r == round => break (epoch, total_len, data),
+                Ok(Response::State { round: r, total_len, data, .. }) if r >= min_round => break (r, total_len, data),
                 Ok(_) | Err(_) if Instant::now() < deadline => {
                     let pause = tokio::time::sleep(Duration::from_millis(100));
                     self.while_pumping(pause).await?;
                 }
-                Ok(other) => return Ok((t, Err(format!("no state for round {round}: {other:?}")))),
+                Ok(other) => return Ok((t, Err(format!("no state for round {min_round}: {other:?}")))),
                 Err(e) => return Ok((t, Err(e.to_string()))),
             }
         };
-        let (_, total_len, data) = first;
         if total_len > wire::MAX_BLOB_BYTES * 3 {
             return Ok((t, Err(format!("state of {total_len} bytes is too large"))));
         }
@@ -1079,12 +1341,16 @@ impl Node {
             Ok(x) => x,
             Err(e) => return Ok((t, Err(e.to_string()))),
         };
+        if h.round != round {
+            return Ok((t, Err(format!("state header says round {}, chunks say {round}", h.round))));
+        }
+        let (lr, steps) = (h.lr, h.opt_steps);
         let (t, digest) = self
             .while_pumping(tokio::task::spawn_blocking(move || {
                 t.model.set_params(&params).expect("length checked by decode_state");
                 let device = t.model.device();
                 let state = opt.iter().map(|v| tch::Tensor::from_slice(v).to_device(device)).collect();
-                t.opt.restore(h.lr, h.opt_steps, state);
+                t.opt.restore(lr, steps, state);
                 let d = params_digest(&t.model);
                 (t, d)
             }))
@@ -1094,6 +1360,6 @@ impl Node {
         self.digests.entry(round).or_default().insert(self.client.peer_id, digest);
         self.store.lock().expect("store lock").set_state(StateBlob { round, epoch: h.epoch, bytes: Arc::new(bytes) });
         tracing::info!("state synced from {peer} at round {round}: digest {}", &hex(&digest)[..16]);
-        Ok((t, Ok(())))
+        Ok((t, Ok(h)))
     }
 }

@@ -10,9 +10,12 @@
 //! - contributions: round → set of peers that announced a gradient for it.
 //!
 //! The barrier of round r releases when this peer *holds* the gradient of every
-//! live member for r (holding implies the contribution). Members silent for longer
-//! than the failure timeout are declared dead, so a dead peer holds the others at
-//! most that long. Below `min_peers` live members nothing releases.
+//! live member of the current epoch for r (holding implies the contribution).
+//! Members silent for longer than the failure timeout are declared dead, so a
+//! dead peer holds the others at most that long. Below `min_peers` live members
+//! nothing releases. Peers that join during an epoch are members (they are
+//! heard, they follow the rounds) but are expected to contribute only from the
+//! next epoch on, once the epoch's member set names them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,13 +55,23 @@ pub struct RoundState<P: Ord + Clone> {
     members: BTreeMap<P, Member>,
     contributed: BTreeMap<u64, BTreeSet<P>>,
     held: BTreeMap<u64, BTreeSet<P>>,
+    /// Who trains in the current epoch; `None` before the first epoch is fixed.
+    epoch_members: Option<BTreeSet<P>>,
 }
 
 impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     pub fn new(me: P, incarnation: u64, min_peers: usize, timeout_ms: u64) -> Self {
         let mut members = BTreeMap::new();
         members.insert(me.clone(), Member { incarnation, alive: true, last_heard: None });
-        RoundState { me, min_peers, timeout_ms, members, contributed: BTreeMap::new(), held: BTreeMap::new() }
+        RoundState {
+            me,
+            min_peers,
+            timeout_ms,
+            members,
+            contributed: BTreeMap::new(),
+            held: BTreeMap::new(),
+            epoch_members: None,
+        }
     }
 
     pub fn me(&self) -> &P {
@@ -70,6 +83,24 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     /// Live members, sorted (this peer included).
     pub fn live(&self) -> Vec<P> {
         self.members.iter().filter(|(_, m)| m.alive).map(|(p, _)| p.clone()).collect()
+    }
+    /// Fixes who trains in the current epoch.
+    pub fn set_epoch_members(&mut self, members: impl IntoIterator<Item = P>) {
+        self.epoch_members = Some(members.into_iter().collect());
+    }
+    pub fn epoch_members(&self) -> Vec<P> {
+        self.epoch_members.as_ref().map(|m| m.iter().cloned().collect()).unwrap_or_default()
+    }
+    pub fn is_epoch_member(&self, p: &P) -> bool {
+        self.epoch_members.as_ref().is_none_or(|m| m.contains(p))
+    }
+    /// Live members expected to contribute (this epoch's members that are alive).
+    pub fn expected(&self) -> Vec<P> {
+        self.members
+            .iter()
+            .filter(|(p, m)| m.alive && self.is_epoch_member(p))
+            .map(|(p, _)| p.clone())
+            .collect()
     }
     pub fn is_alive(&self, p: &P) -> bool {
         self.members.get(p).is_some_and(|m| m.alive)
@@ -193,7 +224,7 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
 
     /// The barrier of `round`.
     pub fn barrier(&self, round: u64) -> Barrier<P> {
-        let live = self.live();
+        let live = self.expected();
         if live.len() < self.min_peers {
             return Barrier::BelowMinPeers { live: live.len(), min: self.min_peers };
         }
@@ -310,6 +341,21 @@ mod tests {
         s.merge_member(0, 1, false, 5);
         assert_eq!(s.incarnation(), 2);
         assert!(s.is_alive(&0));
+    }
+
+    #[test]
+    fn a_peer_joining_mid_epoch_is_not_waited_for_until_it_is_an_epoch_member() {
+        let mut s = state();
+        s.set_epoch_members([0, 1, 2, 3]);
+        assert_eq!(s.heard(4, 1, 10), Some(Change::Joined(4)));
+        for p in 0..4 {
+            s.hold(5, p);
+        }
+        assert_eq!(s.barrier(5), Barrier::Release(vec![0, 1, 2, 3]));
+        s.set_epoch_members([0, 1, 2, 3, 4]);
+        assert_eq!(s.barrier(5), Barrier::Waiting(vec![4]));
+        s.declare_dead(&1);
+        assert_eq!(s.expected(), vec![0, 2, 3, 4]);
     }
 
     #[test]

@@ -93,10 +93,9 @@ pub fn run(cfg: &TrainConfig, out: Option<&Path>, progress: bool) -> anyhow::Res
         let (mut loss_sum, mut samples) = (0f64, 0usize);
         for b in &batches {
             let (x, y) = train.batch(b);
-            let g = model.batch_gradient(&x, &y);
-            opt.step(model.flat_params_mut(), &g.mean_grad());
-            loss_sum += g.loss_sum;
-            samples += g.samples;
+            let (loss, n) = model.local_step(&x, &y, &mut opt);
+            loss_sum += loss;
+            samples += n;
             bar.inc(1);
         }
         let secs = start.elapsed().as_secs_f64();

@@ -3,7 +3,7 @@
 //! Shared between the training loop (writer) and the responder task (reader).
 
 use libp2p::PeerId;
-use p2pml_proto::wire::{Request, Response, RunSpec, CHUNK_BYTES};
+use p2pml_proto::wire::{Announce, Request, Response, RunSpec, CHUNK_BYTES};
 use serde_bytes::ByteBuf;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ pub struct StateBlob {
 #[derive(Debug, Default)]
 pub struct Store {
     blobs: BTreeMap<(u64, Vec<u8>), Arc<Vec<u8>>>,
+    announces: BTreeMap<(u64, Vec<u8>), Announce>,
     state: Option<StateBlob>,
     /// The round this peer is on (for Hello answers).
     pub round: u64,
@@ -35,9 +36,13 @@ impl Store {
     pub fn get(&self, round: u64, owner: &PeerId) -> Option<Arc<Vec<u8>>> {
         self.blobs.get(&(round, owner.to_bytes())).cloned()
     }
-    /// Drops blobs of rounds before `round`.
+    pub fn insert_announce(&mut self, owner: &PeerId, a: Announce) {
+        self.announces.insert((a.round, owner.to_bytes()), a);
+    }
+    /// Drops blobs and announcements of rounds before `round`.
     pub fn prune(&mut self, round: u64) {
         self.blobs = self.blobs.split_off(&(round, Vec::new()));
+        self.announces = self.announces.split_off(&(round, Vec::new()));
     }
     pub fn set_state(&mut self, s: StateBlob) {
         self.state = Some(s);
@@ -69,6 +74,11 @@ impl Store {
                     None => Response::Missing,
                 }
             }
+            Request::Announcement { owner, round } => self
+                .announces
+                .get(&(round, owner))
+                .map(|a| Response::Announcement(Box::new(a.clone())))
+                .unwrap_or(Response::Missing),
             Request::State { round, index } => match &self.state {
                 Some(s) if s.round >= round => chunk(&s.bytes, index)
                     .map(|data| Response::State { round: s.round, epoch: s.epoch, total_len: s.bytes.len() as u64, data })

@@ -135,6 +135,9 @@ pub struct Heartbeat {
     pub addrs: Vec<String>,
     /// Set when the sender has finished the run and is only serving data.
     pub finished: bool,
+    /// Set when the sender holds the run's state (it started with the run or has
+    /// synced) and can train from the next epoch on.
+    pub ready: bool,
 }
 
 /// Validation statistics riding on the first announcement of an epoch.
@@ -161,6 +164,27 @@ pub struct Announce {
     pub digest: Digest,
     /// The encoded gradient itself when it is small.
     pub inline: Option<serde_bytes::ByteBuf>,
+    /// Ready peers the sender has seen that are not members of this epoch: on the
+    /// last round of an epoch, the union over the contributors joins the next epoch.
+    pub joiners: Vec<serde_bytes::ByteBuf>,
+}
+
+impl Announce {
+    /// A placeholder that marks "not found" inside a node (never sent).
+    pub fn missing(round: u64) -> Announce {
+        Announce {
+            run_id: String::new(),
+            round,
+            epoch: 0,
+            samples: 0,
+            loss_sum: 0.0,
+            val: None,
+            len: 0,
+            digest: [0; 32],
+            inline: None,
+            joiners: vec![],
+        }
+    }
 }
 
 /// Everything published on gossip topics.
@@ -184,6 +208,12 @@ pub enum Request {
     },
     /// One chunk of the responder's full state (parameters and optimizer) after `round`.
     State { round: u64, index: u32 },
+    /// `owner`'s announcement for `round` (for a peer that missed the gossip).
+    Announcement {
+        #[serde(with = "serde_bytes")]
+        owner: Vec<u8>,
+        round: u64,
+    },
 }
 
 /// Responses over request-response.
@@ -193,6 +223,7 @@ pub enum Response {
     Chunk { total_len: u64, data: serde_bytes::ByteBuf },
     /// The state blob's header rides with chunk 0.
     State { round: u64, epoch: u64, total_len: u64, data: serde_bytes::ByteBuf },
+    Announcement(Box<Announce>),
     Missing,
 }
 
@@ -223,6 +254,14 @@ impl Gossip {
     /// Decodes and validates a gossip message of run `run_id` for a peer at `round`.
     pub fn decode_valid(bytes: &[u8], run_id: &str, round: u64) -> Result<Gossip, WireError> {
         let g: Gossip = decode(bytes, MAX_GOSSIP_BYTES)?;
+        g.validate(run_id, round)?;
+        Ok(g)
+    }
+
+    /// The checks of [`Gossip::decode_valid`] on a message that is already decoded
+    /// (an announcement fetched over request-response gets the same scrutiny).
+    pub fn validate(&self, run_id: &str, round: u64) -> Result<(), WireError> {
+        let g = self;
         let (rid, r) = match &g {
             Gossip::Heartbeat(h) => (&h.run_id, h.round),
             Gossip::Announce(a) => (&a.run_id, a.round),
@@ -249,7 +288,7 @@ impl Gossip {
                 return Err(WireError::Invalid("non-finite loss".into()));
             }
         }
-        Ok(g)
+        Ok(())
     }
 }
 
@@ -303,6 +342,7 @@ mod tests {
             len: 8,
             digest: [7; 32],
             inline: Some(serde_bytes::ByteBuf::from(vec![0u8; 8])),
+            joiners: vec![],
         };
         let bytes = encode(&Gossip::Announce(a.clone()));
         assert_eq!(Gossip::decode_valid(&bytes, &spec().run_id(), 5).unwrap(), Gossip::Announce(a.clone()));

@@ -51,6 +51,10 @@ struct RunArgs {
     /// e.g. --peer-args "2=--fault-perturb-round 5".
     #[arg(long)]
     peer_args: Vec<String>,
+    /// Start one peer late: "INDEX=SECONDS" after the first node, repeatable
+    /// (it joins the run in progress by state sync).
+    #[arg(long)]
+    start_delay: Vec<String>,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -186,7 +190,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
     let args_for = |i: usize| -> Vec<String> { args.iter().cloned().chain(extra[i].iter().cloned()).collect() };
-    let mut procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), tx.clone()).await?];
+    let procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), tx.clone()).await?];
     // The first node's address is everyone's bootstrap.
     let boot = loop {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -198,11 +202,25 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             }
         }
     };
-    for i in 1..a.peers {
+    let mut delays = vec![0f64; a.peers];
+    for d in &a.start_delay {
+        let parsed = d.split_once('=').and_then(|(i, s)| Some((i.trim().parse::<usize>().ok()?, s.trim().parse::<f64>().ok()?)));
+        match parsed {
+            Some((i, secs)) if i > 0 && i < a.peers && secs >= 0.0 => delays[i] = secs,
+            _ => bail!("--start-delay {d}: expected INDEX=SECONDS with 0 < INDEX < --peers"),
+        }
+    }
+    let mut order: Vec<usize> = (1..a.peers).collect();
+    order.sort_by(|x, y| delays[*x].total_cmp(&delays[*y]));
+    let mut procs: Vec<Option<NodeProc>> = procs.into_iter().map(Some).chain((1..a.peers).map(|_| None)).collect();
+    for i in order {
+        let at = started + Duration::from_secs_f64(delays[i]);
+        tokio::time::sleep_until(at.into()).await;
         let mut args_i = args_for(i);
         args_i.extend(["--bootstrap".into(), boot.clone()]);
-        procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
+        procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
     }
+    let procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
     eprintln!("testnet: {} peers, {threads} torch threads each, bootstrap {boot}", a.peers);
 
     // Watch exits.

@@ -1,0 +1,1372 @@
+//! QSGD gradient compression (Alistarh et al., 2017, "QSGD: Communication-Efficient
+//! SGD via Gradient Quantization and Encoding").
+//!
+//! A vector is cut into buckets of `bucket` values. Each bucket `v` (of `d` values) is
+//! sent as its scale (`||v||_2`, or `max |v_i|`) and, per coordinate, a sign and a level
+//! `xi_i` in `0..=s` with `s = 2^bits - 1`; it decodes to `sign(v_i) * scale * xi_i / s`.
+//! The level is `floor(s |v_i| / scale)`, rounded up with probability equal to the
+//! fractional part, so that the quantization is unbiased: `E[Q(v)] = v`, and (L2 norm)
+//! `E||Q(v) - v||^2 <= min(d / s^2, sqrt(d) / s) ||v||^2` (the paper's Lemma 3.1).
+//!
+//! # Wire format (version 1)
+//!
+//! All integers little-endian. A 20-byte header:
+//!
+//! | bytes  | field                                          |
+//! |--------|------------------------------------------------|
+//! | 0..4   | magic `b"QSGD"`                                |
+//! | 4      | version, 1                                     |
+//! | 5      | `bits`, 1..=8 (level bits; each value also has a sign bit) |
+//! | 6      | norm: 0 = L2, 1 = max                          |
+//! | 7      | reserved, 0                                    |
+//! | 8..12  | `bucket` (u32), 1..=[`MAX_BUCKET`]             |
+//! | 12..20 | `n`, the number of values (u64), 0..=[`MAX_LEN`] |
+//!
+//! Then one bit stream, read least significant bit first from each byte in turn (a
+//! field of k bits written at bit position p holds its bit j at stream bit p + j). For
+//! each of the `ceil(n / bucket)` buckets (the last one may be shorter):
+//!
+//! - 32 bits: the scale, as the bits of an f32. `+0.0` means "every value of the bucket
+//!   is zero" and nothing else follows for this bucket. Otherwise the scale must be
+//!   positive, finite and at most `f32::MAX / 2`.
+//! - 1 bit: the mode, 0 = fixed width, 1 = Elias.
+//! - Fixed width: `d` fields of `bits + 1` bits, `field = level << 1 | sign` (sign 1 =
+//!   negative), packed contiguously.
+//! - Elias: for each nonzero level, in order: `gamma(zeros before it + 1)`, one sign
+//!   bit, `gamma(level)`; then, if the bucket ends with zeros, `gamma(trailing zeros +
+//!   1)`. `gamma(x)` for `x >= 1` with `z = floor(log2 x)` is `z` zero bits, a one bit,
+//!   then the low `z` bits of `x`. A run that reaches the end of the bucket ends it.
+//!
+//! The stream is padded with zero bits to a whole byte, and nothing follows it.
+//!
+//! The encoder picks, per bucket, whichever mode is smaller (fixed on a tie), and
+//! sends a bucket whose levels all rounded to zero as a zero scale. Both modes decode
+//! to exactly the same values, so the choice never changes what a peer sees.
+//!
+//! The quantization noise of bucket `b` comes from `Rng::derive(seed, &[STREAM, b])`:
+//! one `next_u64` gives the uniforms of two consecutive values (low half first).
+
+use crate::Rng;
+use std::fmt;
+use std::str::FromStr;
+
+/// The first four bytes of every encoding.
+pub const MAGIC: [u8; 4] = *b"QSGD";
+/// The format version this module writes and reads.
+pub const VERSION: u8 = 1;
+/// Size of the fixed header.
+pub const HEADER_BYTES: usize = 20;
+/// Largest bucket size.
+pub const MAX_BUCKET: usize = 1 << 24;
+/// Most values in one encoding (1 GiB of f32, as `wire::MAX_BLOB_BYTES`).
+pub const MAX_LEN: usize = 1 << 28;
+/// Largest scale on the wire: `level * (scale / s)` stays finite for every level.
+pub const MAX_SCALE: f32 = f32::MAX / 2.0;
+
+const MIN_BITS: u8 = 1;
+const MAX_BITS: u8 = 8;
+const DEFAULT_BITS: u8 = 4;
+const DEFAULT_BUCKET: usize = 512;
+/// Label of the quantization noise stream ("qsgd" in ASCII).
+const STREAM: u64 = 0x7173_6764;
+/// `floor(log2(MAX_BUCKET + 1))`: the longest run gamma code has this many leading zeros.
+const MAX_RUN_Z: u32 = 24;
+/// `floor(log2(255))`: the longest level gamma code.
+const MAX_LEVEL_Z: u32 = 7;
+const VALID_KEYS: &str = "bits=1..8, bucket=1..16777216, norm=l2|max";
+
+/// What a bucket is scaled by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Norm {
+    /// `||v||_2`, as in the paper: most levels are 0 or 1, which Elias coding exploits.
+    #[default]
+    L2,
+    /// `max |v_i|`: lower variance, levels spread over the whole range.
+    Max,
+}
+
+impl Norm {
+    /// The command-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Norm::L2 => "l2",
+            Norm::Max => "max",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Norm::L2 => 0,
+            Norm::Max => 1,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Norm> {
+        match c {
+            0 => Some(Norm::L2),
+            1 => Some(Norm::Max),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Norm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Norm {
+    type Err = QsgdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "l2" => Ok(Norm::L2),
+            "max" => Ok(Norm::Max),
+            _ => Err(spec_error(s, format!("unknown norm '{}': expected l2 or max", s.trim()))),
+        }
+    }
+}
+
+/// The QSGD scheme: `qsgd:bits=4,bucket=512,norm=l2` on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QsgdConfig {
+    /// Bits of the level magnitude, 1..=8 (`s = 2^bits - 1` levels); a sign bit comes on top.
+    pub bits: u8,
+    /// Values per bucket, 1..=[`MAX_BUCKET`].
+    pub bucket: usize,
+    pub norm: Norm,
+}
+
+impl Default for QsgdConfig {
+    fn default() -> Self {
+        QsgdConfig { bits: DEFAULT_BITS, bucket: DEFAULT_BUCKET, norm: Norm::L2 }
+    }
+}
+
+impl QsgdConfig {
+    /// The number of nonzero levels, `s = 2^bits - 1`.
+    pub fn levels(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// Checks the ranges of the fields (they are public, so any value can be built).
+    pub fn validate(&self) -> Result<(), QsgdError> {
+        if !(MIN_BITS..=MAX_BITS).contains(&self.bits) {
+            return Err(QsgdError::Config(format!("bits must be in {MIN_BITS}..={MAX_BITS}, got {}", self.bits)));
+        }
+        if !(1..=MAX_BUCKET).contains(&self.bucket) {
+            return Err(QsgdError::Config(format!("bucket must be in 1..={MAX_BUCKET}, got {}", self.bucket)));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for QsgdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "qsgd:bits={},bucket={},norm={}", self.bits, self.bucket, self.norm)
+    }
+}
+
+fn spec_error(spec: &str, reason: String) -> QsgdError {
+    QsgdError::Spec { spec: spec.to_string(), reason }
+}
+
+impl FromStr for QsgdConfig {
+    type Err = QsgdError;
+
+    /// Parses `qsgd`, `qsgd:` or `qsgd:key=value,...` with any subset of the keys
+    /// `bits`, `bucket` and `norm`; the others keep their defaults.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let t = spec.trim();
+        let rest = match t.get(..4) {
+            Some(p) if p.eq_ignore_ascii_case("qsgd") => &t[4..],
+            _ => {
+                return Err(spec_error(spec, format!("expected 'qsgd' or 'qsgd:KEY=VALUE,...' with keys {VALID_KEYS}")));
+            }
+        };
+        let body = if rest.is_empty() {
+            ""
+        } else if let Some(b) = rest.strip_prefix(':') {
+            b
+        } else {
+            return Err(spec_error(spec, format!("expected ':' after 'qsgd', then KEY=VALUE pairs with keys {VALID_KEYS}")));
+        };
+        let mut cfg = QsgdConfig::default();
+        let mut seen = [false; 3];
+        for item in body.split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                if body.trim().is_empty() {
+                    continue;
+                }
+                return Err(spec_error(spec, "empty KEY=VALUE pair".into()));
+            }
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(spec_error(spec, format!("'{item}' is not KEY=VALUE (valid keys: {VALID_KEYS})")));
+            };
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            let slot = match k.as_str() {
+                "bits" => {
+                    cfg.bits = match v.parse::<u8>() {
+                        Ok(b) if (MIN_BITS..=MAX_BITS).contains(&b) => b,
+                        _ => {
+                            return Err(spec_error(spec, format!("bits must be an integer in {MIN_BITS}..={MAX_BITS}, got '{v}'")));
+                        }
+                    };
+                    0
+                }
+                "bucket" => {
+                    cfg.bucket = match v.parse::<usize>() {
+                        Ok(b) if (1..=MAX_BUCKET).contains(&b) => b,
+                        _ => {
+                            return Err(spec_error(spec, format!("bucket must be an integer in 1..={MAX_BUCKET}, got '{v}'")));
+                        }
+                    };
+                    1
+                }
+                "norm" => {
+                    cfg.norm = match v.to_ascii_lowercase().as_str() {
+                        "l2" => Norm::L2,
+                        "max" => Norm::Max,
+                        _ => return Err(spec_error(spec, format!("norm must be l2 or max, got '{v}'"))),
+                    };
+                    2
+                }
+                _ => return Err(spec_error(spec, format!("unknown key '{k}' (valid keys: {VALID_KEYS})"))),
+            };
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(spec_error(spec, format!("key '{k}' is given twice")));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// How gradients are encoded on the wire: `none` (little-endian f32) or `qsgd:...`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    #[default]
+    None,
+    Qsgd(QsgdConfig),
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Qsgd(c) => c.fmt(f),
+        }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = QsgdError;
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let t = spec.trim();
+        if t.eq_ignore_ascii_case("none") {
+            return Ok(Compression::None);
+        }
+        if t.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("qsgd")) {
+            return t.parse().map(Compression::Qsgd).map_err(|e| match e {
+                QsgdError::Spec { reason, .. } => spec_error(spec, reason),
+                other => other,
+            });
+        }
+        Err(spec_error(spec, format!("expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys {VALID_KEYS}")))
+    }
+}
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum QsgdError {
+    #[error("invalid compression '{spec}': {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("invalid QSGD configuration: {0}")]
+    Config(String),
+    #[error("value {index} is not finite")]
+    NonFinite { index: usize },
+    #[error("the norm of bucket {bucket} is too large to encode (the limit is f32::MAX / 2)")]
+    NormOverflow { bucket: usize },
+    #[error("{n} values exceed the limit of {max}")]
+    TooLong { n: u64, max: u64 },
+    #[error("not a QSGD encoding (bad magic)")]
+    BadMagic,
+    #[error("unsupported QSGD version {0} (this build reads version {VERSION})")]
+    Version(u8),
+    #[error("corrupt QSGD header: {0}")]
+    Header(String),
+    #[error("QSGD header claims {n} values, which need at least {needed} bytes, but the buffer holds {got}")]
+    TooShort { n: u64, needed: u64, got: u64 },
+    #[error("QSGD encoding holds {got} values, expected {expected}")]
+    Count { expected: usize, got: usize },
+    #[error("QSGD encoding truncated in bucket {bucket}")]
+    Truncated { bucket: usize },
+    #[error("corrupt QSGD bucket {bucket}: {reason}")]
+    Corrupt { bucket: usize, reason: &'static str },
+    #[error("QSGD encoding has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("QSGD encoding has nonzero padding bits")]
+    Padding,
+}
+
+// ---------------------------------------------------------------------------------
+// Bit I/O
+
+/// LSB-first bit writer into a buffer with at least 8 bytes of slack past the end of
+/// the stream: every flush stores a whole u64 and advances by the whole bytes in it.
+struct BitWriter<'a> {
+    buf: &'a mut [u8],
+    byte: usize,
+    acc: u64,
+    /// Bits in `acc`; at most 7 after a flush, at most 63 after a put.
+    fill: u32,
+}
+
+impl<'a> BitWriter<'a> {
+    fn new(buf: &'a mut [u8]) -> Self {
+        BitWriter { buf, byte: 0, acc: 0, fill: 0 }
+    }
+
+    /// Appends the low `n` bits of `v` (`n <= 56`, `v < 2^n`).
+    #[inline(always)]
+    fn put(&mut self, v: u64, n: u32) {
+        debug_assert!(n <= 56 && v >> n == 0);
+        if self.fill + n > 63 {
+            self.flush();
+        }
+        self.acc |= v << self.fill;
+        self.fill += n;
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        self.buf[self.byte..self.byte + 8].copy_from_slice(&self.acc.to_le_bytes());
+        let whole = self.fill >> 3;
+        self.byte += whole as usize;
+        self.acc >>= whole * 8;
+        self.fill &= 7;
+    }
+
+    /// Flushes and returns the length of the stream in bytes (the last one zero-padded).
+    fn finish(mut self) -> usize {
+        self.flush();
+        self.byte + (self.fill > 0) as usize
+    }
+}
+
+/// LSB-first bit reader. Reads past the end see zero bits; callers check `pos <= end`.
+struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    end: usize,
+}
+
+impl BitReader<'_> {
+    /// The next bits of the stream: at least 57 of them are valid.
+    #[inline(always)]
+    fn peek(&self) -> u64 {
+        let i = self.pos >> 3;
+        let w = match self.data.get(i..i + 8) {
+            Some(s) => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(s);
+                u64::from_le_bytes(a)
+            }
+            None => self.peek_tail(i),
+        };
+        w >> (self.pos & 7)
+    }
+
+    #[cold]
+    fn peek_tail(&self, i: usize) -> u64 {
+        let mut a = [0u8; 8];
+        if let Some(t) = self.data.get(i..) {
+            let k = t.len().min(8);
+            a[..k].copy_from_slice(&t[..k]);
+        }
+        u64::from_le_bytes(a)
+    }
+
+    #[inline(always)]
+    fn remaining(&self) -> usize {
+        self.end.saturating_sub(self.pos)
+    }
+}
+
+/// Elias gamma code of `x >= 1`: (code, length in bits), LSB-first.
+#[inline(always)]
+fn gamma(x: u64) -> (u64, u32) {
+    let z = 63 - x.leading_zeros();
+    ((((x - (1u64 << z)) << 1) | 1) << z, 2 * z + 1)
+}
+
+#[inline(always)]
+fn gamma_len(x: u64) -> u32 {
+    2 * (63 - x.leading_zeros()) + 1
+}
+
+// ---------------------------------------------------------------------------------
+// Encoding
+
+/// Buffers reused across the buckets of one `encode` call.
+struct Scratch {
+    rnd: Vec<u32>,
+    fields: Vec<u16>,
+    masks: Vec<u64>,
+}
+
+/// What the quantizer tells the mode choice.
+struct Quantized {
+    /// Nonzero levels.
+    nnz: u32,
+    /// Sum over nonzero levels of `1 + gamma_len(level)` (sign and level, Elias mode).
+    level_bits: u32,
+}
+
+/// Quantizes `values` (finite) with `cfg` and the quantization noise of `seed`.
+///
+/// Refuses NaN and infinities (and a bucket whose norm exceeds [`MAX_SCALE`]), so that
+/// they never reach the wire. The same input, configuration and seed always give the
+/// same bytes.
+pub fn encode(values: &[f32], cfg: &QsgdConfig, seed: u64) -> Result<Vec<u8>, QsgdError> {
+    cfg.validate()?;
+    let n = values.len();
+    if n > MAX_LEN {
+        return Err(QsgdError::TooLong { n: n as u64, max: MAX_LEN as u64 });
+    }
+    let w = cfg.bits as u32 + 1;
+    let buckets = n.div_ceil(cfg.bucket);
+    // Worst case: every bucket in fixed mode; plus 8 bytes of slack for the writer.
+    let max_bits = buckets * 33 + n * w as usize;
+    let mut out = vec![0u8; HEADER_BYTES + max_bits.div_ceil(8) + 8];
+    out[0..4].copy_from_slice(&MAGIC);
+    out[4] = VERSION;
+    out[5] = cfg.bits;
+    out[6] = cfg.norm.code();
+    out[7] = 0;
+    out[8..12].copy_from_slice(&(cfg.bucket as u32).to_le_bytes());
+    out[12..20].copy_from_slice(&(n as u64).to_le_bytes());
+
+    let d_max = cfg.bucket.min(n);
+    let mut sc = Scratch { rnd: vec![0; d_max], fields: vec![0; d_max], masks: vec![0; d_max.div_ceil(64)] };
+    let mut wr = BitWriter::new(&mut out[HEADER_BYTES..]);
+    for (b, v) in values.chunks(cfg.bucket).enumerate() {
+        encode_bucket(v, b, cfg, seed, &mut sc, &mut wr)?;
+    }
+    let len = HEADER_BYTES + wr.finish();
+    out.truncate(len);
+    if out.capacity() - len > len / 4 {
+        out.shrink_to_fit();
+    }
+    Ok(out)
+}
+
+fn encode_bucket(
+    v: &[f32],
+    b: usize,
+    cfg: &QsgdConfig,
+    seed: u64,
+    sc: &mut Scratch,
+    wr: &mut BitWriter<'_>,
+) -> Result<(), QsgdError> {
+    let d = v.len();
+    let first = b * cfg.bucket;
+    let scale = match cfg.norm {
+        Norm::L2 => l2_norm(v, first)?,
+        Norm::Max => max_abs(v, first)?,
+    };
+    if !(scale <= MAX_SCALE) {
+        return Err(QsgdError::NormOverflow { bucket: b });
+    }
+    if scale == 0.0 {
+        wr.put(0, 32);
+        return Ok(());
+    }
+    let s = cfg.levels();
+    let rnd = &mut sc.rnd[..d];
+    let mut rng = Rng::derive(seed, &[STREAM, b as u64]);
+    let mut pairs = rnd.chunks_exact_mut(2);
+    for p in &mut pairs {
+        let x = rng.next_u64();
+        p[0] = x as u32;
+        p[1] = (x >> 32) as u32;
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = rng.next_u64() as u32;
+    }
+    let fields = &mut sc.fields[..d];
+    let inv = s as f32 / scale;
+    let q = if inv.is_finite() {
+        quantize_f32(v, rnd, inv, s, fields)
+    } else {
+        // A subnormal scale: s / scale overflows f32.
+        quantize_f64(v, rnd, s as f64 / scale as f64, s, fields)
+    };
+    if q.nnz == 0 {
+        wr.put(0, 32);
+        return Ok(());
+    }
+    let w = cfg.bits as u32 + 1;
+    let fixed_bits = d * w as usize;
+    let masks = &mut sc.masks[..d.div_ceil(64)];
+    // Every nonzero costs at least one more bit for its run: skip Elias when even that
+    // lower bound loses (many nonzeros, large levels).
+    let elias = if (q.level_bits + q.nnz) as usize >= fixed_bits {
+        false
+    } else {
+        for (m, c) in masks.iter_mut().zip(fields.chunks(64)) {
+            let mut bits = 0u64;
+            for (j, &f) in c.iter().enumerate() {
+                bits |= ((f != 0) as u64) << j;
+            }
+            *m = bits;
+        }
+        run_bits(masks, d) + (q.level_bits as usize) < fixed_bits
+    };
+    wr.put(scale.to_bits() as u64 | (elias as u64) << 32, 33);
+    if elias {
+        write_elias(fields, masks, d, wr);
+    } else {
+        match w {
+            2 => pack_fixed::<2>(fields, wr),
+            3 => pack_fixed::<3>(fields, wr),
+            4 => pack_fixed::<4>(fields, wr),
+            5 => pack_fixed::<5>(fields, wr),
+            6 => pack_fixed::<6>(fields, wr),
+            7 => pack_fixed::<7>(fields, wr),
+            8 => pack_fixed::<8>(fields, wr),
+            _ => pack_fixed::<9>(fields, wr),
+        }
+    }
+    Ok(())
+}
+
+/// `||v||_2`; `NonFinite` for NaN or infinite values.
+fn l2_norm(v: &[f32], first: usize) -> Result<f32, QsgdError> {
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            acc[j] += c[j] * c[j];
+        }
+    }
+    for (j, &x) in chunks.remainder().iter().enumerate() {
+        acc[j] += x * x;
+    }
+    let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    // Not finite: a NaN or infinite value, or squares that overflow f32. Tiny: squares
+    // that may have underflowed. Both redo the sum in f64, which neither can affect.
+    if sum.is_finite() && sum >= 1e-30 {
+        return Ok(sum.sqrt());
+    }
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(QsgdError::NonFinite { index: first + i });
+    }
+    let sum: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
+    Ok(sum.sqrt() as f32)
+}
+
+/// `max |v_i|`; `NonFinite` for NaN or infinite values.
+fn max_abs(v: &[f32], first: usize) -> Result<f32, QsgdError> {
+    // On the bits of |x| integer order is float order, and NaN and infinity are the
+    // largest of all.
+    let mut acc = [0u32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            acc[j] = acc[j].max(c[j].to_bits() & 0x7fff_ffff);
+        }
+    }
+    for (j, &x) in chunks.remainder().iter().enumerate() {
+        acc[j] = acc[j].max(x.to_bits() & 0x7fff_ffff);
+    }
+    let m = acc.iter().copied().max().unwrap_or(0);
+    if m >= 0x7f80_0000 {
+        let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        return Err(QsgdError::NonFinite { index: first + i });
+    }
+    Ok(f32::from_bits(m))
+}
+
+/// Stochastic rounding of `|v_i| * inv` to a level in `0..=s`, written as
+/// `level << 1 | sign` into `fields`. Written to vectorize: no branches, no tables.
+#[inline(never)]
+fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, fields: &mut [u16]) -> Quantized {
+    let si = s as i32;
+    let mut nnz = 0u32;
+    let mut level_bits = 0u32;
+    for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
+        let r = x.abs() * inv;
+        let fl = r as i32; // r >= 0, so truncation is floor
+        let frac = r - fl as f32; // exact
+        let thr = (frac * 2_147_483_648.0) as i32; // frac in 2^-31 units, < 2^31
+        let up = ((u >> 1) as i32) < thr; // probability thr / 2^31
+        let lvl = (fl + up as i32).min(si); // the min only catches rounding above s
+        let nz = lvl != 0;
+        let neg = (x.to_bits() >> 31) as i32 & nz as i32;
+        *f = ((lvl << 1) | neg) as u16;
+        nnz += nz as u32;
+        // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
+        let e = ((lvl as f32).to_bits() >> 23) as i32 - 126;
+        level_bits += if nz { (2 * e) as u32 } else { 0 };
+    }
+    Quantized { nnz, level_bits }
+}
+
+/// `quantize_f32` for buckets whose scale is so small that `s / scale` overflows f32.
+fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, fields: &mut [u16]) -> Quantized {
+    let mut nnz = 0u32;
+    let mut level_bits = 0u32;
+    for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
+        let r = (x.abs() as f64 * inv).min(s as f64);
+        let fl = r as u32;
+        let thr = ((r - fl as f64) * 2_147_483_648.0) as u32;
+        let lvl = (fl + ((u >> 1) < thr) as u32).min(s);
+        let neg = (x.to_bits() >> 31) & (lvl != 0) as u32;
+        *f = ((lvl << 1) | neg) as u16;
+        if lvl != 0 {
+            nnz += 1;
+            level_bits += 1 + gamma_len(lvl as u64);
+        }
+    }
+    Quantized { nnz, level_bits }
+}
+
+/// Bits of the run-length gamma codes of the Elias mode (levels and signs excluded).
+fn run_bits(masks: &[u64], d: usize) -> usize {
+    let mut next = 0usize;
+    let mut bits = 0usize;
+    for (wi, &m0) in masks.iter().enumerate() {
+        let mut m = m0;
+        while m != 0 {
+            let p = wi * 64 + m.trailing_zeros() as usize;
+            m &= m - 1;
+            bits += gamma_len((p - next + 1) as u64) as usize;
+            next = p + 1;
+        }
+    }
+    if next < d {
+        bits += gamma_len((d - next + 1) as u64) as usize;
+    }
+    bits
+}
+
+fn write_elias(fields: &[u16], masks: &[u64], d: usize, wr: &mut BitWriter<'_>) {
+    let mut next = 0usize;
+    for (wi, &m0) in masks.iter().enumerate() {
+        let mut m = m0;
+        while m != 0 {
+            let p = wi * 64 + m.trailing_zeros() as usize;
+            m &= m - 1;
+            let (c1, l1) = gamma((p - next + 1) as u64);
+            let f = fields[p] as u64;
+            let (c2, l2) = gamma(f >> 1);
+            let c2 = (f & 1) | c2 << 1;
+            let l2 = l2 + 1;
+            if l1 + l2 <= 56 {
+                wr.put(c1 | c2 << l1, l1 + l2);
+            } else {
+                wr.put(c1, l1);
+                wr.put(c2, l2);
+            }
+            next = p + 1;
+        }
+    }
+    if next < d {
+        let (c, l) = gamma((d - next + 1) as u64);
+        wr.put(c, l);
+    }
+}
+
+#[inline(never)]
+fn pack_fixed<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
+    let k = (56 / W) as usize;
+    let mut chunks = fields.chunks_exact(k);
+    for c in &mut chunks {
+        let mut g = 0u64;
+        for (j, &f) in c.iter().enumerate() {
+            g |= (f as u64) << (j as u32 * W);
+        }
+        wr.put(g, k as u32 * W);
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut g = 0u64;
+        for (j, &f) in rem.iter().enumerate() {
+            g |= (f as u64) << (j as u32 * W);
+        }
+        wr.put(g, rem.len() as u32 * W);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Decoding
+
+struct Header {
+    cfg: QsgdConfig,
+    n: usize,
+}
+
+/// How many buckets of each kind a decoded buffer held.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ModeCounts {
+    zero: usize,
+    fixed: usize,
+    elias: usize,
+}
+
+fn parse_header(bytes: &[u8]) -> Result<Header, QsgdError> {
+    let Some(h) = bytes.get(..HEADER_BYTES) else {
+        return Err(QsgdError::Header(format!(
+            "buffer of {} bytes is shorter than the {HEADER_BYTES}-byte header",
+            bytes.len()
+        )));
+    };
+    if h[0..4] != MAGIC {
+        return Err(QsgdError::BadMagic);
+    }
+    if h[4] != VERSION {
+        return Err(QsgdError::Version(h[4]));
+    }
+    let bits = h[5];
+    if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+        return Err(QsgdError::Header(format!("bits {bits} is not in {MIN_BITS}..={MAX_BITS}")));
+    }
+    let Some(norm) = Norm::from_code(h[6]) else {
+        return Err(QsgdError::Header(format!("unknown norm code {}", h[6])));
+    };
+    if h[7] != 0 {
+        return Err(QsgdError::Header(format!("reserved byte is {}, not 0", h[7])));
+    }
+    let bucket = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    if !(1..=MAX_BUCKET).contains(&bucket) {
+        return Err(QsgdError::Header(format!("bucket {bucket} is not in 1..={MAX_BUCKET}")));
+    }
+    let n = u64::from_le_bytes([h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]]);
+    if n > MAX_LEN as u64 {
+        return Err(QsgdError::TooLong { n, max: MAX_LEN as u64 });
+    }
+    let n = n as usize;
+    // Every bucket carries at least its 4-byte scale: checked before anything is allocated.
+    let needed = n.div_ceil(bucket) as u64 * 4;
+    let got = (bytes.len() - HEADER_BYTES) as u64;
+    if got < needed || got > (usize::MAX / 8) as u64 {
+        return Err(QsgdError::TooShort { n: n as u64, needed: HEADER_BYTES as u64 + needed, got: bytes.len() as u64 });
+    }
+    Ok(Header { cfg: QsgdConfig { bits, bucket, norm }, n })
+}
+
+/// The scheme and the number of values of an encoding, from its header alone.
+pub fn header(bytes: &[u8]) -> Result<(QsgdConfig, usize), QsgdError> {
+    parse_header(bytes).map(|h| (h.cfg, h.n))
+}
+
+/// Decodes an encoding made by [`encode`]. Truncated or corrupt input is an error, never
+/// a panic; the output is allocated only once the header's length has been checked
+/// against the buffer's size, and every decoded value is finite.
+pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, QsgdError> {
+    decode_inner(bytes, None).map(|(v, _)| v)
+}
+
+/// [`decode`], refusing (before any allocation) an encoding of other than `expected_len` values.
+pub fn decode_expect(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>, QsgdError> {
+    decode_inner(bytes, Some(expected_len)).map(|(v, _)| v)
+}
+
+fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, ModeCounts), QsgdError> {
+    let h = parse_header(bytes)?;
+    if let Some(e) = expected {
+        if e != h.n {
+            return Err(QsgdError::Count { expected: e, got: h.n });
+        }
+    }
+    let data = &bytes[HEADER_BYTES..];
+    let mut rd = BitReader { data, pos: 0, end: data.len() * 8 };
+    let s = h.cfg.levels();
+    let w = h.cfg.bits as u32 + 1;
+    // tab[field] = ±level; a sign on level 0 reads as +0.
+    let mut tab = [0f32; 512];
+    for (f, t) in tab.iter_mut().enumerate().take(1 << w) {
+        let lvl = (f >> 1) as f32;
+        *t = if f & 1 == 1 && f > 1 { -lvl } else { lvl };
+    }
+    let mut counts = ModeCounts::default();
+    let mut out = vec![0f32; h.n];
+    for (b, o) in out.chunks_mut(h.cfg.bucket).enumerate() {
+        let d = o.len();
+        if rd.remaining() < 33 {
+            if rd.remaining() >= 32 && rd.peek() & 0xffff_ffff == 0 {
+                rd.pos += 32;
+                counts.zero += 1;
+                continue;
+            }
+            return Err(QsgdError::Truncated { bucket: b });
+        }
+        let head = rd.peek();
+        let bits = head as u32;
+        if bits == 0 {
+            rd.pos += 32;
+            counts.zero += 1;
+            continue;
+        }
+        let scale = f32::from_bits(bits);
+        if !(scale > 0.0 && scale <= MAX_SCALE) {
+            return Err(QsgdError::Corrupt { bucket: b, reason: "scale is negative, NaN, infinite or too large" });
+        }
+        rd.pos += 33;
+        let step = scale / s as f32;
+        if (head >> 32) & 1 == 0 {
+            if rd.remaining() < d * w as usize {
+                return Err(QsgdError::Truncated { bucket: b });
+            }
+            match w {
+                2 => unpack_fixed::<2>(&mut rd, o, &tab, step),
+                3 => unpack_fixed::<3>(&mut rd, o, &tab, step),
+                4 => unpack_fixed::<4>(&mut rd, o, &tab, step),
+                5 => unpack_fixed::<5>(&mut rd, o, &tab, step),
+                6 => unpack_fixed::<6>(&mut rd, o, &tab, step),
+                7 => unpack_fixed::<7>(&mut rd, o, &tab, step),
+                8 => unpack_fixed::<8>(&mut rd, o, &tab, step),
+                _ => unpack_fixed::<9>(&mut rd, o, &tab, step),
+            }
+            counts.fixed += 1;
+        } else {
+            decode_elias(&mut rd, o, s, step, b)?;
+            counts.elias += 1;
+        }
+    }
+    let used = rd.pos.div_ceil(8);
+    if used < data.len() {
+        return Err(QsgdError::Trailing(data.len() - used));
+    }
+    if rd.pos % 8 != 0 && data[used - 1] >> (rd.pos % 8) != 0 {
+        return Err(QsgdError::Padding);
+    }
+    Ok((out, counts))
+}
+
+#[inline(never)]
+fn unpack_fixed<const W: u32>(rd: &mut BitReader<'_>, out: &mut [f32], tab: &[f32; 512], step: f32) {
+    let k = (56 / W) as usize;
+    let mask = (1u64 << W) - 1;
+    let mut chunks = out.chunks_exact_mut(k);
+    for c in &mut chunks {
+        let win = rd.peek();
+        for (j, x) in c.iter_mut().enumerate() {
+            *x = tab[((win >> (j as u32 * W)) & mask) as usize] * step;
+        }
+        rd.pos += k * W as usize;
+    }
+    let rem = chunks.into_remainder();
+    if !rem.is_empty() {
+        let win = rd.peek();
+        for (j, x) in rem.iter_mut().enumerate() {
+            *x = tab[((win >> (j as u32 * W)) & mask) as usize] * step;
+        }
+        rd.pos += rem.len() * W as usize;
+    }
+}
+
+fn decode_elias(rd: &mut BitReader<'_>, out: &mut [f32], s: u32, step: f32, b: usize) -> Result<(), QsgdError> {
+    let d = out.len();
+    let mut p = 0usize;
+    while p < d {
+        let win = rd.peek();
+        let z = win.trailing_zeros();
+        if z > MAX_RUN_Z {
+            return Err(QsgdError::Corrupt { bucket: b, reason: "run length out of range" });
+        }
+        let run = ((win >> (z + 1)) & ((1u64 << z) - 1)) as usize + (1usize << z) - 1;
+        rd.pos += 2 * z as usize + 1;
+        if run > d - p {
+            return Err(QsgdError::Corrupt { bucket: b, reason: "run past the end of the bucket" });
+        }
+        p += run;
+        if p == d {
+            break; // the trailing run
+        }
+        let win = rd.peek();
+        let sign = (win & 1) as u32;
+        let lw = win >> 1;
+        let z = lw.trailing_zeros();
+        if z > MAX_LEVEL_Z {
+            return Err(QsgdError::Corrupt { bucket: b, reason: "level out of range" });
+        }
+        let lvl = ((lw >> (z + 1)) & ((1u64 << z) - 1)) as u32 | (1u32 << z);
+        if lvl > s {
+            return Err(QsgdError::Corrupt { bucket: b, reason: "level out of range" });
+        }
+        rd.pos += 2 * z as usize + 2;
+        out[p] = f32::from_bits((lvl as f32 * step).to_bits() | sign << 31);
+        p += 1;
+    }
+    if rd.pos > rd.end {
+        return Err(QsgdError::Truncated { bucket: b });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let u1 = 1.0 - r.next_f32() as f64;
+            let u2 = r.next_f32() as f64;
+            let m = (-2.0 * u1.ln()).sqrt();
+            let t = std::f64::consts::TAU * u2;
+            v.push((m * t.cos()) as f32);
+            v.push((m * t.sin()) as f32);
+        }
+        v.truncate(n);
+        v
+    }
+
+    fn cfg(bits: u8, bucket: usize, norm: Norm) -> QsgdConfig {
+        QsgdConfig { bits, bucket, norm }
+    }
+
+    /// The scale the encoder uses for one bucket, in f64.
+    fn scale_of(v: &[f32], norm: Norm) -> f64 {
+        match norm {
+            Norm::L2 => v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt(),
+            Norm::Max => v.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)),
+        }
+    }
+
+    fn header_bytes(bits: u8, norm: u8, bucket: u32, n: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&MAGIC);
+        h.extend_from_slice(&[VERSION, bits, norm, 0]);
+        h.extend_from_slice(&bucket.to_le_bytes());
+        h.extend_from_slice(&n.to_le_bytes());
+        h
+    }
+
+    /// A hand-made encoding: header, then `write` on the bit stream.
+    fn craft(bits: u8, bucket: u32, n: u64, write: impl FnOnce(&mut BitWriter<'_>)) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        let mut w = BitWriter::new(&mut buf);
+        write(&mut w);
+        let len = w.finish();
+        let mut out = header_bytes(bits, 0, bucket, n);
+        out.extend_from_slice(&buf[..len]);
+        out
+    }
+
+    #[test]
+    fn config_parse_and_print() {
+        let d = QsgdConfig::default();
+        assert_eq!(d, cfg(4, 512, Norm::L2));
+        assert_eq!(d.to_string(), "qsgd:bits=4,bucket=512,norm=l2");
+        for s in ["qsgd", "qsgd:", " QSGD ", "qsgd:bits=4", "qsgd:norm=L2,bucket=512"] {
+            assert_eq!(s.parse::<QsgdConfig>().unwrap(), d, "{s}");
+        }
+        let c: QsgdConfig = "qsgd:bits=2,bucket=8192,norm=max".parse().unwrap();
+        assert_eq!(c, cfg(2, 8192, Norm::Max));
+        assert_eq!(c.to_string().parse::<QsgdConfig>().unwrap(), c);
+        assert_eq!("qsgd: bucket = 64 , bits=8".parse::<QsgdConfig>().unwrap(), cfg(8, 64, Norm::L2));
+        for bits in 1..=8 {
+            let c = cfg(bits, 100, Norm::Max);
+            assert_eq!(c.to_string().parse::<QsgdConfig>().unwrap(), c);
+            assert_eq!(c.levels(), (1 << bits) - 1);
+        }
+
+        let err = |s: &str| s.parse::<QsgdConfig>().unwrap_err().to_string();
+        assert_eq!(
+            err("qsgd:bits=9"),
+            "invalid compression 'qsgd:bits=9': bits must be an integer in 1..=8, got '9'"
+        );
+        assert!(err("qsgd:bits=0").contains("bits must be an integer in 1..=8"));
+        assert!(err("qsgd:bits=four").contains("got 'four'"));
+        assert!(err("qsgd:bucket=0").contains("bucket must be an integer in 1..=16777216"));
+        assert!(err("qsgd:bucket=16777217").contains("bucket must be"));
+        assert!(err("qsgd:norm=l1").contains("norm must be l2 or max, got 'l1'"));
+        assert_eq!(
+            err("qsgd:level=4"),
+            "invalid compression 'qsgd:level=4': unknown key 'level' (valid keys: bits=1..8, bucket=1..16777216, norm=l2|max)"
+        );
+        assert!(err("qsgd:bits=4,bits=2").contains("key 'bits' is given twice"));
+        assert!(err("qsgd:bits").contains("'bits' is not KEY=VALUE"));
+        assert!(err("qsgd:bits=4,,norm=max").contains("empty KEY=VALUE pair"));
+        assert!(err("qsgdx").contains("expected ':' after 'qsgd'"));
+        assert!(err("topk").contains("expected 'qsgd'"));
+        assert!(matches!(cfg(0, 512, Norm::L2).validate(), Err(QsgdError::Config(_))));
+        assert!(matches!(cfg(4, 0, Norm::L2).validate(), Err(QsgdError::Config(_))));
+        assert_eq!("MAX".parse::<Norm>().unwrap(), Norm::Max);
+        assert!("l1".parse::<Norm>().is_err());
+
+        assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
+        assert_eq!(Compression::default().to_string(), "none");
+        assert_eq!("qsgd".parse::<Compression>().unwrap(), Compression::Qsgd(d));
+        let q = Compression::Qsgd(cfg(3, 1024, Norm::Max));
+        assert_eq!(q.to_string(), "qsgd:bits=3,bucket=1024,norm=max");
+        assert_eq!(q.to_string().parse::<Compression>().unwrap(), q);
+        let e = "gzip".parse::<Compression>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid compression 'gzip': expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys bits=1..8, bucket=1..16777216, norm=l2|max"
+        );
+        assert!("qsgd:bits=12".parse::<Compression>().unwrap_err().to_string().contains("1..=8"));
+    }
+
+    #[test]
+    fn exact_round_trip_on_the_grid() {
+        // Values k * 2^-4 whose norm is 15 * 2^-4 (or 255 * 2^-4): s / scale is a power
+        // of two, every s |v_i| / scale is an integer, and scale / s is exact.
+        let l2_4: Vec<f32> = [9.0f32, -12.0, 0.0, 0.0, 2.0, 10.0, -11.0, 0.0, -5.0, 14.0, 2.0, 0.0]
+            .iter()
+            .map(|k| k / 16.0)
+            .collect(); // buckets of 4: 9²+12², 2²+10²+11², 5²+14²+2² are all 15²
+        let l2_8: Vec<f32> = [120.0f32, -225.0, 0.0, -255.0, 0.0, 0.0].iter().map(|k| k / 16.0).collect(); // buckets of 3
+        // Every bucket of 16 holds -15/16 and k/16 for k in -7..=7.
+        let max_4: Vec<f32> = (0..64).map(|i| if i % 16 == 0 { -15.0 / 16.0 } else { ((i % 16) as f32 - 8.0) / 16.0 }).collect();
+        for (v, c) in [
+            (&l2_4, cfg(4, 4, Norm::L2)),
+            (&l2_8, cfg(8, 3, Norm::L2)),
+            (&max_4, cfg(4, 16, Norm::Max)),
+            (&max_4, cfg(4, 64, Norm::Max)),
+        ] {
+            for seed in 0..5 {
+                let bytes = encode(v, &c, seed).unwrap();
+                assert_eq!(&decode(&bytes).unwrap(), v, "{c}");
+                assert_eq!(&decode_expect(&bytes, v.len()).unwrap(), v);
+            }
+        }
+    }
+
+    #[test]
+    fn unbiased() {
+        // Each coordinate of Q(v) takes one of two neighbouring levels, `step` apart, so
+        // its variance is step² p (1 - p) <= step² / 4 (the paper's Lemma 3.1). The mean of
+        // N independent quantizations is then within 5 sd = 5 step / (2 sqrt N) of v_i.
+        for c in [cfg(2, 64, Norm::L2), cfg(4, 64, Norm::L2), cfg(3, 32, Norm::Max)] {
+            let v = gaussian(512, 11);
+            let runs = 400;
+            let mut sum = vec![0f64; v.len()];
+            for seed in 0..runs {
+                let q = decode(&encode(&v, &c, seed).unwrap()).unwrap();
+                for (a, x) in sum.iter_mut().zip(&q) {
+                    *a += *x as f64;
+                }
+            }
+            let mut signed_bias = 0f64;
+            let mut var_sum = 0f64;
+            for (bv, bs) in v.chunks(c.bucket).zip(sum.chunks(c.bucket)) {
+                let step = scale_of(bv, c.norm) / c.levels() as f64;
+                let sd = step / 2.0 / (runs as f64).sqrt();
+                for (&x, &a) in bv.iter().zip(bs) {
+                    let mean = a / runs as f64;
+                    assert!((mean - x as f64).abs() <= 5.0 * sd + 1e-6 * step, "{c}: {mean} vs {x}, sd {sd}");
+                    // A systematic pull away from or towards zero adds up over coordinates.
+                    signed_bias += (mean - x as f64) * (x as f64).signum();
+                    var_sum += sd * sd;
+                }
+            }
+            assert!(signed_bias.abs() <= 5.0 * var_sum.sqrt(), "{c}: bias {signed_bias}, sd {}", var_sum.sqrt());
+        }
+    }
+
+    #[test]
+    fn variance_within_the_paper_bound() {
+        // E||Q(v) - v||² <= min(d / s², sqrt(d) / s) ||v||² per bucket (L2 norm), and every
+        // single realisation is at most d step² = d / s² ||v||² (each coordinate moves by
+        // less than one step).
+        for (bits, d) in [(1u8, 512usize), (2, 512), (4, 512), (4, 64), (8, 512)] {
+            let c = cfg(bits, d, Norm::L2);
+            let s = c.levels() as f64;
+            let v = gaussian(4 * d, 5 + bits as u64);
+            let runs = 50;
+            for (bi, bv) in v.chunks(d).enumerate() {
+                let norm2: f64 = bv.iter().map(|&x| x as f64 * x as f64).sum();
+                let step = norm2.sqrt() / s;
+                // The exact expectation: sum of step² p (1 - p) over coordinates.
+                let expected: f64 = bv
+                    .iter()
+                    .map(|&x| {
+                        let r = (x.abs() as f64) / step;
+                        let p = r - r.floor();
+                        step * step * p * (1.0 - p)
+                    })
+                    .sum();
+                let bound = (d as f64 / (s * s)).min((d as f64).sqrt() / s) * norm2;
+                assert!(expected <= bound);
+                let mut mean = 0f64;
+                for seed in 0..runs {
+                    let q = decode(&encode(bv, &c, seed * 1000 + bi as u64).unwrap()).unwrap();
+                    let err: f64 = q.iter().zip(bv).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+                    assert!(err <= d as f64 / (s * s) * norm2 * (1.0 + 1e-5));
+                    mean += err / runs as f64;
+                }
+                assert!(mean <= bound, "bits {bits}, d {d}: {mean} > {bound}");
+                // And the empirical mean matches the exact expectation (the error of one
+                // coordinate is at most step², so its variance is at most step^4 / 4).
+                let sd = (d as f64).sqrt() * step * step / 2.0 / (runs as f64).sqrt();
+                assert!((mean - expected).abs() <= 5.0 * sd, "bits {bits}: {mean} vs {expected}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoded_values_lie_on_the_grid_next_to_the_input() {
+        for bits in 1..=8u8 {
+            for norm in [Norm::L2, Norm::Max] {
+                for bucket in [1usize, 7, 64, 512] {
+                    let c = cfg(bits, bucket, norm);
+                    let mut v = gaussian(1000, bits as u64);
+                    v[3] = 0.0;
+                    v[4] = -0.0;
+                    v[5] = 1e-30;
+                    let bytes = encode(&v, &c, 99).unwrap();
+                    let (q, _) = decode_inner(&bytes, Some(v.len())).unwrap();
+                    assert_eq!(q.len(), v.len());
+                    for (bv, bq) in v.chunks(bucket).zip(q.chunks(bucket)) {
+                        let step = scale_of(bv, norm) / c.levels() as f64;
+                        for (&x, &y) in bv.iter().zip(bq) {
+                            assert!(y.is_finite());
+                            assert!(y == 0.0 || (y > 0.0) == (x > 0.0), "{c}: {x} -> {y}");
+                            assert!(((y - x).abs() as f64) <= step * (1.0 + 1e-5), "{c}: {x} -> {y}, step {step}");
+                            if step == 0.0 {
+                                assert_eq!(y, 0.0);
+                                continue;
+                            }
+                            let k = y.abs() as f64 / step;
+                            assert!((k - k.round()).abs() < 1e-3, "{c}: {y} is not on the grid of {step}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic_per_seed() {
+        let v = gaussian(3000, 1);
+        let c = QsgdConfig::default();
+        assert_eq!(encode(&v, &c, 7).unwrap(), encode(&v, &c, 7).unwrap());
+        assert_ne!(encode(&v, &c, 7).unwrap(), encode(&v, &c, 8).unwrap());
+    }
+
+    #[test]
+    fn non_finite_refused() {
+        for c in [cfg(4, 512, Norm::L2), cfg(4, 16, Norm::Max), cfg(1, 1, Norm::L2)] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0usize, 17, 999] {
+                    let mut v = gaussian(1000, 3);
+                    v[at] = bad;
+                    assert_eq!(encode(&v, &c, 0), Err(QsgdError::NonFinite { index: at }), "{c} {bad} at {at}");
+                }
+            }
+        }
+        // Finite but with a norm that f32 cannot hold: refused as well.
+        let big = vec![f32::MAX / 4.0; 16];
+        assert_eq!(encode(&big, &cfg(4, 16, Norm::L2), 0), Err(QsgdError::NormOverflow { bucket: 0 }));
+        assert_eq!(encode(&[f32::MAX], &cfg(4, 16, Norm::Max), 0), Err(QsgdError::NormOverflow { bucket: 0 }));
+        // Large squares that overflow f32 while the norm does not: handled in f64.
+        let v = vec![1e20f32, -3e20, 2e20];
+        let q = decode(&encode(&v, &cfg(8, 512, Norm::L2), 0).unwrap()).unwrap();
+        for (a, b) in q.iter().zip(&v) {
+            assert!((a - b).abs() <= 3.8e20 / 255.0 * 1.001);
+        }
+        // Subnormal inputs: the f64 quantizer.
+        let tiny = vec![1e-44f32, -3e-45, 0.0, 7e-45];
+        for c in [cfg(8, 4, Norm::Max), cfg(4, 4, Norm::L2)] {
+            let q = decode(&encode(&tiny, &c, 1).unwrap()).unwrap();
+            assert!(q.iter().all(|x| x.is_finite()) && q.len() == 4);
+        }
+    }
+
+    #[test]
+    fn zeros_cost_a_few_bytes() {
+        assert_eq!(decode(&encode(&[], &QsgdConfig::default(), 0).unwrap()).unwrap(), Vec::<f32>::new());
+        assert_eq!(encode(&[], &QsgdConfig::default(), 0).unwrap().len(), HEADER_BYTES);
+        let z = vec![0f32; 10_000];
+        let bytes = encode(&z, &QsgdConfig::default(), 0).unwrap();
+        assert_eq!(bytes.len(), HEADER_BYTES + 20 * 4); // 20 buckets of 4 bytes each
+        assert_eq!(decode(&bytes).unwrap(), z);
+        // Zero buckets among others, and a bucket too small to survive rounding at 1 bit.
+        let mut v = gaussian(4096, 2);
+        v[512..1536].fill(0.0);
+        v[4000..].fill(-0.0);
+        let bytes = encode(&v, &QsgdConfig::default(), 0).unwrap();
+        let (q, counts) = decode_inner(&bytes, None).unwrap();
+        assert_eq!(counts.zero, 2);
+        assert!(q[512..1536].iter().all(|&x| x == 0.0));
+        // Far fewer bytes than the 4096 * 4 of f32.
+        assert!(bytes.len() < 4096 * 4 / 8, "{}", bytes.len());
+    }
+
+    #[test]
+    fn both_modes_are_used_and_round_trip() {
+        // Gaussian, L2 norm, 4 bits: levels are mostly 0 and 1, Elias wins.
+        let v = gaussian(64 * 512, 8);
+        let c = QsgdConfig::default();
+        let bytes = encode(&v, &c, 3).unwrap();
+        let (q, counts) = decode_inner(&bytes, Some(v.len())).unwrap();
+        assert_eq!(counts, ModeCounts { zero: 0, fixed: 0, elias: 64 });
+        // The compression ratio target: at least 7x against f32 at 4 bits, bucket 512.
+        let ratio = (v.len() * 4) as f64 / bytes.len() as f64;
+        assert!(ratio >= 7.0, "ratio {ratio}");
+        // Uniform values under the max norm spread over all levels: fixed width wins.
+        let mut r = Rng::new(4);
+        let u: Vec<f32> = (0..64 * 512).map(|_| r.next_f32() * 2.0 - 1.0).collect();
+        let cm = cfg(4, 512, Norm::Max);
+        let ub = encode(&u, &cm, 3).unwrap();
+        let (uq, ucounts) = decode_inner(&ub, Some(u.len())).unwrap();
+        assert_eq!(ucounts, ModeCounts { zero: 0, fixed: 64, elias: 0 });
+        assert_eq!(ub.len(), HEADER_BYTES + (64 * (33 + 512 * 5)) / 8);
+        // A mix in one buffer: sparse buckets go Elias, dense ones fixed.
+        let mut m = u.clone();
+        for x in m[..8 * 512].iter_mut().skip(1) {
+            *x *= 0.001;
+        }
+        let mb = encode(&m, &cm, 3).unwrap();
+        let (mq, mcounts) = decode_inner(&mb, None).unwrap();
+        assert!(mcounts.elias >= 1 && mcounts.fixed >= 1, "{mcounts:?}");
+        // Both modes decode to values within one step of the input.
+        for (input, output, c) in [(&v, &q, c), (&u, &uq, cm), (&m, &mq, cm)] {
+            for (bx, by) in input.chunks(c.bucket).zip(output.chunks(c.bucket)) {
+                let step = scale_of(bx, c.norm) / c.levels() as f64;
+                for (x, y) in bx.iter().zip(by) {
+                    assert!(((x - y).abs() as f64) <= step * (1.0 + 1e-5), "{x} {y}");
+                }
+            }
+        }
+        // The same levels in either mode decode to the same values: force each mode on
+        // one bucket by hand.
+        let levels: [(u64, u64); 6] = [(0, 0), (1, 0), (3, 1), (0, 0), (0, 0), (15, 1)];
+        let scale = 1.5f32;
+        let fixed = craft(4, 6, 6, |w| {
+            w.put(scale.to_bits() as u64, 33);
+            for (l, s) in levels {
+                w.put(l << 1 | s, 5);
+            }
+        });
+        let elias = craft(4, 6, 6, |w| {
+            w.put(scale.to_bits() as u64 | 1 << 32, 33);
+            let mut next = 0;
+            for (p, (l, s)) in levels.iter().enumerate() {
+                if *l != 0 {
+                    let (c, n) = gamma((p - next + 1) as u64);
+                    w.put(c, n);
+                    w.put(*s, 1);
+                    let (c, n) = gamma(*l);
+                    w.put(c, n);
+                    next = p + 1;
+                }
+            }
+        });
+        let a = decode_inner(&fixed, None).unwrap();
+        let b = decode_inner(&elias, None).unwrap();
+        assert_eq!(a.0, b.0);
+        assert_eq!((a.1.fixed, b.1.elias), (1, 1));
+        assert_eq!(a.0, vec![0.0, 0.1, -0.3, 0.0, 0.0, -1.5]);
+    }
+
+    #[test]
+    fn truncated_buffers_are_rejected() {
+        let v = gaussian(700, 9);
+        for c in [cfg(4, 128, Norm::L2), cfg(8, 100, Norm::Max), cfg(2, 512, Norm::L2)] {
+            let bytes = encode(&v, &c, 1).unwrap();
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "{c}: prefix of {cut} of {} decoded", bytes.len());
+            }
+            assert!(decode(&bytes).is_ok());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode(&longer), Err(QsgdError::Trailing(1)));
+            assert_eq!(decode_expect(&bytes, 699), Err(QsgdError::Count { expected: 699, got: 700 }));
+        }
+    }
+
+    #[test]
+    fn mutated_buffers_never_panic() {
+        let v = gaussian(2000, 12);
+        let mut r = Rng::new(77);
+        let mut decoded = 0;
+        for c in [cfg(4, 512, Norm::L2), cfg(4, 64, Norm::Max), cfg(1, 33, Norm::L2), cfg(8, 256, Norm::L2)] {
+            let bytes = encode(&v, &c, 5).unwrap();
+            for _ in 0..1000 {
+                let mut m = bytes.clone();
+                for _ in 0..1 + r.below(4) {
+                    let i = r.below(m.len() as u64) as usize;
+                    m[i] ^= 1 << r.below(8);
+                }
+                if r.below(8) == 0 {
+                    m.truncate(r.below(m.len() as u64) as usize);
+                }
+                if let Ok(q) = decode(&m) {
+                    assert!(q.iter().all(|x| x.is_finite()));
+                    decoded += 1;
+                }
+            }
+        }
+        // Flips in the fixed-width fields decode to other values: some must get through.
+        assert!(decoded > 0);
+    }
+
+    #[test]
+    fn corrupt_headers_and_scales_are_rejected() {
+        // A header that claims huge n on a tiny buffer: refused from the header alone,
+        // before the output is allocated.
+        let mut h = header_bytes(4, 0, 512, MAX_LEN as u64);
+        h.extend_from_slice(&[0; 8]);
+        assert!(matches!(decode(&h), Err(QsgdError::TooShort { .. })));
+        assert!(matches!(decode_expect(&h, MAX_LEN), Err(QsgdError::TooShort { .. })));
+        assert!(matches!(decode_expect(&h, 10), Err(QsgdError::TooShort { .. })));
+        let h = header_bytes(4, 0, 1, u64::MAX);
+        assert!(matches!(decode(&h), Err(QsgdError::TooLong { .. })));
+        let h = header_bytes(4, 0, MAX_BUCKET as u32, MAX_LEN as u64);
+        assert!(matches!(decode(&h), Err(QsgdError::TooShort { .. })));
+
+        let good = encode(&gaussian(100, 1), &cfg(4, 50, Norm::L2), 0).unwrap();
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad), Err(QsgdError::BadMagic));
+        for (i, val) in [(4usize, 2u8), (5, 0), (5, 9), (6, 2), (7, 1), (8, 0)] {
+            let mut bad = good.clone();
+            bad[i] = val;
+            if i == 8 {
+                bad[8..12].fill(0);
+            }
+            assert!(decode(&bad).is_err(), "byte {i} = {val}");
+        }
+        assert_eq!(header(&good).unwrap(), (cfg(4, 50, Norm::L2), 100));
+
+        for scale in [f32::NAN, f32::INFINITY, -1.0, -0.0, f32::MAX] {
+            let b = craft(4, 4, 4, |w| {
+                w.put(scale.to_bits() as u64, 33);
+                w.put(0, 20);
+            });
+            assert!(matches!(decode(&b), Err(QsgdError::Corrupt { .. })), "scale {scale}");
+        }
+        // A level above s in Elias mode (gamma codes can say anything).
+        let b = craft(2, 4, 4, |w| {
+            w.put(1f32.to_bits() as u64 | 1 << 32, 33);
+            w.put(1, 1); // run 0
+            w.put(0, 1); // sign
+            let (c, n) = gamma(4); // s = 3
+            w.put(c, n);
+            let (c, n) = gamma(4); // trailing run of 3
+            w.put(c, n);
+        });
+        assert_eq!(decode(&b), Err(QsgdError::Corrupt { bucket: 0, reason: "level out of range" }));
+        // A run past the end of the bucket.
+        let b = craft(2, 4, 4, |w| {
+            w.put(1f32.to_bits() as u64 | 1 << 32, 33);
+            let (c, n) = gamma(6);
+            w.put(c, n);
+        });
+        assert!(matches!(decode(&b), Err(QsgdError::Corrupt { .. })));
+        // Nonzero padding bits.
+        let mut b = encode(&[1.0, 0.5], &cfg(4, 2, Norm::Max), 0).unwrap();
+        let stream_bits = (b.len() - HEADER_BYTES) * 8;
+        let used = 33 + 2 * 5;
+        assert!(used < stream_bits);
+        *b.last_mut().unwrap() |= 0x80;
+        assert_eq!(decode(&b), Err(QsgdError::Padding));
+    }
+}
