@@ -154,6 +154,40 @@ impl Convergence {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plateau_lowers_the_lr_after_patience_and_early_stopping_fires() {
+        let p = P2pConfig { lr_patience: 2, early_stop_patience: 4, ..P2pConfig::default() };
+        let mut c = Convergence::new(&p);
+        let mut lr = 0.1;
+        let mut log = vec![];
+        for loss in [1.0, 0.9, 0.95, 0.95, 0.95, 0.95, 0.95] {
+            let (new_lr, stop) = c.step(loss, lr);
+            lr = new_lr;
+            log.push((lr, stop));
+        }
+        // Improvement at epochs 0 and 1; three bad epochs exceed patience 2: lr x0.1;
+        // the fourth bad epoch stops the run.
+        let lrs: Vec<f64> = log.iter().map(|x| x.0).collect();
+        assert!((lrs[4] - 0.01).abs() < 1e-12 && (lrs[3] - 0.1).abs() < 1e-12, "{lrs:?}");
+        let stops: Vec<bool> = log.iter().map(|x| x.1).collect();
+        assert_eq!(stops, [false, false, false, false, false, true, true]);
+        // Snapshots restore the same decisions (state sync carries them).
+        let (a, b) = c.snapshot();
+        let mut d = Convergence::new(&p);
+        d.restore(a, b);
+        assert_eq!(d.step(0.95, lr), c.clone().step(0.95, lr));
+        let mut tiny = Convergence::new(&P2pConfig { lr_patience: 0, min_lr: 1e-6, ..P2pConfig::default() });
+        let mut lr = 1e-6;
+        tiny.step(1.0, lr);
+        lr = tiny.step(1.0, lr).0;
+        assert_eq!(lr, 1e-6, "never below min_lr");
+    }
+}
+
 /// A gradient fetched (or failed to fetch) by a background task.
 struct Fetched {
     round: u64,

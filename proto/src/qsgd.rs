@@ -347,6 +347,22 @@ impl<'a> BitWriter<'a> {
         self.fill &= 7;
     }
 
+    /// The writer, borrowed for a hot loop: a local copy whose state stays in registers.
+    /// Give its state back with `set(local.mark())`.
+    fn local(&mut self) -> BitWriter<'_> {
+        BitWriter { buf: &mut *self.buf, byte: self.byte, acc: self.acc, fill: self.fill }
+    }
+
+    fn mark(&self) -> (usize, u64, u32) {
+        (self.byte, self.acc, self.fill)
+    }
+
+    /// Goes back to `mark` (what was written since is overwritten by what comes next),
+    /// or takes over the state of a `local` copy.
+    fn set(&mut self, mark: (usize, u64, u32)) {
+        (self.byte, self.acc, self.fill) = mark;
+    }
+
     /// Flushes and returns the length of the stream in bytes (the last one zero-padded).
     fn finish(mut self) -> usize {
         self.flush();
@@ -436,9 +452,10 @@ pub fn encode(values: &[f32], cfg: &QsgdConfig, seed: u64) -> Result<Vec<u8>, Qs
     }
     let w = cfg.bits as u32 + 1;
     let buckets = n.div_ceil(cfg.bucket);
-    // Worst case: every bucket in fixed mode; plus 8 bytes of slack for the writer.
+    // Worst case: every bucket in fixed mode; plus slack for the writer's 8-byte stores
+    // and for an Elias attempt that overshoots its budget before it gives up.
     let max_bits = buckets * 33 + n * w as usize;
-    let mut out = vec![0u8; HEADER_BYTES + max_bits.div_ceil(8) + 8];
+    let mut out = vec![0u8; HEADER_BYTES + max_bits.div_ceil(8) + WRITER_SLACK];
     out[0..4].copy_from_slice(&MAGIC);
     out[4] = VERSION;
     out[5] = cfg.bits;
@@ -484,16 +501,7 @@ fn encode_bucket(
     }
     let s = cfg.levels();
     let rnd = &mut sc.rnd[..d];
-    let mut rng = Rng::derive(seed, &[STREAM, b as u64]);
-    let mut pairs = rnd.chunks_exact_mut(2);
-    for p in &mut pairs {
-        let x = rng.next_u64();
-        p[0] = x as u32;
-        p[1] = (x >> 32) as u32;
-    }
-    if let [last] = pairs.into_remainder() {
-        *last = rng.next_u64() as u32;
-    }
+    fill_noise(seed, b as u64, rnd);
     let fields = &mut sc.fields[..d];
     let inv = s as f32 / scale;
     let q = if inv.is_finite() {
@@ -510,38 +518,83 @@ fn encode_bucket(
     let fixed_bits = d * w as usize;
     let masks = &mut sc.masks[..d.div_ceil(64)];
     // Every nonzero costs at least one more bit for its run: skip Elias when even that
-    // lower bound loses (many nonzeros, large levels).
-    let elias = if (q.level_bits + q.nnz) as usize >= fixed_bits {
-        false
-    } else {
-        for (m, c) in masks.iter_mut().zip(fields.chunks(64)) {
-            let mut bits = 0u64;
-            for (j, &f) in c.iter().enumerate() {
-                bits |= ((f != 0) as u64) << j;
-            }
-            *m = bits;
+    // lower bound loses (many nonzeros, large levels). Otherwise write the Elias coding
+    // and, should it reach the size of the fixed-width one, rewind and write that.
+    if ((q.level_bits + q.nnz) as usize) < fixed_bits {
+        let mark = wr.mark();
+        wr.put(scale.to_bits() as u64 | 1 << 32, 33);
+        nonzero_masks(fields, masks);
+        if write_elias(fields, masks, d, fixed_bits, wr) {
+            return Ok(());
         }
-        run_bits(masks, d) + (q.level_bits as usize) < fixed_bits
-    };
-    wr.put(scale.to_bits() as u64 | (elias as u64) << 32, 33);
-    if elias {
-        write_elias(fields, masks, d, wr);
-    } else {
-        match w {
-            2 => pack_fixed::<2>(fields, wr),
-            3 => pack_fixed::<3>(fields, wr),
-            4 => pack_fixed::<4>(fields, wr),
-            5 => pack_fixed::<5>(fields, wr),
-            6 => pack_fixed::<6>(fields, wr),
-            7 => pack_fixed::<7>(fields, wr),
-            8 => pack_fixed::<8>(fields, wr),
-            _ => pack_fixed::<9>(fields, wr),
-        }
+        wr.set(mark);
+    }
+    wr.put(scale.to_bits() as u64, 33);
+    match w {
+        2 => pack_fixed::<2>(fields, wr),
+        3 => pack_fixed::<3>(fields, wr),
+        4 => pack_fixed::<4>(fields, wr),
+        5 => pack_fixed::<5>(fields, wr),
+        6 => pack_fixed::<6>(fields, wr),
+        7 => pack_fixed::<7>(fields, wr),
+        8 => pack_fixed::<8>(fields, wr),
+        _ => pack_fixed::<9>(fields, wr),
     }
     Ok(())
 }
 
+/// Independent noise streams per bucket, interleaved so that the CPU overlaps them.
+const LANES: usize = 4;
+
+/// The noise words of bucket `b`: word pair k (values 2k and 2k + 1, low half of the u64
+/// first) comes from stream `k % LANES`, `Rng::derive(seed, &[STREAM, b, k % LANES])`.
+#[inline(never)]
+fn fill_noise(seed: u64, b: u64, rnd: &mut [u32]) {
+    let words = rnd.len().div_ceil(2);
+    let lanes = words.min(LANES);
+    let mut rng: [Rng; LANES] = std::array::from_fn(|j| Rng::derive(seed, &[STREAM, b, j as u64]));
+    let mut quads = rnd.chunks_exact_mut(2 * LANES);
+    if lanes == LANES {
+        for q in &mut quads {
+            for (j, r) in rng.iter_mut().enumerate() {
+                let x = r.next_u64();
+                q[2 * j] = x as u32;
+                q[2 * j + 1] = (x >> 32) as u32;
+            }
+        }
+    }
+    let rest = if lanes == LANES { quads.into_remainder() } else { rnd };
+    for (k, pair) in rest.chunks_mut(2).enumerate() {
+        let x = rng[k % LANES].next_u64();
+        pair[0] = x as u32;
+        if let Some(h) = pair.get_mut(1) {
+            *h = (x >> 32) as u32;
+        }
+    }
+}
+
+/// Bit j of `masks[i]` is set when `fields[64 i + j]` is nonzero.
+#[inline(never)]
+fn nonzero_masks(fields: &[u16], masks: &mut [u64]) {
+    for (m, c) in masks.iter_mut().zip(fields.chunks(64)) {
+        let mut flags = [0u8; 64];
+        for (g, &f) in flags.iter_mut().zip(c) {
+            *g = (f != 0) as u8;
+        }
+        // Eight 0/1 bytes to eight bits: the multiply moves byte j's bit to bit 56 + j,
+        // with no carries into the top byte.
+        let mut bits = 0u64;
+        for (k, ch) in flags.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(ch);
+            bits |= (u64::from_le_bytes(a).wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k);
+        }
+        *m = bits;
+    }
+}
+
 /// `||v||_2`; `NonFinite` for NaN or infinite values.
+#[inline(never)]
 fn l2_norm(v: &[f32], first: usize) -> Result<f32, QsgdError> {
     let mut acc = [0f32; 8];
     let mut chunks = v.chunks_exact(8);
@@ -567,20 +620,21 @@ fn l2_norm(v: &[f32], first: usize) -> Result<f32, QsgdError> {
 }
 
 /// `max |v_i|`; `NonFinite` for NaN or infinite values.
+#[inline(never)]
 fn max_abs(v: &[f32], first: usize) -> Result<f32, QsgdError> {
     // On the bits of |x| integer order is float order, and NaN and infinity are the
     // largest of all.
-    let mut acc = [0u32; 8];
+    let mut acc = [0i32; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
         for j in 0..8 {
-            acc[j] = acc[j].max(c[j].to_bits() & 0x7fff_ffff);
+            acc[j] = acc[j].max((c[j].to_bits() & 0x7fff_ffff) as i32);
         }
     }
     for (j, &x) in chunks.remainder().iter().enumerate() {
-        acc[j] = acc[j].max(x.to_bits() & 0x7fff_ffff);
+        acc[j] = acc[j].max((x.to_bits() & 0x7fff_ffff) as i32);
     }
-    let m = acc.iter().copied().max().unwrap_or(0);
+    let m = acc.iter().copied().max().unwrap_or(0) as u32;
     if m >= 0x7f80_0000 {
         let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
         return Err(QsgdError::NonFinite { index: first + i });
@@ -588,27 +642,38 @@ fn max_abs(v: &[f32], first: usize) -> Result<f32, QsgdError> {
     Ok(f32::from_bits(m))
 }
 
+/// 2^23: adding it to an f32 in [0, 2^22) rounds to an integer held in the low
+/// mantissa bits (the float-to-int conversion that vectorizes without saturation checks).
+const ROUND: f32 = 8_388_608.0;
+const ROUND_BITS: u32 = 0x4b00_0000;
+
 /// Stochastic rounding of `|v_i| * inv` to a level in `0..=s`, written as
-/// `level << 1 | sign` into `fields`. Written to vectorize: no branches, no tables.
+/// `level << 1 | sign` into `fields`. The uniform is the top 24 bits of the noise word
+/// (`k / 2^24`), and the level rounds up when it is below the fractional part: the
+/// probability is the fractional part rounded up to a multiple of 2^-24, the precision
+/// of f32 itself. Written to vectorize: no branches, no tables, no saturating casts.
 #[inline(never)]
 fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, fields: &mut [u16]) -> Quantized {
-    let si = s as i32;
+    let sf = s as f32;
     let mut nnz = 0u32;
     let mut level_bits = 0u32;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
-        let r = x.abs() * inv;
-        let fl = r as i32; // r >= 0, so truncation is floor
-        let frac = r - fl as f32; // exact
-        let thr = (frac * 2_147_483_648.0) as i32; // frac in 2^-31 units, < 2^31
-        let up = ((u >> 1) as i32) < thr; // probability thr / 2^31
-        let lvl = (fl + up as i32).min(si); // the min only catches rounding above s
+        let r = x.abs() * inv; // in [0, s], up to rounding
+        let near = (r + ROUND) - ROUND; // r rounded to the nearest integer, exactly
+        let fl = if near > r { near - 1.0 } else { near };
+        let frac = r - fl; // exact
+        let uf = ((u >> 8) as i32) as f32 * (1.0 / 16_777_216.0);
+        let up = if uf < frac { 1.0 } else { 0.0 };
+        let lf = fl + up;
+        let lf = if lf < sf { lf } else { sf }; // only catches rounding above s
+        let lvl = (lf + ROUND).to_bits() - ROUND_BITS;
         let nz = lvl != 0;
-        let neg = (x.to_bits() >> 31) as i32 & nz as i32;
+        let neg = (x.to_bits() >> 31) & nz as u32;
         *f = ((lvl << 1) | neg) as u16;
         nnz += nz as u32;
         // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
-        let e = ((lvl as f32).to_bits() >> 23) as i32 - 126;
-        level_bits += if nz { (2 * e) as u32 } else { 0 };
+        let e = (lf.to_bits() >> 23).wrapping_sub(126);
+        level_bits += if nz { 2 * e } else { 0 };
     }
     Quantized { nnz, level_bits }
 }
@@ -619,9 +684,9 @@ fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, fields: &mut [u16]) ->
     let mut level_bits = 0u32;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
         let r = (x.abs() as f64 * inv).min(s as f64);
-        let fl = r as u32;
-        let thr = ((r - fl as f64) * 2_147_483_648.0) as u32;
-        let lvl = (fl + ((u >> 1) < thr) as u32).min(s);
+        let fl = r.floor();
+        let uf = (u >> 8) as f64 / 16_777_216.0;
+        let lvl = (fl as u32 + (uf < r - fl) as u32).min(s);
         let neg = (x.to_bits() >> 31) & (lvl != 0) as u32;
         *f = ((lvl << 1) | neg) as u16;
         if lvl != 0 {
@@ -632,54 +697,102 @@ fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, fields: &mut [u16]) ->
     Quantized { nnz, level_bits }
 }
 
-/// Bits of the run-length gamma codes of the Elias mode (levels and signs excluded).
-fn run_bits(masks: &[u64], d: usize) -> usize {
-    let mut next = 0usize;
-    let mut bits = 0usize;
-    for (wi, &m0) in masks.iter().enumerate() {
-        let mut m = m0;
-        while m != 0 {
-            let p = wi * 64 + m.trailing_zeros() as usize;
-            m &= m - 1;
-            bits += gamma_len((p - next + 1) as u64) as usize;
-            next = p + 1;
-        }
-    }
-    if next < d {
-        bits += gamma_len((d - next + 1) as u64) as usize;
-    }
-    bits
+/// Bytes past the worst-case size that the encoder's buffer has: the writer stores 8
+/// bytes at a time, and an Elias attempt checks its budget once per 64 values, so it
+/// may overshoot by up to 64 symbols of at most 67 bits.
+const WRITER_SLACK: usize = 8 + 64 * 67 / 8 + 8;
+
+/// Writes the Elias coding of a bucket. Returns false as soon as it has taken `budget`
+/// bits or more (the caller then rewinds the writer); true if it took fewer.
+#[inline(never)]
+fn write_elias(fields: &[u16], masks: &[u64], d: usize, budget: usize, wr: &mut BitWriter<'_>) -> bool {
+    let mut w = wr.local();
+    let ok = write_elias_into(fields, masks, d, budget, &mut w);
+    let m = w.mark();
+    wr.set(m);
+    ok
 }
 
-fn write_elias(fields: &[u16], masks: &[u64], d: usize, wr: &mut BitWriter<'_>) {
+/// `gamma(gap + 1)` for short gaps, as `code | len << 16`.
+static RUN_CODES: [u32; 64] = run_codes();
+/// `sign | gamma(level) << 1` for every field `level << 1 | sign` (level >= 1), as
+/// `code | len << 24`.
+static LEVEL_CODES: [u32; 512] = level_codes();
+
+const fn gamma_const(x: u64) -> (u64, u32) {
+    let z = 63 - x.leading_zeros();
+    ((((x - (1u64 << z)) << 1) | 1) << z, 2 * z + 1)
+}
+
+const fn run_codes() -> [u32; 64] {
+    let mut t = [0u32; 64];
+    let mut i = 0;
+    while i < 64 {
+        let (c, l) = gamma_const(i as u64 + 1);
+        t[i] = c as u32 | l << 16;
+        i += 1;
+    }
+    t
+}
+
+const fn level_codes() -> [u32; 512] {
+    let mut t = [0u32; 512];
+    let mut f = 2;
+    while f < 512 {
+        let (c, l) = gamma_const(f as u64 >> 1);
+        t[f] = (f as u32 & 1) | (c as u32) << 1 | (l + 1) << 24;
+        f += 1;
+    }
+    t
+}
+
+#[inline(always)]
+fn write_elias_into(fields: &[u16], masks: &[u64], d: usize, budget: usize, wr: &mut BitWriter<'_>) -> bool {
+    let mut used = 0usize;
     let mut next = 0usize;
     for (wi, &m0) in masks.iter().enumerate() {
         let mut m = m0;
         while m != 0 {
             let p = wi * 64 + m.trailing_zeros() as usize;
             m &= m - 1;
-            let (c1, l1) = gamma((p - next + 1) as u64);
-            let f = fields[p] as u64;
-            let (c2, l2) = gamma(f >> 1);
-            let c2 = (f & 1) | c2 << 1;
-            let l2 = l2 + 1;
+            let gap = p - next;
+            let (c1, l1) = match RUN_CODES.get(gap) {
+                Some(&e) => ((e & 0xffff) as u64, e >> 16),
+                None => gamma(gap as u64 + 1),
+            };
+            let e = LEVEL_CODES[(fields[p] & 511) as usize];
+            let (c2, l2) = ((e & 0xff_ffff) as u64, e >> 24);
             if l1 + l2 <= 56 {
                 wr.put(c1 | c2 << l1, l1 + l2);
             } else {
                 wr.put(c1, l1);
                 wr.put(c2, l2);
             }
+            used += (l1 + l2) as usize;
             next = p + 1;
+        }
+        if used >= budget {
+            return false;
         }
     }
     if next < d {
         let (c, l) = gamma((d - next + 1) as u64);
         wr.put(c, l);
+        used += l as usize;
     }
+    used < budget
 }
 
 #[inline(never)]
 fn pack_fixed<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
+    let mut w = wr.local();
+    pack_fixed_into::<W>(fields, &mut w);
+    let m = w.mark();
+    wr.set(m);
+}
+
+#[inline(always)]
+fn pack_fixed_into<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
     let k = (56 / W) as usize;
     let mut chunks = fields.chunks_exact(k);
     for c in &mut chunks {
@@ -773,6 +886,17 @@ pub fn decode_expect(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>, Qsgd
     decode_inner(bytes, Some(expected_len)).map(|(v, _)| v)
 }
 
+/// [`decode`] into a buffer the caller reuses, of exactly the encoding's length: saves
+/// the allocation (and the page faults of a fresh large vector). On an error the
+/// contents of `out` are unspecified.
+pub fn decode_into(bytes: &[u8], out: &mut [f32]) -> Result<(), QsgdError> {
+    let h = parse_header(bytes)?;
+    if h.n != out.len() {
+        return Err(QsgdError::Count { expected: out.len(), got: h.n });
+    }
+    decode_body(bytes, &h, out).map(|_| ())
+}
+
 fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, ModeCounts), QsgdError> {
     let h = parse_header(bytes)?;
     if let Some(e) = expected {
@@ -780,6 +904,14 @@ fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, Mode
             return Err(QsgdError::Count { expected: e, got: h.n });
         }
     }
+    let mut out = vec![0f32; h.n];
+    let counts = decode_body(bytes, &h, &mut out)?;
+    Ok((out, counts))
+}
+
+/// Decodes the bit stream of a checked header into `out` (of length `h.n`), writing
+/// every value.
+fn decode_body(bytes: &[u8], h: &Header, out: &mut [f32]) -> Result<ModeCounts, QsgdError> {
     let data = &bytes[HEADER_BYTES..];
     let mut rd = BitReader { data, pos: 0, end: data.len() * 8 };
     let s = h.cfg.levels();
@@ -791,12 +923,12 @@ fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, Mode
         *t = if f & 1 == 1 && f > 1 { -lvl } else { lvl };
     }
     let mut counts = ModeCounts::default();
-    let mut out = vec![0f32; h.n];
     for (b, o) in out.chunks_mut(h.cfg.bucket).enumerate() {
         let d = o.len();
         if rd.remaining() < 33 {
             if rd.remaining() >= 32 && rd.peek() & 0xffff_ffff == 0 {
                 rd.pos += 32;
+                o.fill(0.0);
                 counts.zero += 1;
                 continue;
             }
@@ -806,6 +938,7 @@ fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, Mode
         let bits = head as u32;
         if bits == 0 {
             rd.pos += 32;
+            o.fill(0.0);
             counts.zero += 1;
             continue;
         }
@@ -842,7 +975,7 @@ fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, Mode
     if rd.pos % 8 != 0 && data[used - 1] >> (rd.pos % 8) != 0 {
         return Err(QsgdError::Padding);
     }
-    Ok((out, counts))
+    Ok(counts)
 }
 
 #[inline(never)]
@@ -867,38 +1000,98 @@ fn unpack_fixed<const W: u32>(rd: &mut BitReader<'_>, out: &mut [f32], tab: &[f3
     }
 }
 
+/// Bits the Elias fast path looks at.
+const FAST_BITS: u32 = 12;
+
+/// For every value of the next `FAST_BITS` bits of an Elias stream: the symbol
+/// `gamma(run + 1), sign, gamma(level)` that they hold in full, as
+/// `len | run << 4 | level << 9 | sign << 14`, or 0 if the symbol is longer.
+static ELIAS_FAST: [u16; 1 << FAST_BITS] = elias_fast_table();
+
+const fn elias_fast_table() -> [u16; 1 << FAST_BITS] {
+    let mut t = [0u16; 1 << FAST_BITS];
+    let mut i = 0;
+    while i < t.len() {
+        let x = i as u32;
+        let z1 = x.trailing_zeros();
+        // The run's gamma, the sign and at least the one bit of gamma(1).
+        if 2 * z1 + 3 <= FAST_BITS {
+            let run = ((x >> (z1 + 1)) & ((1 << z1) - 1)) | (1 << z1);
+            let at = 2 * z1 + 1;
+            let sign = (x >> at) & 1;
+            let rest = x >> (at + 1);
+            let z2 = rest.trailing_zeros();
+            if at + 2 * z2 + 2 <= FAST_BITS {
+                let level = ((rest >> (z2 + 1)) & ((1 << z2) - 1)) | (1 << z2);
+                let len = at + 2 * z2 + 2;
+                t[i] = (len | (run - 1) << 4 | level << 9 | sign << 14) as u16;
+            }
+        }
+        i += 1;
+    }
+    t
+}
+
+#[inline(never)]
 fn decode_elias(rd: &mut BitReader<'_>, out: &mut [f32], s: u32, step: f32, b: usize) -> Result<(), QsgdError> {
+    let corrupt = |reason| QsgdError::Corrupt { bucket: b, reason };
+    out.fill(0.0);
     let d = out.len();
     let mut p = 0usize;
+    // `win` holds the stream from `rd.pos` on, `avail` bits of it valid.
+    let mut win = rd.peek();
+    let mut avail = 64 - (rd.pos & 7) as u32;
     while p < d {
+        if avail < FAST_BITS {
+            win = rd.peek();
+            avail = 64 - (rd.pos & 7) as u32;
+        }
+        let e = ELIAS_FAST[(win & ((1 << FAST_BITS) - 1)) as usize] as usize;
+        let run = (e >> 4) & 31;
+        if e != 0 && run < d - p {
+            let level = (e >> 9) as u32 & 31;
+            if level > s {
+                return Err(corrupt("level out of range"));
+            }
+            p += run;
+            out[p] = f32::from_bits((level as f32 * step).to_bits() | ((e >> 14) as u32 & 1) << 31);
+            p += 1;
+            let len = (e & 15) as u32;
+            win >>= len;
+            avail -= len;
+            rd.pos += len as usize;
+            continue;
+        }
+        // Long codes, the trailing run, and corrupt input, one gamma code at a time.
         let win = rd.peek();
         let z = win.trailing_zeros();
         if z > MAX_RUN_Z {
-            return Err(QsgdError::Corrupt { bucket: b, reason: "run length out of range" });
+            return Err(corrupt("run length out of range"));
         }
         let run = ((win >> (z + 1)) & ((1u64 << z) - 1)) as usize + (1usize << z) - 1;
         rd.pos += 2 * z as usize + 1;
         if run > d - p {
-            return Err(QsgdError::Corrupt { bucket: b, reason: "run past the end of the bucket" });
+            return Err(corrupt("run past the end of the bucket"));
         }
         p += run;
         if p == d {
             break; // the trailing run
         }
-        let win = rd.peek();
-        let sign = (win & 1) as u32;
-        let lw = win >> 1;
+        let lw = rd.peek();
+        let sign = (lw & 1) as u32;
+        let lw = lw >> 1;
         let z = lw.trailing_zeros();
         if z > MAX_LEVEL_Z {
-            return Err(QsgdError::Corrupt { bucket: b, reason: "level out of range" });
+            return Err(corrupt("level out of range"));
         }
-        let lvl = ((lw >> (z + 1)) & ((1u64 << z) - 1)) as u32 | (1u32 << z);
-        if lvl > s {
-            return Err(QsgdError::Corrupt { bucket: b, reason: "level out of range" });
+        let level = ((lw >> (z + 1)) & ((1u64 << z) - 1)) as u32 | (1u32 << z);
+        if level > s {
+            return Err(corrupt("level out of range"));
         }
         rd.pos += 2 * z as usize + 2;
-        out[p] = f32::from_bits((lvl as f32 * step).to_bits() | sign << 31);
+        out[p] = f32::from_bits((level as f32 * step).to_bits() | sign << 31);
         p += 1;
+        avail = 0; // reload the window
     }
     if rd.pos > rd.end {
         return Err(QsgdError::Truncated { bucket: b });

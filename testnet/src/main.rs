@@ -252,7 +252,12 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             NodeLine::Round(i, r) => rounds[i] = r + 1,
             NodeLine::Epoch(e, acc) => {
                 if last_acc.is_none_or(|(le, _)| e > le) {
-                    bar.println(format!("epoch {e}: test accuracy {acc:.2}%"));
+                    let line = format!("epoch {e}: test accuracy {acc:.2}%");
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
                     last_acc = Some((e, acc));
                 }
             }

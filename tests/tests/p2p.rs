@@ -158,3 +158,34 @@ fn a_diverged_peer_resyncs_from_the_majority() {
         .collect();
     assert_eq!(syncs, vec![0, 1, 0]);
 }
+
+#[test]
+fn a_late_peer_joins_by_state_sync_and_trains_from_the_next_epoch() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let o = Command::new(bin("testnet"))
+        .args(["run", "--peers", "4", "--out", dir.path().to_str().unwrap(), "--timeout", "600"])
+        .args(["--start-delay", "3=6", "--"])
+        .args(["--min-peers", "3", "--data-dir", data.to_str().unwrap(), "--limit-train", "4000"])
+        .args(["--limit-test", "500", "--val-size", "400", "--epochs", "3", "--batches-per-round", "1"])
+        .args(["--device", "cpu", "--failure-timeout-ms", "5000"])
+        .output()
+        .expect("run testnet");
+    let r: Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "{}", r["problems"]);
+    assert_eq!(r["all_final_digests_equal"], true);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    let late: Value = serde_json::from_slice(&std::fs::read(dir.path().join("nodes/n3/report.json")).unwrap()).unwrap();
+    assert_eq!(late["state_syncs"], 1, "the late peer synced once");
+    let log = late["rounds_log"].as_array().unwrap();
+    let first = log.first().unwrap()["round"].as_u64().unwrap();
+    assert!(first > 0, "it joined a run in progress");
+    // It followed (contributors 3) and then trained (contributors 4).
+    assert_eq!(log.first().unwrap()["contributors"], 3);
+    assert_eq!(log.last().unwrap()["contributors"], 4);
+    let founders: Value = serde_json::from_slice(&std::fs::read(dir.path().join("nodes/n0/report.json")).unwrap()).unwrap();
+    let acc = founders["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.6, "{acc}");
+}
