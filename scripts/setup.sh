@@ -34,10 +34,10 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-if ! .venv/bin/python -c "import torch, safetensors, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, safetensors, numpy, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   say "creating .venv with torch==$TORCH_VERSION (a large download the first time)"
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" safetensors
+  .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" safetensors numpy
 fi
 # The binaries find libtorch through an rpath to .venv/torch-lib (see .cargo/config.toml).
 torch_lib=$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')

@@ -227,7 +227,8 @@ impl Model {
             s.var.zero_grad();
         }
         let logits = self.net.forward_t(x, true);
-        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
+        // The mean loss gives the mean gradient directly: no extra pass to scale it.
+        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
         loss.backward();
         let n = y.size()[0] as usize;
         let parts: Vec<(i64, Tensor)> = self
@@ -239,8 +240,8 @@ impl Model {
             })
             .collect();
         let numel = self.flat.numel() as i64;
-        opt.step_parts(&mut self.flat, &parts, 1.0 / n.max(1) as f64, numel);
-        (loss.double_value(&[]), n)
+        opt.step_parts(&mut self.flat, &parts, 1.0, numel);
+        (loss.double_value(&[]) * n as f64, n)
     }
 
     /// Mean loss and accuracy over `x`, `y` in eval mode, `batch` samples at a time.

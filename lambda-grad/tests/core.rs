@@ -156,7 +156,9 @@ fn safetensors_round_trip() {
 }
 
 #[test]
-fn local_step_equals_flat_gradient_step_bit_for_bit() {
+fn local_step_matches_the_flat_gradient_step() {
+    // The fused path differentiates the mean loss, the flat path the summed loss
+    // scaled by 1/n: equal up to float rounding, and the same training.
     let _rng = torch_rng();
     for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
         let cfg = OptimizerConfig { kind, lr: 0.05, weight_decay: 1e-3, ..Default::default() };
@@ -170,11 +172,12 @@ fn local_step_equals_flat_gradient_step_bit_for_bit() {
             oa.step(a.flat_params_mut(), &g.mean_grad());
             tch::manual_seed(s as i64);
             let (loss, n) = b.local_step(&x, &y, &mut ob);
-            assert_eq!((loss, n), (g.loss_sum, g.samples));
+            assert_eq!(n, g.samples);
+            assert!((loss - g.loss_sum).abs() <= 1e-4 * g.loss_sum.abs(), "{loss} vs {}", g.loss_sum);
         }
         let (pa, pb) = (a.params_vec(), b.params_vec());
-        let same = pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits());
         let max_diff = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(same, "{kind}: the two paths differ by up to {max_diff}");
+        assert!(max_diff < 1e-5, "{kind}: the two paths differ by up to {max_diff}");
+        assert_ne!(pa, Model::new(tiny(), Device::Cpu, 4).unwrap().params_vec());
     }
 }

@@ -224,11 +224,10 @@ fn parse_sync(s: &str) -> Result<String, String> {
     }
 }
 
+/// `none` or `qsgd:bits=4,bucket=512,norm=l2` (any subset of the keys), kept in
+/// its canonical spelling so that peers compare equal configurations as equal.
 fn parse_compression(s: &str) -> Result<String, String> {
-    match s {
-        "none" => Ok(s.to_string()),
-        _ => Err(format!("unknown compression '{s}': expected none")),
-    }
+    s.parse::<p2pml_proto::Compression>().map(|c| c.to_string()).map_err(|e| e.to_string())
 }
 
 /// The command-line form of [`P2pConfig`].
@@ -252,7 +251,7 @@ pub struct P2pArgs {
     /// Batches each peer computes per round (one exchange per round).
     #[arg(long, env = "P2PML_BATCHES_PER_ROUND", default_value_t = 10)]
     pub batches_per_round: usize,
-    /// Gradient compression on the wire: none.
+    /// Gradient compression on the wire: none, or qsgd:bits=1..8,bucket=N,norm=l2|max.
     #[arg(long, env = "P2PML_COMPRESSION", default_value = "none", value_parser = parse_compression)]
     pub compression: String,
     /// sync: barrier every round; async: no barrier, bounded staleness.

@@ -83,6 +83,16 @@ pub struct NodeReport {
     pub epochs_log: Vec<EpochRecord>,
 }
 
+/// The seed of a peer's stochastic rounding in a round: distinct per peer and
+/// round, reproducible from the run seed.
+fn gradient_seed(run_seed: u64, round: u64, peer: &PeerId) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&run_seed.to_le_bytes());
+    h.update(&round.to_le_bytes());
+    h.update(&peer.to_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
 fn hex(d: &Digest) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -631,6 +641,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
+    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
 
     let mut listen = Vec::new();
     for a in &p2p.listen {
@@ -880,7 +891,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
             // Encode and announce.
             let t0 = Instant::now();
-            let blob = p2pml_proto::encode_f32(&c.grad).map_err(|e| anyhow!("round {round}: gradient {e}; lower --lr"))?;
+            let seed = gradient_seed(cfg.seed, round, &me);
+            let blob = p2pml_proto::encode_gradient(&c.grad, &compression, seed)
+                .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
             let digest = *blake3::hash(&blob).as_bytes();
             st.encode = t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
@@ -950,7 +963,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
         // Decode and aggregate, deterministically: contributors sorted by peer id,
         // each (ours included) in the decoded form everyone else sees.
-        let t0 = Instant::now();
         let mut sorted = contributors.clone();
         sorted.sort();
         node.last_contributors = sorted.iter().map(|(p, _)| *p).collect();
@@ -971,30 +983,39 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 inputs.push((a.samples, a.loss_sum, blob));
             }
         }
-        let (grad_mean, total_samples, loss_total) = tokio::task::spawn_blocking(move || {
+        let compression_c = compression;
+        let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) = tokio::task::spawn_blocking(move || {
             let mut acc = vec![0f32; numel];
             let (mut samples, mut loss) = (0u64, 0f64);
+            let (mut dec, mut agg) = (Duration::ZERO, Duration::ZERO);
             for (s, l, blob) in &inputs {
-                match p2pml_proto::decode_f32(blob, numel) {
+                let t = Instant::now();
+                let decoded = p2pml_proto::decode_gradient(blob, &compression_c, numel);
+                dec += t.elapsed();
+                match decoded {
                     Ok(v) => {
+                        let t = Instant::now();
                         for (a, x) in acc.iter_mut().zip(&v) {
                             *a += *x;
                         }
+                        agg += t.elapsed();
                         samples += s;
                         loss += l;
                     }
                     Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
                 }
             }
+            let t = Instant::now();
             let scale = 1.0 / samples.max(1) as f32;
             for a in acc.iter_mut() {
                 *a *= scale;
             }
-            (acc, samples, loss)
+            agg += t.elapsed();
+            (acc, samples, loss, dec.as_secs_f64(), agg.as_secs_f64())
         })
         .await?;
-        st.decode = t0.elapsed().as_secs_f64();
-        st.aggregate = 0.0;
+        st.decode = decode_secs;
+        st.aggregate = aggregate_secs;
 
         // Convergence decisions ride on the first round of each epoch.
         let mut t = trainer.take().expect("trainer present");

@@ -41,10 +41,25 @@
 //!
 //! The encoder picks, per bucket, whichever mode is smaller (fixed on a tie), and
 //! sends a bucket whose levels all rounded to zero as a zero scale. Both modes decode
-//! to exactly the same values, so the choice never changes what a peer sees.
+//! to exactly the same values (`±level * (scale / s)` in f32), so the choice never
+//! changes what a peer sees.
 //!
-//! The quantization noise of bucket `b` comes from `Rng::derive(seed, &[STREAM, b])`:
-//! one `next_u64` gives the uniforms of two consecutive values (low half first).
+//! # Quantization noise
+//!
+//! Deterministic for a seed: bucket `b` draws from two streams
+//! `Rng::derive(seed, &[STREAM, b, lane])`, lane 0 and 1 alternating by u64 word, each
+//! word giving the 21-bit uniforms of three consecutive values. With `k = min(23 - bits,
+//! 21)` fractional bits, `t = round(s |v_i| / scale * 2^k)` and a k-bit uniform `u`, the
+//! level is `(t + u) >> k`: `floor`, plus one with probability equal to the fractional
+//! part (to 2^-k, below f32's own precision of `s |v_i| / scale`).
+//!
+//! # Speed
+//!
+//! Every pass is a tight loop over one bucket held in L1: the norm (32 independent
+//! accumulators), the noise (two interleaved generators), the quantization (branch-free,
+//! vectorized), then 64-bit bit packing. The Elias mode is tried only when a lower bound
+//! of its size beats the fixed width, and abandoned as soon as it stops being smaller.
+//! The Elias decoder resolves a whole symbol of up to 12 bits with one table lookup.
 
 use crate::Rng;
 use std::fmt;
@@ -57,7 +72,7 @@ pub const VERSION: u8 = 1;
 /// Size of the fixed header.
 pub const HEADER_BYTES: usize = 20;
 /// Largest bucket size.
-pub const MAX_BUCKET: usize = 1 << 24;
+pub const MAX_BUCKET: usize = 1 << 20;
 /// Most values in one encoding (1 GiB of f32, as `wire::MAX_BLOB_BYTES`).
 pub const MAX_LEN: usize = 1 << 28;
 /// Largest scale on the wire: `level * (scale / s)` stays finite for every level.
@@ -70,10 +85,10 @@ const DEFAULT_BUCKET: usize = 512;
 /// Label of the quantization noise stream ("qsgd" in ASCII).
 const STREAM: u64 = 0x7173_6764;
 /// `floor(log2(MAX_BUCKET + 1))`: the longest run gamma code has this many leading zeros.
-const MAX_RUN_Z: u32 = 24;
+const MAX_RUN_Z: u32 = 20;
 /// `floor(log2(255))`: the longest level gamma code.
 const MAX_LEVEL_Z: u32 = 7;
-const VALID_KEYS: &str = "bits=1..8, bucket=1..16777216, norm=l2|max";
+const VALID_KEYS: &str = "bits=1..8, bucket=1..1048576, norm=l2|max";
 
 /// What a bucket is scaled by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -122,7 +137,10 @@ impl FromStr for Norm {
         match s.trim().to_ascii_lowercase().as_str() {
             "l2" => Ok(Norm::L2),
             "max" => Ok(Norm::Max),
-            _ => Err(spec_error(s, format!("unknown norm '{}': expected l2 or max", s.trim()))),
+            _ => Err(spec_error(
+                s,
+                format!("unknown norm '{}': expected l2 or max", s.trim()),
+            )),
         }
     }
 }
@@ -139,7 +157,11 @@ pub struct QsgdConfig {
 
 impl Default for QsgdConfig {
     fn default() -> Self {
-        QsgdConfig { bits: DEFAULT_BITS, bucket: DEFAULT_BUCKET, norm: Norm::L2 }
+        QsgdConfig {
+            bits: DEFAULT_BITS,
+            bucket: DEFAULT_BUCKET,
+            norm: Norm::L2,
+        }
     }
 }
 
@@ -152,10 +174,16 @@ impl QsgdConfig {
     /// Checks the ranges of the fields (they are public, so any value can be built).
     pub fn validate(&self) -> Result<(), QsgdError> {
         if !(MIN_BITS..=MAX_BITS).contains(&self.bits) {
-            return Err(QsgdError::Config(format!("bits must be in {MIN_BITS}..={MAX_BITS}, got {}", self.bits)));
+            return Err(QsgdError::Config(format!(
+                "bits must be in {MIN_BITS}..={MAX_BITS}, got {}",
+                self.bits
+            )));
         }
         if !(1..=MAX_BUCKET).contains(&self.bucket) {
-            return Err(QsgdError::Config(format!("bucket must be in 1..={MAX_BUCKET}, got {}", self.bucket)));
+            return Err(QsgdError::Config(format!(
+                "bucket must be in 1..={MAX_BUCKET}, got {}",
+                self.bucket
+            )));
         }
         Ok(())
     }
@@ -163,12 +191,19 @@ impl QsgdConfig {
 
 impl fmt::Display for QsgdConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "qsgd:bits={},bucket={},norm={}", self.bits, self.bucket, self.norm)
+        write!(
+            f,
+            "qsgd:bits={},bucket={},norm={}",
+            self.bits, self.bucket, self.norm
+        )
     }
 }
 
 fn spec_error(spec: &str, reason: String) -> QsgdError {
-    QsgdError::Spec { spec: spec.to_string(), reason }
+    QsgdError::Spec {
+        spec: spec.to_string(),
+        reason,
+    }
 }
 
 impl FromStr for QsgdConfig {
@@ -181,7 +216,10 @@ impl FromStr for QsgdConfig {
         let rest = match t.get(..4) {
             Some(p) if p.eq_ignore_ascii_case("qsgd") => &t[4..],
             _ => {
-                return Err(spec_error(spec, format!("expected 'qsgd' or 'qsgd:KEY=VALUE,...' with keys {VALID_KEYS}")));
+                return Err(spec_error(
+                    spec,
+                    format!("expected 'qsgd' or 'qsgd:KEY=VALUE,...' with keys {VALID_KEYS}"),
+                ));
             }
         };
         let body = if rest.is_empty() {
@@ -189,7 +227,10 @@ impl FromStr for QsgdConfig {
         } else if let Some(b) = rest.strip_prefix(':') {
             b
         } else {
-            return Err(spec_error(spec, format!("expected ':' after 'qsgd', then KEY=VALUE pairs with keys {VALID_KEYS}")));
+            return Err(spec_error(
+                spec,
+                format!("expected ':' after 'qsgd', then KEY=VALUE pairs with keys {VALID_KEYS}"),
+            ));
         };
         let mut cfg = QsgdConfig::default();
         let mut seen = [false; 3];
@@ -202,7 +243,10 @@ impl FromStr for QsgdConfig {
                 return Err(spec_error(spec, "empty KEY=VALUE pair".into()));
             }
             let Some((k, v)) = item.split_once('=') else {
-                return Err(spec_error(spec, format!("'{item}' is not KEY=VALUE (valid keys: {VALID_KEYS})")));
+                return Err(spec_error(
+                    spec,
+                    format!("'{item}' is not KEY=VALUE (valid keys: {VALID_KEYS})"),
+                ));
             };
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
             let slot = match k.as_str() {
@@ -210,7 +254,12 @@ impl FromStr for QsgdConfig {
                     cfg.bits = match v.parse::<u8>() {
                         Ok(b) if (MIN_BITS..=MAX_BITS).contains(&b) => b,
                         _ => {
-                            return Err(spec_error(spec, format!("bits must be an integer in {MIN_BITS}..={MAX_BITS}, got '{v}'")));
+                            return Err(spec_error(
+                                spec,
+                                format!(
+                                    "bits must be an integer in {MIN_BITS}..={MAX_BITS}, got '{v}'"
+                                ),
+                            ));
                         }
                     };
                     0
@@ -219,7 +268,10 @@ impl FromStr for QsgdConfig {
                     cfg.bucket = match v.parse::<usize>() {
                         Ok(b) if (1..=MAX_BUCKET).contains(&b) => b,
                         _ => {
-                            return Err(spec_error(spec, format!("bucket must be an integer in 1..={MAX_BUCKET}, got '{v}'")));
+                            return Err(spec_error(
+                                spec,
+                                format!("bucket must be an integer in 1..={MAX_BUCKET}, got '{v}'"),
+                            ));
                         }
                     };
                     1
@@ -228,11 +280,21 @@ impl FromStr for QsgdConfig {
                     cfg.norm = match v.to_ascii_lowercase().as_str() {
                         "l2" => Norm::L2,
                         "max" => Norm::Max,
-                        _ => return Err(spec_error(spec, format!("norm must be l2 or max, got '{v}'"))),
+                        _ => {
+                            return Err(spec_error(
+                                spec,
+                                format!("norm must be l2 or max, got '{v}'"),
+                            ))
+                        }
                     };
                     2
                 }
-                _ => return Err(spec_error(spec, format!("unknown key '{k}' (valid keys: {VALID_KEYS})"))),
+                _ => {
+                    return Err(spec_error(
+                        spec,
+                        format!("unknown key '{k}' (valid keys: {VALID_KEYS})"),
+                    ))
+                }
             };
             if std::mem::replace(&mut seen[slot], true) {
                 return Err(spec_error(spec, format!("key '{k}' is given twice")));
@@ -272,7 +334,10 @@ impl FromStr for Compression {
                 other => other,
             });
         }
-        Err(spec_error(spec, format!("expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys {VALID_KEYS}")))
+        Err(spec_error(
+            spec,
+            format!("expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys {VALID_KEYS}"),
+        ))
     }
 }
 
@@ -324,7 +389,12 @@ struct BitWriter<'a> {
 
 impl<'a> BitWriter<'a> {
     fn new(buf: &'a mut [u8]) -> Self {
-        BitWriter { buf, byte: 0, acc: 0, fill: 0 }
+        BitWriter {
+            buf,
+            byte: 0,
+            acc: 0,
+            fill: 0,
+        }
     }
 
     /// Appends the low `n` bits of `v` (`n <= 56`, `v < 2^n`).
@@ -336,6 +406,16 @@ impl<'a> BitWriter<'a> {
         }
         self.acc |= v << self.fill;
         self.fill += n;
+    }
+
+    /// `put` then `flush`, without a branch: the caller keeps `fill <= 7` on entry (true
+    /// after any flush) and `n <= 56`.
+    #[inline(always)]
+    fn put_flush(&mut self, v: u64, n: u32) {
+        debug_assert!(self.fill <= 7 && n <= 56 && v >> n == 0);
+        self.acc |= v << self.fill;
+        self.fill += n;
+        self.flush();
     }
 
     #[inline(always)]
@@ -350,7 +430,12 @@ impl<'a> BitWriter<'a> {
     /// The writer, borrowed for a hot loop: a local copy whose state stays in registers.
     /// Give its state back with `set(local.mark())`.
     fn local(&mut self) -> BitWriter<'_> {
-        BitWriter { buf: &mut *self.buf, byte: self.byte, acc: self.acc, fill: self.fill }
+        BitWriter {
+            buf: &mut *self.buf,
+            byte: self.byte,
+            acc: self.acc,
+            fill: self.fill,
+        }
     }
 
     fn mark(&self) -> (usize, u64, u32) {
@@ -381,32 +466,36 @@ impl BitReader<'_> {
     /// The next bits of the stream: at least 57 of them are valid.
     #[inline(always)]
     fn peek(&self) -> u64 {
-        let i = self.pos >> 3;
-        let w = match self.data.get(i..i + 8) {
-            Some(s) => {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(s);
-                u64::from_le_bytes(a)
-            }
-            None => self.peek_tail(i),
-        };
-        w >> (self.pos & 7)
-    }
-
-    #[cold]
-    fn peek_tail(&self, i: usize) -> u64 {
-        let mut a = [0u8; 8];
-        if let Some(t) = self.data.get(i..) {
-            let k = t.len().min(8);
-            a[..k].copy_from_slice(&t[..k]);
-        }
-        u64::from_le_bytes(a)
+        load64(self.data, self.pos >> 3) >> (self.pos & 7)
     }
 
     #[inline(always)]
     fn remaining(&self) -> usize {
         self.end.saturating_sub(self.pos)
     }
+}
+
+/// The 8 bytes of `data` from `i` on as a little-endian u64, zero past the end.
+#[inline(always)]
+fn load64(data: &[u8], i: usize) -> u64 {
+    match data.get(i..i + 8) {
+        Some(s) => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(s);
+            u64::from_le_bytes(a)
+        }
+        None => load64_tail(data, i),
+    }
+}
+
+#[cold]
+fn load64_tail(data: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(t) = data.get(i..) {
+        let k = t.len().min(8);
+        a[..k].copy_from_slice(&t[..k]);
+    }
+    u64::from_le_bytes(a)
 }
 
 /// Elias gamma code of `x >= 1`: (code, length in bits), LSB-first.
@@ -448,7 +537,10 @@ pub fn encode(values: &[f32], cfg: &QsgdConfig, seed: u64) -> Result<Vec<u8>, Qs
     cfg.validate()?;
     let n = values.len();
     if n > MAX_LEN {
-        return Err(QsgdError::TooLong { n: n as u64, max: MAX_LEN as u64 });
+        return Err(QsgdError::TooLong {
+            n: n as u64,
+            max: MAX_LEN as u64,
+        });
     }
     let w = cfg.bits as u32 + 1;
     let buckets = n.div_ceil(cfg.bucket);
@@ -465,7 +557,11 @@ pub fn encode(values: &[f32], cfg: &QsgdConfig, seed: u64) -> Result<Vec<u8>, Qs
     out[12..20].copy_from_slice(&(n as u64).to_le_bytes());
 
     let d_max = cfg.bucket.min(n);
-    let mut sc = Scratch { rnd: vec![0; d_max], fields: vec![0; d_max], masks: vec![0; d_max.div_ceil(64)] };
+    let mut sc = Scratch {
+        rnd: vec![0; d_max],
+        fields: vec![0; d_max],
+        masks: vec![0; d_max.div_ceil(64)],
+    };
     let mut wr = BitWriter::new(&mut out[HEADER_BYTES..]);
     for (b, v) in values.chunks(cfg.bucket).enumerate() {
         encode_bucket(v, b, cfg, seed, &mut sc, &mut wr)?;
@@ -492,7 +588,7 @@ fn encode_bucket(
         Norm::L2 => l2_norm(v, first)?,
         Norm::Max => max_abs(v, first)?,
     };
-    if !(scale <= MAX_SCALE) {
+    if scale.is_nan() || scale > MAX_SCALE {
         return Err(QsgdError::NormOverflow { bucket: b });
     }
     if scale == 0.0 {
@@ -504,11 +600,12 @@ fn encode_bucket(
     fill_noise(seed, b as u64, rnd);
     let fields = &mut sc.fields[..d];
     let inv = s as f32 / scale;
-    let q = if inv.is_finite() {
-        quantize_f32(v, rnd, inv, s, fields)
+    let k = frac_bits(cfg.bits);
+    let q = if (inv * (1u32 << k) as f32).is_finite() {
+        quantize_f32(v, rnd, inv, s, k, fields)
     } else {
-        // A subnormal scale: s / scale overflows f32.
-        quantize_f64(v, rnd, s as f64 / scale as f64, s, fields)
+        // A tiny (subnormal) scale: s 2^k / scale overflows f32.
+        quantize_f64(v, rnd, s as f64 / scale as f64, s, k, fields)
     };
     if q.nnz == 0 {
         wr.put(0, 32);
@@ -521,13 +618,16 @@ fn encode_bucket(
     // lower bound loses (many nonzeros, large levels). Otherwise write the Elias coding
     // and, should it reach the size of the fixed-width one, rewind and write that.
     if ((q.level_bits + q.nnz) as usize) < fixed_bits {
-        let mark = wr.mark();
-        wr.put(scale.to_bits() as u64 | 1 << 32, 33);
         nonzero_masks(fields, masks);
-        if write_elias(fields, masks, d, fixed_bits, wr) {
-            return Ok(());
+        // A run of one zero or more costs 3 bits or more: a tighter bound, from the masks.
+        if ((q.level_bits + q.nnz) as usize) + 2 * runs_after_zeros(masks) < fixed_bits {
+            let mark = wr.mark();
+            wr.put(scale.to_bits() as u64 | 1 << 32, 33);
+            if write_elias(fields, masks, d, fixed_bits, wr) {
+                return Ok(());
+            }
+            wr.set(mark);
         }
-        wr.set(mark);
     }
     wr.put(scale.to_bits() as u64, 33);
     match w {
@@ -544,31 +644,40 @@ fn encode_bucket(
 }
 
 /// Independent noise streams per bucket, interleaved so that the CPU overlaps them.
-const LANES: usize = 4;
+const LANES: usize = 2;
+/// Bits of each uniform: three of them from one `next_u64`.
+const NOISE_BITS: u32 = 21;
 
-/// The noise words of bucket `b`: word pair k (values 2k and 2k + 1, low half of the u64
-/// first) comes from stream `k % LANES`, `Rng::derive(seed, &[STREAM, b, k % LANES])`.
+/// The noise of bucket `b`: 21-bit uniforms, three from each u64 word (bits 0..21,
+/// 21..42, 42..63 for values 3m, 3m + 1, 3m + 2), word m drawn from stream `m % LANES`,
+/// `Rng::derive(seed, &[STREAM, b, m % LANES])`.
 #[inline(never)]
 fn fill_noise(seed: u64, b: u64, rnd: &mut [u32]) {
-    let words = rnd.len().div_ceil(2);
+    const MASK: u64 = (1 << NOISE_BITS) - 1;
+    let words = rnd.len().div_ceil(3);
     let lanes = words.min(LANES);
     let mut rng: [Rng; LANES] = std::array::from_fn(|j| Rng::derive(seed, &[STREAM, b, j as u64]));
-    let mut quads = rnd.chunks_exact_mut(2 * LANES);
+    let mut groups = rnd.chunks_exact_mut(3 * LANES);
     if lanes == LANES {
-        for q in &mut quads {
+        for g in &mut groups {
             for (j, r) in rng.iter_mut().enumerate() {
                 let x = r.next_u64();
-                q[2 * j] = x as u32;
-                q[2 * j + 1] = (x >> 32) as u32;
+                g[3 * j] = (x & MASK) as u32;
+                g[3 * j + 1] = (x >> NOISE_BITS & MASK) as u32;
+                g[3 * j + 2] = (x >> (2 * NOISE_BITS) & MASK) as u32;
             }
         }
     }
-    let rest = if lanes == LANES { quads.into_remainder() } else { rnd };
-    for (k, pair) in rest.chunks_mut(2).enumerate() {
-        let x = rng[k % LANES].next_u64();
-        pair[0] = x as u32;
-        if let Some(h) = pair.get_mut(1) {
-            *h = (x >> 32) as u32;
+    let rest = if lanes == LANES {
+        groups.into_remainder()
+    } else {
+        rnd
+    };
+    for (m, t) in rest.chunks_mut(3).enumerate() {
+        let mut x = rng[m % LANES].next_u64();
+        for u in t {
+            *u = (x & MASK) as u32;
+            x >>= NOISE_BITS;
         }
     }
 }
@@ -593,20 +702,43 @@ fn nonzero_masks(fields: &[u16], masks: &mut [u64]) {
     }
 }
 
+/// Accumulators of the norms: enough independent chains to hide the adds' latency.
+const NORM_LANES: usize = 32;
+
+/// How many nonzero values follow a zero (in Elias mode, their runs are not empty).
+fn runs_after_zeros(masks: &[u64]) -> usize {
+    let mut carry = 1u64; // the bucket starts as if after a nonzero
+    let mut count = 0;
+    for &m in masks {
+        count += (m & !(m << 1 | carry)).count_ones() as usize;
+        carry = m >> 63;
+    }
+    count
+}
+
 /// `||v||_2`; `NonFinite` for NaN or infinite values.
 #[inline(never)]
 fn l2_norm(v: &[f32], first: usize) -> Result<f32, QsgdError> {
-    let mut acc = [0f32; 8];
-    let mut chunks = v.chunks_exact(8);
+    // NORM_LANES independent sums (a fixed order, so the result is reproducible), folded
+    // pairwise at the end.
+    let mut acc = [0f32; NORM_LANES];
+    let mut chunks = v.chunks_exact(NORM_LANES);
     for c in &mut chunks {
-        for j in 0..8 {
+        for j in 0..NORM_LANES {
             acc[j] += c[j] * c[j];
         }
     }
     for (j, &x) in chunks.remainder().iter().enumerate() {
         acc[j] += x * x;
     }
-    let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut width = NORM_LANES;
+    while width > 1 {
+        width /= 2;
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+    }
+    let sum = acc[0];
     // Not finite: a NaN or infinite value, or squares that overflow f32. Tiny: squares
     // that may have underflowed. Both redo the sum in f64, which neither can affect.
     if sum.is_finite() && sum >= 1e-30 {
@@ -624,10 +756,10 @@ fn l2_norm(v: &[f32], first: usize) -> Result<f32, QsgdError> {
 fn max_abs(v: &[f32], first: usize) -> Result<f32, QsgdError> {
     // On the bits of |x| integer order is float order, and NaN and infinity are the
     // largest of all.
-    let mut acc = [0i32; 8];
-    let mut chunks = v.chunks_exact(8);
+    let mut acc = [0i32; NORM_LANES];
+    let mut chunks = v.chunks_exact(NORM_LANES);
     for c in &mut chunks {
-        for j in 0..8 {
+        for j in 0..NORM_LANES {
             acc[j] = acc[j].max((c[j].to_bits() & 0x7fff_ffff) as i32);
         }
     }
@@ -642,51 +774,54 @@ fn max_abs(v: &[f32], first: usize) -> Result<f32, QsgdError> {
     Ok(f32::from_bits(m))
 }
 
-/// 2^23: adding it to an f32 in [0, 2^22) rounds to an integer held in the low
-/// mantissa bits (the float-to-int conversion that vectorizes without saturation checks).
+/// 2^23: adding it to an f32 in [0, 2^23) rounds it to an integer held in the low
+/// mantissa bits (a float-to-int conversion that vectorizes without saturation checks).
 const ROUND: f32 = 8_388_608.0;
-const ROUND_BITS: u32 = 0x4b00_0000;
 
-/// Stochastic rounding of `|v_i| * inv` to a level in `0..=s`, written as
-/// `level << 1 | sign` into `fields`. The uniform is the top 24 bits of the noise word
-/// (`k / 2^24`), and the level rounds up when it is below the fractional part: the
-/// probability is the fractional part rounded up to a multiple of 2^-24, the precision
-/// of f32 itself. Written to vectorize: no branches, no tables, no saturating casts.
+/// Fractional bits of the fixed-point `s |v_i| / scale` that the stochastic rounding
+/// compares with the noise: as many as f32 holds below `s` (23 - bits), at most the
+/// noise's 21.
+fn frac_bits(bits: u8) -> u32 {
+    (23 - bits as u32).min(NOISE_BITS)
+}
+
+/// Stochastic rounding of `r_i = min(|v_i| * inv, s)` to a level in `0..=s`, written as
+/// `level << 1 | sign` into `fields`. With `k` fractional bits, `t = round(r_i 2^k)` and
+/// the k-bit uniform `u`, the level is `(t + u) >> k`: `floor(r)`, plus one with
+/// probability `frac(t / 2^k)`. The rounding of `r_i` to 2^-k is within f32's own
+/// precision of it. Written to vectorize: no branches, tables or saturating casts.
 #[inline(never)]
-fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, fields: &mut [u16]) -> Quantized {
-    let sf = s as f32;
+fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [u16]) -> Quantized {
+    let scale_k = (1u32 << k) as f32;
+    let inv_k = inv * scale_k; // exact: a power of two (the caller checked it is finite)
+    let top = (s << k) as f32; // exact: below 2^23
+    let shift = NOISE_BITS - k;
     let mut nnz = 0u32;
     let mut level_bits = 0u32;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
-        let r = x.abs() * inv; // in [0, s], up to rounding
-        let near = (r + ROUND) - ROUND; // r rounded to the nearest integer, exactly
-        let fl = if near > r { near - 1.0 } else { near };
-        let frac = r - fl; // exact
-        let uf = ((u >> 8) as i32) as f32 * (1.0 / 16_777_216.0);
-        let up = if uf < frac { 1.0 } else { 0.0 };
-        let lf = fl + up;
-        let lf = if lf < sf { lf } else { sf }; // only catches rounding above s
-        let lvl = (lf + ROUND).to_bits() - ROUND_BITS;
+        let r = x.abs() * inv_k;
+        let r = if r < top { r } else { top };
+        let t = (r + ROUND).to_bits() & 0x7f_ffff; // round(r), exactly
+        let lvl = (t + (u >> shift)) >> k;
         let nz = lvl != 0;
         let neg = (x.to_bits() >> 31) & nz as u32;
         *f = ((lvl << 1) | neg) as u16;
         nnz += nz as u32;
         // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
-        let e = (lf.to_bits() >> 23).wrapping_sub(126);
+        let e = ((lvl as i32 as f32).to_bits() >> 23).wrapping_sub(126);
         level_bits += if nz { 2 * e } else { 0 };
     }
     Quantized { nnz, level_bits }
 }
 
 /// `quantize_f32` for buckets whose scale is so small that `s / scale` overflows f32.
-fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, fields: &mut [u16]) -> Quantized {
+fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, k: u32, fields: &mut [u16]) -> Quantized {
     let mut nnz = 0u32;
     let mut level_bits = 0u32;
+    let top = (s << k) as f64;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
-        let r = (x.abs() as f64 * inv).min(s as f64);
-        let fl = r.floor();
-        let uf = (u >> 8) as f64 / 16_777_216.0;
-        let lvl = (fl as u32 + (uf < r - fl) as u32).min(s);
+        let t = (x.abs() as f64 * inv * (1u32 << k) as f64).min(top).round() as u32;
+        let lvl = (t + (u >> (NOISE_BITS - k))) >> k;
         let neg = (x.to_bits() >> 31) & (lvl != 0) as u32;
         *f = ((lvl << 1) | neg) as u16;
         if lvl != 0 {
@@ -705,7 +840,13 @@ const WRITER_SLACK: usize = 8 + 64 * 67 / 8 + 8;
 /// Writes the Elias coding of a bucket. Returns false as soon as it has taken `budget`
 /// bits or more (the caller then rewinds the writer); true if it took fewer.
 #[inline(never)]
-fn write_elias(fields: &[u16], masks: &[u64], d: usize, budget: usize, wr: &mut BitWriter<'_>) -> bool {
+fn write_elias(
+    fields: &[u16],
+    masks: &[u64],
+    d: usize,
+    budget: usize,
+    wr: &mut BitWriter<'_>,
+) -> bool {
     let mut w = wr.local();
     let ok = write_elias_into(fields, masks, d, budget, &mut w);
     let m = w.mark();
@@ -747,8 +888,15 @@ const fn level_codes() -> [u32; 512] {
 }
 
 #[inline(always)]
-fn write_elias_into(fields: &[u16], masks: &[u64], d: usize, budget: usize, wr: &mut BitWriter<'_>) -> bool {
-    let mut used = 0usize;
+fn write_elias_into(
+    fields: &[u16],
+    masks: &[u64],
+    d: usize,
+    budget: usize,
+    wr: &mut BitWriter<'_>,
+) -> bool {
+    wr.flush();
+    let start = wr.byte * 8 + wr.fill as usize;
     let mut next = 0usize;
     for (wi, &m0) in masks.iter().enumerate() {
         let mut m = m0;
@@ -756,31 +904,29 @@ fn write_elias_into(fields: &[u16], masks: &[u64], d: usize, budget: usize, wr: 
             let p = wi * 64 + m.trailing_zeros() as usize;
             m &= m - 1;
             let gap = p - next;
-            let (c1, l1) = match RUN_CODES.get(gap) {
-                Some(&e) => ((e & 0xffff) as u64, e >> 16),
-                None => gamma(gap as u64 + 1),
-            };
-            let e = LEVEL_CODES[(fields[p] & 511) as usize];
-            let (c2, l2) = ((e & 0xff_ffff) as u64, e >> 24);
-            if l1 + l2 <= 56 {
-                wr.put(c1 | c2 << l1, l1 + l2);
+            let e2 = LEVEL_CODES[(fields[p] & 511) as usize];
+            let (c2, l2) = ((e2 & 0xff_ffff) as u64, e2 >> 24);
+            if gap < RUN_CODES.len() {
+                // At most 13 + 17 bits: one store.
+                let e1 = RUN_CODES[gap];
+                let l1 = e1 >> 16;
+                wr.put_flush((e1 & 0xffff) as u64 | c2 << l1, l1 + l2);
             } else {
-                wr.put(c1, l1);
-                wr.put(c2, l2);
+                let (c1, l1) = gamma(gap as u64 + 1);
+                wr.put_flush(c1, l1);
+                wr.put_flush(c2, l2);
             }
-            used += (l1 + l2) as usize;
             next = p + 1;
         }
-        if used >= budget {
+        if wr.byte * 8 + wr.fill as usize - start >= budget {
             return false;
         }
     }
     if next < d {
         let (c, l) = gamma((d - next + 1) as u64);
         wr.put(c, l);
-        used += l as usize;
     }
-    used < budget
+    wr.byte * 8 + wr.fill as usize - start < budget
 }
 
 #[inline(never)]
@@ -843,30 +989,47 @@ fn parse_header(bytes: &[u8]) -> Result<Header, QsgdError> {
     }
     let bits = h[5];
     if !(MIN_BITS..=MAX_BITS).contains(&bits) {
-        return Err(QsgdError::Header(format!("bits {bits} is not in {MIN_BITS}..={MAX_BITS}")));
+        return Err(QsgdError::Header(format!(
+            "bits {bits} is not in {MIN_BITS}..={MAX_BITS}"
+        )));
     }
     let Some(norm) = Norm::from_code(h[6]) else {
         return Err(QsgdError::Header(format!("unknown norm code {}", h[6])));
     };
     if h[7] != 0 {
-        return Err(QsgdError::Header(format!("reserved byte is {}, not 0", h[7])));
+        return Err(QsgdError::Header(format!(
+            "reserved byte is {}, not 0",
+            h[7]
+        )));
     }
     let bucket = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
     if !(1..=MAX_BUCKET).contains(&bucket) {
-        return Err(QsgdError::Header(format!("bucket {bucket} is not in 1..={MAX_BUCKET}")));
+        return Err(QsgdError::Header(format!(
+            "bucket {bucket} is not in 1..={MAX_BUCKET}"
+        )));
     }
     let n = u64::from_le_bytes([h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]]);
     if n > MAX_LEN as u64 {
-        return Err(QsgdError::TooLong { n, max: MAX_LEN as u64 });
+        return Err(QsgdError::TooLong {
+            n,
+            max: MAX_LEN as u64,
+        });
     }
     let n = n as usize;
     // Every bucket carries at least its 4-byte scale: checked before anything is allocated.
     let needed = n.div_ceil(bucket) as u64 * 4;
     let got = (bytes.len() - HEADER_BYTES) as u64;
     if got < needed || got > (usize::MAX / 8) as u64 {
-        return Err(QsgdError::TooShort { n: n as u64, needed: HEADER_BYTES as u64 + needed, got: bytes.len() as u64 });
+        return Err(QsgdError::TooShort {
+            n: n as u64,
+            needed: HEADER_BYTES as u64 + needed,
+            got: bytes.len() as u64,
+        });
     }
-    Ok(Header { cfg: QsgdConfig { bits, bucket, norm }, n })
+    Ok(Header {
+        cfg: QsgdConfig { bits, bucket, norm },
+        n,
+    })
 }
 
 /// The scheme and the number of values of an encoding, from its header alone.
@@ -892,16 +1055,25 @@ pub fn decode_expect(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>, Qsgd
 pub fn decode_into(bytes: &[u8], out: &mut [f32]) -> Result<(), QsgdError> {
     let h = parse_header(bytes)?;
     if h.n != out.len() {
-        return Err(QsgdError::Count { expected: out.len(), got: h.n });
+        return Err(QsgdError::Count {
+            expected: out.len(),
+            got: h.n,
+        });
     }
     decode_body(bytes, &h, out).map(|_| ())
 }
 
-fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, ModeCounts), QsgdError> {
+fn decode_inner(
+    bytes: &[u8],
+    expected: Option<usize>,
+) -> Result<(Vec<f32>, ModeCounts), QsgdError> {
     let h = parse_header(bytes)?;
     if let Some(e) = expected {
         if e != h.n {
-            return Err(QsgdError::Count { expected: e, got: h.n });
+            return Err(QsgdError::Count {
+                expected: e,
+                got: h.n,
+            });
         }
     }
     let mut out = vec![0f32; h.n];
@@ -913,7 +1085,11 @@ fn decode_inner(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, Mode
 /// every value.
 fn decode_body(bytes: &[u8], h: &Header, out: &mut [f32]) -> Result<ModeCounts, QsgdError> {
     let data = &bytes[HEADER_BYTES..];
-    let mut rd = BitReader { data, pos: 0, end: data.len() * 8 };
+    let mut rd = BitReader {
+        data,
+        pos: 0,
+        end: data.len() * 8,
+    };
     let s = h.cfg.levels();
     let w = h.cfg.bits as u32 + 1;
     // tab[field] = ±level; a sign on level 0 reads as +0.
@@ -944,7 +1120,10 @@ fn decode_body(bytes: &[u8], h: &Header, out: &mut [f32]) -> Result<ModeCounts, 
         }
         let scale = f32::from_bits(bits);
         if !(scale > 0.0 && scale <= MAX_SCALE) {
-            return Err(QsgdError::Corrupt { bucket: b, reason: "scale is negative, NaN, infinite or too large" });
+            return Err(QsgdError::Corrupt {
+                bucket: b,
+                reason: "scale is negative, NaN, infinite or too large",
+            });
         }
         rd.pos += 33;
         let step = scale / s as f32;
@@ -972,14 +1151,19 @@ fn decode_body(bytes: &[u8], h: &Header, out: &mut [f32]) -> Result<ModeCounts, 
     if used < data.len() {
         return Err(QsgdError::Trailing(data.len() - used));
     }
-    if rd.pos % 8 != 0 && data[used - 1] >> (rd.pos % 8) != 0 {
+    if rd.pos & 7 != 0 && data[used - 1] >> (rd.pos & 7) != 0 {
         return Err(QsgdError::Padding);
     }
     Ok(counts)
 }
 
 #[inline(never)]
-fn unpack_fixed<const W: u32>(rd: &mut BitReader<'_>, out: &mut [f32], tab: &[f32; 512], step: f32) {
+fn unpack_fixed<const W: u32>(
+    rd: &mut BitReader<'_>,
+    out: &mut [f32],
+    tab: &[f32; 512],
+    step: f32,
+) {
     let k = (56 / W) as usize;
     let mask = (1u64 << W) - 1;
     let mut chunks = out.chunks_exact_mut(k);
@@ -1005,11 +1189,13 @@ const FAST_BITS: u32 = 12;
 
 /// For every value of the next `FAST_BITS` bits of an Elias stream: the symbol
 /// `gamma(run + 1), sign, gamma(level)` that they hold in full, as
-/// `len | run << 4 | level << 9 | sign << 14`, or 0 if the symbol is longer.
-static ELIAS_FAST: [u16; 1 << FAST_BITS] = elias_fast_table();
+/// `len | (level | sign << 5) << 4 | run << 10`; or, if the symbol is longer, `SLOW`,
+/// whose run is longer than any bucket.
+static ELIAS_FAST: [u32; 1 << FAST_BITS] = elias_fast_table();
+const SLOW: u32 = u32::MAX;
 
-const fn elias_fast_table() -> [u16; 1 << FAST_BITS] {
-    let mut t = [0u16; 1 << FAST_BITS];
+const fn elias_fast_table() -> [u32; 1 << FAST_BITS] {
+    let mut t = [SLOW; 1 << FAST_BITS];
     let mut i = 0;
     while i < t.len() {
         let x = i as u32;
@@ -1024,7 +1210,7 @@ const fn elias_fast_table() -> [u16; 1 << FAST_BITS] {
             if at + 2 * z2 + 2 <= FAST_BITS {
                 let level = ((rest >> (z2 + 1)) & ((1 << z2) - 1)) | (1 << z2);
                 let len = at + 2 * z2 + 2;
-                t[i] = (len | (run - 1) << 4 | level << 9 | sign << 14) as u16;
+                t[i] = len | (level | sign << 5) << 4 | (run - 1) << 10;
             }
         }
         i += 1;
@@ -1033,70 +1219,127 @@ const fn elias_fast_table() -> [u16; 1 << FAST_BITS] {
 }
 
 #[inline(never)]
-fn decode_elias(rd: &mut BitReader<'_>, out: &mut [f32], s: u32, step: f32, b: usize) -> Result<(), QsgdError> {
-    let corrupt = |reason| QsgdError::Corrupt { bucket: b, reason };
+fn decode_elias(
+    rd: &mut BitReader<'_>,
+    out: &mut [f32],
+    s: u32,
+    step: f32,
+    b: usize,
+) -> Result<(), QsgdError> {
+    const LOW56: u64 = (1 << 56) - 1;
     out.fill(0.0);
     let d = out.len();
+    let data = rd.data;
+    // The values of the fast path's (level | sign << 5).
+    let mut val = [0f32; 64];
+    for l in 1..=s.min(31) {
+        val[l as usize] = l as f32 * step;
+        val[l as usize | 32] = -(l as f32 * step);
+    }
     let mut p = 0usize;
-    // `win` holds the stream from `rd.pos` on, `avail` bits of it valid.
-    let mut win = rd.peek();
-    let mut avail = 64 - (rd.pos & 7) as u32;
-    while p < d {
-        if avail < FAST_BITS {
-            win = rd.peek();
-            avail = 64 - (rd.pos & 7) as u32;
-        }
-        let e = ELIAS_FAST[(win & ((1 << FAST_BITS) - 1)) as usize] as usize;
-        let run = (e >> 4) & 31;
-        if e != 0 && run < d - p {
-            let level = (e >> 9) as u32 & 31;
-            if level > s {
-                return Err(corrupt("level out of range"));
+    // The OR of the fast path's table entries, for one check of the levels at the end.
+    let mut levels = 0u32;
+    // A bit buffer (F. Giesen's branch-free refill): `buf` holds the stream from bit
+    // `8 ptr - cnt` on, `cnt` bits of it valid and the bits above them zero; a refill
+    // tops it up to 56..=63 bits, enough for four fast symbols of at most 12 bits.
+    let skip = (rd.pos & 7) as u32;
+    let mut buf = (load64(data, rd.pos >> 3) & LOW56) >> skip;
+    let mut cnt = 56 - skip;
+    let mut ptr = (rd.pos >> 3) + 7;
+    'refill: while p < d {
+        buf |= load64(data, ptr) << cnt;
+        ptr += ((63 - cnt) >> 3) as usize;
+        cnt |= 56;
+        for _ in 0..4 {
+            let e = ELIAS_FAST[(buf & ((1 << FAST_BITS) - 1)) as usize];
+            let run = (e >> 10) as usize;
+            if run >= d - p {
+                if p == d {
+                    rd.pos = 8 * ptr - cnt as usize;
+                    break 'refill;
+                }
+                // A long code, the trailing run, or corrupt input: one symbol the slow way.
+                let mut slow = BitReader {
+                    data,
+                    pos: 8 * ptr - cnt as usize,
+                    end: rd.end,
+                };
+                let ended = elias_symbol(&mut slow, out, &mut p, s, step, b)?;
+                rd.pos = slow.pos;
+                if ended {
+                    break 'refill;
+                }
+                let skip = (slow.pos & 7) as u32;
+                buf = (load64(data, slow.pos >> 3) & LOW56) >> skip;
+                cnt = 56 - skip;
+                ptr = (slow.pos >> 3) + 7;
+                continue 'refill;
             }
+            levels |= e;
             p += run;
-            out[p] = f32::from_bits((level as f32 * step).to_bits() | ((e >> 14) as u32 & 1) << 31);
+            out[p] = val[((e >> 4) & 63) as usize];
             p += 1;
-            let len = (e & 15) as u32;
-            win >>= len;
-            avail -= len;
-            rd.pos += len as usize;
-            continue;
+            let len = e & 15;
+            buf >>= len;
+            cnt -= len;
         }
-        // Long codes, the trailing run, and corrupt input, one gamma code at a time.
-        let win = rd.peek();
-        let z = win.trailing_zeros();
-        if z > MAX_RUN_Z {
-            return Err(corrupt("run length out of range"));
-        }
-        let run = ((win >> (z + 1)) & ((1u64 << z) - 1)) as usize + (1usize << z) - 1;
-        rd.pos += 2 * z as usize + 1;
-        if run > d - p {
-            return Err(corrupt("run past the end of the bucket"));
-        }
-        p += run;
-        if p == d {
-            break; // the trailing run
-        }
-        let lw = rd.peek();
-        let sign = (lw & 1) as u32;
-        let lw = lw >> 1;
-        let z = lw.trailing_zeros();
-        if z > MAX_LEVEL_Z {
-            return Err(corrupt("level out of range"));
-        }
-        let level = ((lw >> (z + 1)) & ((1u64 << z) - 1)) as u32 | (1u32 << z);
-        if level > s {
-            return Err(corrupt("level out of range"));
-        }
-        rd.pos += 2 * z as usize + 2;
-        out[p] = f32::from_bits((level as f32 * step).to_bits() | sign << 31);
-        p += 1;
-        avail = 0; // reload the window
+        rd.pos = 8 * ptr - cnt as usize;
+    }
+    // s = 2^bits - 1: a level above s has a bit at or above `bits` (val[] held 0.0 for it).
+    if (levels >> 4) & 31 & !s != 0 {
+        return Err(QsgdError::Corrupt {
+            bucket: b,
+            reason: "level out of range",
+        });
     }
     if rd.pos > rd.end {
         return Err(QsgdError::Truncated { bucket: b });
     }
     Ok(())
+}
+
+/// Decodes one Elias symbol at `rd.pos`, any length: true if it was the bucket's
+/// trailing run (the bucket is complete).
+#[inline(never)]
+fn elias_symbol(
+    rd: &mut BitReader<'_>,
+    out: &mut [f32],
+    p: &mut usize,
+    s: u32,
+    step: f32,
+    b: usize,
+) -> Result<bool, QsgdError> {
+    let corrupt = |reason| QsgdError::Corrupt { bucket: b, reason };
+    let d = out.len();
+    let win = rd.peek();
+    let z = win.trailing_zeros();
+    if z > MAX_RUN_Z {
+        return Err(corrupt("run length out of range"));
+    }
+    let run = ((win >> (z + 1)) & ((1u64 << z) - 1)) as usize + (1usize << z) - 1;
+    rd.pos += 2 * z as usize + 1;
+    if run > d - *p {
+        return Err(corrupt("run past the end of the bucket"));
+    }
+    *p += run;
+    if *p == d {
+        return Ok(true); // the trailing run
+    }
+    let lw = rd.peek();
+    let sign = (lw & 1) as u32;
+    let lw = lw >> 1;
+    let z = lw.trailing_zeros();
+    if z > MAX_LEVEL_Z {
+        return Err(corrupt("level out of range"));
+    }
+    let level = ((lw >> (z + 1)) & ((1u64 << z) - 1)) as u32 | (1u32 << z);
+    if level > s {
+        return Err(corrupt("level out of range"));
+    }
+    rd.pos += 2 * z as usize + 2;
+    out[*p] = f32::from_bits((level as f32 * step).to_bits() | sign << 31);
+    *p += 1;
+    Ok(*p == d)
 }
 
 #[cfg(test)]
@@ -1155,13 +1398,22 @@ mod tests {
         let d = QsgdConfig::default();
         assert_eq!(d, cfg(4, 512, Norm::L2));
         assert_eq!(d.to_string(), "qsgd:bits=4,bucket=512,norm=l2");
-        for s in ["qsgd", "qsgd:", " QSGD ", "qsgd:bits=4", "qsgd:norm=L2,bucket=512"] {
+        for s in [
+            "qsgd",
+            "qsgd:",
+            " QSGD ",
+            "qsgd:bits=4",
+            "qsgd:norm=L2,bucket=512",
+        ] {
             assert_eq!(s.parse::<QsgdConfig>().unwrap(), d, "{s}");
         }
         let c: QsgdConfig = "qsgd:bits=2,bucket=8192,norm=max".parse().unwrap();
         assert_eq!(c, cfg(2, 8192, Norm::Max));
         assert_eq!(c.to_string().parse::<QsgdConfig>().unwrap(), c);
-        assert_eq!("qsgd: bucket = 64 , bits=8".parse::<QsgdConfig>().unwrap(), cfg(8, 64, Norm::L2));
+        assert_eq!(
+            "qsgd: bucket = 64 , bits=8".parse::<QsgdConfig>().unwrap(),
+            cfg(8, 64, Norm::L2)
+        );
         for bits in 1..=8 {
             let c = cfg(bits, 100, Norm::Max);
             assert_eq!(c.to_string().parse::<QsgdConfig>().unwrap(), c);
@@ -1175,20 +1427,26 @@ mod tests {
         );
         assert!(err("qsgd:bits=0").contains("bits must be an integer in 1..=8"));
         assert!(err("qsgd:bits=four").contains("got 'four'"));
-        assert!(err("qsgd:bucket=0").contains("bucket must be an integer in 1..=16777216"));
+        assert!(err("qsgd:bucket=0").contains("bucket must be an integer in 1..=1048576"));
         assert!(err("qsgd:bucket=16777217").contains("bucket must be"));
         assert!(err("qsgd:norm=l1").contains("norm must be l2 or max, got 'l1'"));
         assert_eq!(
             err("qsgd:level=4"),
-            "invalid compression 'qsgd:level=4': unknown key 'level' (valid keys: bits=1..8, bucket=1..16777216, norm=l2|max)"
+            "invalid compression 'qsgd:level=4': unknown key 'level' (valid keys: bits=1..8, bucket=1..1048576, norm=l2|max)"
         );
         assert!(err("qsgd:bits=4,bits=2").contains("key 'bits' is given twice"));
         assert!(err("qsgd:bits").contains("'bits' is not KEY=VALUE"));
         assert!(err("qsgd:bits=4,,norm=max").contains("empty KEY=VALUE pair"));
         assert!(err("qsgdx").contains("expected ':' after 'qsgd'"));
         assert!(err("topk").contains("expected 'qsgd'"));
-        assert!(matches!(cfg(0, 512, Norm::L2).validate(), Err(QsgdError::Config(_))));
-        assert!(matches!(cfg(4, 0, Norm::L2).validate(), Err(QsgdError::Config(_))));
+        assert!(matches!(
+            cfg(0, 512, Norm::L2).validate(),
+            Err(QsgdError::Config(_))
+        ));
+        assert!(matches!(
+            cfg(4, 0, Norm::L2).validate(),
+            Err(QsgdError::Config(_))
+        ));
         assert_eq!("MAX".parse::<Norm>().unwrap(), Norm::Max);
         assert!("l1".parse::<Norm>().is_err());
 
@@ -1201,22 +1459,39 @@ mod tests {
         let e = "gzip".parse::<Compression>().unwrap_err().to_string();
         assert_eq!(
             e,
-            "invalid compression 'gzip': expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys bits=1..8, bucket=1..16777216, norm=l2|max"
+            "invalid compression 'gzip': expected 'none' or 'qsgd[:KEY=VALUE,...]' with keys bits=1..8, bucket=1..1048576, norm=l2|max"
         );
-        assert!("qsgd:bits=12".parse::<Compression>().unwrap_err().to_string().contains("1..=8"));
+        assert!("qsgd:bits=12"
+            .parse::<Compression>()
+            .unwrap_err()
+            .to_string()
+            .contains("1..=8"));
     }
 
     #[test]
     fn exact_round_trip_on_the_grid() {
         // Values k * 2^-4 whose norm is 15 * 2^-4 (or 255 * 2^-4): s / scale is a power
         // of two, every s |v_i| / scale is an integer, and scale / s is exact.
-        let l2_4: Vec<f32> = [9.0f32, -12.0, 0.0, 0.0, 2.0, 10.0, -11.0, 0.0, -5.0, 14.0, 2.0, 0.0]
+        let l2_4: Vec<f32> = [
+            9.0f32, -12.0, 0.0, 0.0, 2.0, 10.0, -11.0, 0.0, -5.0, 14.0, 2.0, 0.0,
+        ]
+        .iter()
+        .map(|k| k / 16.0)
+        .collect(); // buckets of 4: 9²+12², 2²+10²+11², 5²+14²+2² are all 15²
+        let l2_8: Vec<f32> = [120.0f32, -225.0, 0.0, -255.0, 0.0, 0.0]
             .iter()
             .map(|k| k / 16.0)
-            .collect(); // buckets of 4: 9²+12², 2²+10²+11², 5²+14²+2² are all 15²
-        let l2_8: Vec<f32> = [120.0f32, -225.0, 0.0, -255.0, 0.0, 0.0].iter().map(|k| k / 16.0).collect(); // buckets of 3
-        // Every bucket of 16 holds -15/16 and k/16 for k in -7..=7.
-        let max_4: Vec<f32> = (0..64).map(|i| if i % 16 == 0 { -15.0 / 16.0 } else { ((i % 16) as f32 - 8.0) / 16.0 }).collect();
+            .collect(); // buckets of 3
+                        // Every bucket of 16 holds -15/16 and k/16 for k in -7..=7.
+        let max_4: Vec<f32> = (0..64)
+            .map(|i| {
+                if i % 16 == 0 {
+                    -15.0 / 16.0
+                } else {
+                    ((i % 16) as f32 - 8.0) / 16.0
+                }
+            })
+            .collect();
         for (v, c) in [
             (&l2_4, cfg(4, 4, Norm::L2)),
             (&l2_8, cfg(8, 3, Norm::L2)),
@@ -1236,7 +1511,11 @@ mod tests {
         // Each coordinate of Q(v) takes one of two neighbouring levels, `step` apart, so
         // its variance is step² p (1 - p) <= step² / 4 (the paper's Lemma 3.1). The mean of
         // N independent quantizations is then within 5 sd = 5 step / (2 sqrt N) of v_i.
-        for c in [cfg(2, 64, Norm::L2), cfg(4, 64, Norm::L2), cfg(3, 32, Norm::Max)] {
+        for c in [
+            cfg(2, 64, Norm::L2),
+            cfg(4, 64, Norm::L2),
+            cfg(3, 32, Norm::Max),
+        ] {
             let v = gaussian(512, 11);
             let runs = 400;
             let mut sum = vec![0f64; v.len()];
@@ -1253,13 +1532,20 @@ mod tests {
                 let sd = step / 2.0 / (runs as f64).sqrt();
                 for (&x, &a) in bv.iter().zip(bs) {
                     let mean = a / runs as f64;
-                    assert!((mean - x as f64).abs() <= 5.0 * sd + 1e-6 * step, "{c}: {mean} vs {x}, sd {sd}");
+                    assert!(
+                        (mean - x as f64).abs() <= 5.0 * sd + 1e-6 * step,
+                        "{c}: {mean} vs {x}, sd {sd}"
+                    );
                     // A systematic pull away from or towards zero adds up over coordinates.
                     signed_bias += (mean - x as f64) * (x as f64).signum();
                     var_sum += sd * sd;
                 }
             }
-            assert!(signed_bias.abs() <= 5.0 * var_sum.sqrt(), "{c}: bias {signed_bias}, sd {}", var_sum.sqrt());
+            assert!(
+                signed_bias.abs() <= 5.0 * var_sum.sqrt(),
+                "{c}: bias {signed_bias}, sd {}",
+                var_sum.sqrt()
+            );
         }
     }
 
@@ -1290,7 +1576,11 @@ mod tests {
                 let mut mean = 0f64;
                 for seed in 0..runs {
                     let q = decode(&encode(bv, &c, seed * 1000 + bi as u64).unwrap()).unwrap();
-                    let err: f64 = q.iter().zip(bv).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+                    let err: f64 = q
+                        .iter()
+                        .zip(bv)
+                        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                        .sum();
                     assert!(err <= d as f64 / (s * s) * norm2 * (1.0 + 1e-5));
                     mean += err / runs as f64;
                 }
@@ -1298,7 +1588,10 @@ mod tests {
                 // And the empirical mean matches the exact expectation (the error of one
                 // coordinate is at most step², so its variance is at most step^4 / 4).
                 let sd = (d as f64).sqrt() * step * step / 2.0 / (runs as f64).sqrt();
-                assert!((mean - expected).abs() <= 5.0 * sd, "bits {bits}: {mean} vs {expected}");
+                assert!(
+                    (mean - expected).abs() <= 5.0 * sd,
+                    "bits {bits}: {mean} vs {expected}"
+                );
             }
         }
     }
@@ -1321,18 +1614,51 @@ mod tests {
                         for (&x, &y) in bv.iter().zip(bq) {
                             assert!(y.is_finite());
                             assert!(y == 0.0 || (y > 0.0) == (x > 0.0), "{c}: {x} -> {y}");
-                            assert!(((y - x).abs() as f64) <= step * (1.0 + 1e-5), "{c}: {x} -> {y}, step {step}");
+                            assert!(
+                                ((y - x).abs() as f64) <= step * (1.0 + 1e-5),
+                                "{c}: {x} -> {y}, step {step}"
+                            );
                             if step == 0.0 {
                                 assert_eq!(y, 0.0);
                                 continue;
                             }
                             let k = y.abs() as f64 / step;
-                            assert!((k - k.round()).abs() < 1e-3, "{c}: {y} is not on the grid of {step}");
+                            assert!(
+                                (k - k.round()).abs() < 1e-3,
+                                "{c}: {y} is not on the grid of {step}"
+                            );
                         }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn decode_into_reuses_a_buffer() {
+        let v = gaussian(5000, 21);
+        let mut buf = vec![f32::NAN; 5000];
+        for c in [
+            cfg(4, 512, Norm::L2),
+            cfg(4, 512, Norm::Max),
+            cfg(2, 100, Norm::L2),
+        ] {
+            let mut z = v.clone();
+            z[1000..2000].fill(0.0); // zero buckets must be written too
+            let bytes = encode(&z, &c, 1).unwrap();
+            decode_into(&bytes, &mut buf).unwrap();
+            assert_eq!(buf, decode(&bytes).unwrap());
+        }
+        assert_eq!(
+            decode_into(
+                &encode(&v, &QsgdConfig::default(), 1).unwrap(),
+                &mut buf[..10]
+            ),
+            Err(QsgdError::Count {
+                expected: 10,
+                got: 5000
+            })
+        );
     }
 
     #[test]
@@ -1345,19 +1671,33 @@ mod tests {
 
     #[test]
     fn non_finite_refused() {
-        for c in [cfg(4, 512, Norm::L2), cfg(4, 16, Norm::Max), cfg(1, 1, Norm::L2)] {
+        for c in [
+            cfg(4, 512, Norm::L2),
+            cfg(4, 16, Norm::Max),
+            cfg(1, 1, Norm::L2),
+        ] {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 for at in [0usize, 17, 999] {
                     let mut v = gaussian(1000, 3);
                     v[at] = bad;
-                    assert_eq!(encode(&v, &c, 0), Err(QsgdError::NonFinite { index: at }), "{c} {bad} at {at}");
+                    assert_eq!(
+                        encode(&v, &c, 0),
+                        Err(QsgdError::NonFinite { index: at }),
+                        "{c} {bad} at {at}"
+                    );
                 }
             }
         }
         // Finite but with a norm that f32 cannot hold: refused as well.
         let big = vec![f32::MAX / 4.0; 16];
-        assert_eq!(encode(&big, &cfg(4, 16, Norm::L2), 0), Err(QsgdError::NormOverflow { bucket: 0 }));
-        assert_eq!(encode(&[f32::MAX], &cfg(4, 16, Norm::Max), 0), Err(QsgdError::NormOverflow { bucket: 0 }));
+        assert_eq!(
+            encode(&big, &cfg(4, 16, Norm::L2), 0),
+            Err(QsgdError::NormOverflow { bucket: 0 })
+        );
+        assert_eq!(
+            encode(&[f32::MAX], &cfg(4, 16, Norm::Max), 0),
+            Err(QsgdError::NormOverflow { bucket: 0 })
+        );
         // Large squares that overflow f32 while the norm does not: handled in f64.
         let v = vec![1e20f32, -3e20, 2e20];
         let q = decode(&encode(&v, &cfg(8, 512, Norm::L2), 0).unwrap()).unwrap();
@@ -1374,8 +1714,14 @@ mod tests {
 
     #[test]
     fn zeros_cost_a_few_bytes() {
-        assert_eq!(decode(&encode(&[], &QsgdConfig::default(), 0).unwrap()).unwrap(), Vec::<f32>::new());
-        assert_eq!(encode(&[], &QsgdConfig::default(), 0).unwrap().len(), HEADER_BYTES);
+        assert_eq!(
+            decode(&encode(&[], &QsgdConfig::default(), 0).unwrap()).unwrap(),
+            Vec::<f32>::new()
+        );
+        assert_eq!(
+            encode(&[], &QsgdConfig::default(), 0).unwrap().len(),
+            HEADER_BYTES
+        );
         let z = vec![0f32; 10_000];
         let bytes = encode(&z, &QsgdConfig::default(), 0).unwrap();
         assert_eq!(bytes.len(), HEADER_BYTES + 20 * 4); // 20 buckets of 4 bytes each
@@ -1399,7 +1745,14 @@ mod tests {
         let c = QsgdConfig::default();
         let bytes = encode(&v, &c, 3).unwrap();
         let (q, counts) = decode_inner(&bytes, Some(v.len())).unwrap();
-        assert_eq!(counts, ModeCounts { zero: 0, fixed: 0, elias: 64 });
+        assert_eq!(
+            counts,
+            ModeCounts {
+                zero: 0,
+                fixed: 0,
+                elias: 64
+            }
+        );
         // The compression ratio target: at least 7x against f32 at 4 bits, bucket 512.
         let ratio = (v.len() * 4) as f64 / bytes.len() as f64;
         assert!(ratio >= 7.0, "ratio {ratio}");
@@ -1409,7 +1762,14 @@ mod tests {
         let cm = cfg(4, 512, Norm::Max);
         let ub = encode(&u, &cm, 3).unwrap();
         let (uq, ucounts) = decode_inner(&ub, Some(u.len())).unwrap();
-        assert_eq!(ucounts, ModeCounts { zero: 0, fixed: 64, elias: 0 });
+        assert_eq!(
+            ucounts,
+            ModeCounts {
+                zero: 0,
+                fixed: 64,
+                elias: 0
+            }
+        );
         assert_eq!(ub.len(), HEADER_BYTES + (64 * (33 + 512 * 5)) / 8);
         // A mix in one buffer: sparse buckets go Elias, dense ones fixed.
         let mut m = u.clone();
@@ -1462,16 +1822,30 @@ mod tests {
     #[test]
     fn truncated_buffers_are_rejected() {
         let v = gaussian(700, 9);
-        for c in [cfg(4, 128, Norm::L2), cfg(8, 100, Norm::Max), cfg(2, 512, Norm::L2)] {
+        for c in [
+            cfg(4, 128, Norm::L2),
+            cfg(8, 100, Norm::Max),
+            cfg(2, 512, Norm::L2),
+        ] {
             let bytes = encode(&v, &c, 1).unwrap();
             for cut in 0..bytes.len() {
-                assert!(decode(&bytes[..cut]).is_err(), "{c}: prefix of {cut} of {} decoded", bytes.len());
+                assert!(
+                    decode(&bytes[..cut]).is_err(),
+                    "{c}: prefix of {cut} of {} decoded",
+                    bytes.len()
+                );
             }
             assert!(decode(&bytes).is_ok());
             let mut longer = bytes.clone();
             longer.push(0);
             assert_eq!(decode(&longer), Err(QsgdError::Trailing(1)));
-            assert_eq!(decode_expect(&bytes, 699), Err(QsgdError::Count { expected: 699, got: 700 }));
+            assert_eq!(
+                decode_expect(&bytes, 699),
+                Err(QsgdError::Count {
+                    expected: 699,
+                    got: 700
+                })
+            );
         }
     }
 
@@ -1480,7 +1854,12 @@ mod tests {
         let v = gaussian(2000, 12);
         let mut r = Rng::new(77);
         let mut decoded = 0;
-        for c in [cfg(4, 512, Norm::L2), cfg(4, 64, Norm::Max), cfg(1, 33, Norm::L2), cfg(8, 256, Norm::L2)] {
+        for c in [
+            cfg(4, 512, Norm::L2),
+            cfg(4, 64, Norm::Max),
+            cfg(1, 33, Norm::L2),
+            cfg(8, 256, Norm::L2),
+        ] {
             let bytes = encode(&v, &c, 5).unwrap();
             for _ in 0..1000 {
                 let mut m = bytes.clone();
@@ -1508,8 +1887,14 @@ mod tests {
         let mut h = header_bytes(4, 0, 512, MAX_LEN as u64);
         h.extend_from_slice(&[0; 8]);
         assert!(matches!(decode(&h), Err(QsgdError::TooShort { .. })));
-        assert!(matches!(decode_expect(&h, MAX_LEN), Err(QsgdError::TooShort { .. })));
-        assert!(matches!(decode_expect(&h, 10), Err(QsgdError::TooShort { .. })));
+        assert!(matches!(
+            decode_expect(&h, MAX_LEN),
+            Err(QsgdError::TooShort { .. })
+        ));
+        assert!(matches!(
+            decode_expect(&h, 10),
+            Err(QsgdError::TooShort { .. })
+        ));
         let h = header_bytes(4, 0, 1, u64::MAX);
         assert!(matches!(decode(&h), Err(QsgdError::TooLong { .. })));
         let h = header_bytes(4, 0, MAX_BUCKET as u32, MAX_LEN as u64);
@@ -1534,7 +1919,10 @@ mod tests {
                 w.put(scale.to_bits() as u64, 33);
                 w.put(0, 20);
             });
-            assert!(matches!(decode(&b), Err(QsgdError::Corrupt { .. })), "scale {scale}");
+            assert!(
+                matches!(decode(&b), Err(QsgdError::Corrupt { .. })),
+                "scale {scale}"
+            );
         }
         // A level above s in Elias mode (gamma codes can say anything).
         let b = craft(2, 4, 4, |w| {
@@ -1546,7 +1934,49 @@ mod tests {
             let (c, n) = gamma(4); // trailing run of 3
             w.put(c, n);
         });
-        assert_eq!(decode(&b), Err(QsgdError::Corrupt { bucket: 0, reason: "level out of range" }));
+        assert_eq!(
+            decode(&b),
+            Err(QsgdError::Corrupt {
+                bucket: 0,
+                reason: "level out of range"
+            })
+        );
+        // The same in codes too long for the decoder's fast path: level 64 (13 bits) at
+        // 2 bits, level 256 (17 bits) at 8 bits, after a long run.
+        for (bits, level) in [(2u8, 64u64), (8, 256)] {
+            let b = craft(bits, 100, 100, |w| {
+                w.put(1f32.to_bits() as u64 | 1 << 32, 33);
+                let (c, n) = gamma(41); // run 40
+                w.put(c, n);
+                w.put(1, 1); // sign
+                let (c, n) = gamma(level);
+                w.put(c, n);
+                let (c, n) = gamma(60); // trailing run of 59
+                w.put(c, n);
+            });
+            assert_eq!(
+                decode(&b),
+                Err(QsgdError::Corrupt {
+                    bucket: 0,
+                    reason: "level out of range"
+                }),
+                "{bits}"
+            );
+        }
+        // ... and a valid one through the slow path decodes.
+        let b = craft(8, 100, 100, |w| {
+            w.put(2f32.to_bits() as u64 | 1 << 32, 33);
+            let (c, n) = gamma(41);
+            w.put(c, n);
+            w.put(1, 1);
+            let (c, n) = gamma(255);
+            w.put(c, n);
+            let (c, n) = gamma(60);
+            w.put(c, n);
+        });
+        let q = decode(&b).unwrap();
+        assert_eq!(q[40], -2.0);
+        assert_eq!(q.iter().filter(|&&x| x != 0.0).count(), 1);
         // A run past the end of the bucket.
         let b = craft(2, 4, 4, |w| {
             w.put(1f32.to_bits() as u64 | 1 << 32, 33);

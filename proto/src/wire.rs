@@ -276,8 +276,8 @@ impl Gossip {
             }
         }
         if let Gossip::Announce(a) = &g {
-            if a.len > MAX_BLOB_BYTES || a.len % 4 != 0 {
-                return Err(WireError::Invalid(format!("gradient length {} is not a valid f32 blob", a.len)));
+            if a.len > MAX_BLOB_BYTES {
+                return Err(WireError::Invalid(format!("gradient of {} bytes exceeds the cap", a.len)));
             }
             if let Some(i) = &a.inline {
                 if i.len() as u64 != a.len {

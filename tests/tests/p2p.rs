@@ -189,3 +189,28 @@ fn a_late_peer_joins_by_state_sync_and_trains_from_the_next_epoch() {
     let acc = founders["final_test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.6, "{acc}");
 }
+
+#[test]
+fn qsgd_exchange_saves_bytes_and_keeps_peers_identical() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let (ok, r) = testnet(
+        dir.path(),
+        3,
+        &[
+            "--data-dir", data.to_str().unwrap(), "--limit-train", "3000", "--limit-test", "500",
+            "--val-size", "300", "--epochs", "2", "--batches-per-round", "1", "--device", "cpu",
+            "--compression", "qsgd:bits=4,bucket=512",
+        ],
+    );
+    assert!(ok, "testnet reported problems: {}", r["problems"]);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    for p in r["peer_reports"].as_array().unwrap() {
+        let rounds = p["rounds"].as_u64().unwrap();
+        let plain = rounds * 1_199_882 * 4;
+        let sent = p["gradient_bytes_sent"].as_u64().unwrap();
+        assert!(sent * 7 <= plain, "QSGD 4-bit must send at most 1/7 of f32: {sent} vs {plain}");
+        assert!(p["final_test_accuracy"].as_f64().unwrap() > 0.5);
+    }
+}
