@@ -346,12 +346,12 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
-                // Discovery: connect to every peer Kademlia finds (small swarms are
-                // fully meshed; gossipsub prunes its mesh to its own degree).
-                if !self.swarm.is_connected(&peer) {
-                    let _ = self.swarm.dial(peer);
-                }
+            // Discovery: connect to every peer Kademlia finds (small swarms are
+            // fully meshed; gossipsub prunes its mesh to its own degree).
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }))
+                if !self.swarm.is_connected(&peer) =>
+            {
+                let _ = self.swarm.dial(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message { peer, message, .. })) => {
                 match message {
@@ -385,10 +385,8 @@ impl EventLoop {
                     let _ = self.events.send(Event::Connected(peer_id)).await;
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                if num_established == 0 {
-                    let _ = self.events.send(Event::Disconnected(peer_id)).await;
-                }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                let _ = self.events.send(Event::Disconnected(peer_id)).await;
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!("listening on {address}");

@@ -97,13 +97,14 @@ fn hex(d: &Digest) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// BLAKE3 of the parameters as little-endian f32 bytes.
 fn params_digest(model: &Model) -> Digest {
     let v = model.params_vec();
-    let mut h = blake3::Hasher::new();
+    let mut bytes = Vec::with_capacity(v.len() * 4);
     for x in &v {
-        h.update(&x.to_le_bytes());
+        bytes.extend_from_slice(&x.to_le_bytes());
     }
-    *h.finalize().as_bytes()
+    *blake3::hash(&bytes).as_bytes()
 }
 
 /// ReduceLROnPlateau (mode min, relative threshold 1e-4) and early stopping,
@@ -244,6 +245,8 @@ struct Node {
     hello_round: u64,
     /// Whose gradients the last aggregation used.
     last_contributors: Vec<PeerId>,
+    /// The peers named by --bootstrap.
+    bootstrap_peers: HashSet<PeerId>,
     /// Epoch topics subscribed to.
     subscribed: HashSet<u64>,
     /// Announcements asked for over request-response, and the answers.
@@ -390,7 +393,9 @@ impl Node {
             }
             Ok(Response::Hello { accepted: false, reason, .. }) => {
                 let reason = reason.unwrap_or_default();
-                if self.accepted.is_empty() {
+                // Only the node that asked to join (through this bootstrap peer)
+                // gives up; a run's member just ignores a stranger.
+                if self.accepted.is_empty() && self.bootstrap_peers.contains(&peer) {
                     bail!(
                         "peer {peer} refused to let this node join: {reason}. Start the node with the run's settings or start a new run"
                     );
@@ -541,8 +546,11 @@ impl Node {
             }
             Err(e) => {
                 tracing::warn!("could not fetch the gradient of {} for round {}: {e}", f.owner, f.round);
-                // Try again later while the barrier still waits for it.
-                self.announces.get(&(f.round, f.owner)).cloned().map(|_| self.start_fetch(f.round, f.owner));
+                // Try again while the round is still ahead and its author alive.
+                let wanted = f.round >= self.round && self.rs.is_alive(&f.owner);
+                if wanted && self.announces.contains_key(&(f.round, f.owner)) {
+                    self.start_fetch(f.round, f.owner);
+                }
             }
         }
     }
@@ -732,6 +740,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         last_contributors: Vec::new(),
         asked: HashSet::new(),
         subscribed: HashSet::from([0]),
+        bootstrap_peers: bootstrap.iter().map(|(p, _)| *p).collect(),
         recovered_tx,
         recovered_rx,
         n_train_minus_val: n_train - cfg.val_size,

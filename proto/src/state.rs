@@ -49,8 +49,11 @@ pub fn encode_state(h: &StateHeader, params: &[f32], opt: &[Vec<f32>]) -> Vec<u8
     out
 }
 
+/// A decoded state: header, parameters, optimizer state vectors.
+pub(crate) type DecodedState = (StateHeader, Vec<f32>, Vec<Vec<f32>>);
+
 /// Decodes a state of a model with `numel` parameters.
-pub fn decode_state(bytes: &[u8], numel: u64) -> Result<(StateHeader, Vec<f32>, Vec<Vec<f32>>), StateError> {
+pub fn decode_state(bytes: &[u8], numel: u64) -> Result<DecodedState, StateError> {
     let len = bytes.get(..4).ok_or(StateError::Truncated)?;
     let hlen = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
     let header = bytes.get(4..4 + hlen).ok_or(StateError::Truncated)?;

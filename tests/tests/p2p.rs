@@ -11,9 +11,25 @@ use std::time::Duration;
 /// starves past the failure timeout.
 static HEAVY: Mutex<()> = Mutex::new(());
 
-fn testnet(out: &std::path::Path, peers: usize, node_args: &[&str]) -> (bool, Value) {
+/// Node arguments of the small runs: a Fashion-MNIST subset on the CPU, one
+/// batch per round, plus `extra`.
+fn small_run(train: u32, test: u32, val: u32, epochs: u32, extra: &[&str]) -> Vec<String> {
+    let data = fashion_mnist();
+    let mut v: Vec<String> = vec!["--data-dir".into(), data.to_str().unwrap().into()];
+    for (flag, n) in [("--limit-train", train), ("--limit-test", test), ("--val-size", val), ("--epochs", epochs)] {
+        v.extend([flag.to_string(), n.to_string()]);
+    }
+    v.extend(["--batches-per-round", "1", "--device", "cpu"].map(String::from));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// `testnet run` with `testnet_args`, then `--` and `node_args`: (exit ok, report).
+fn testnet(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_args: &[String]) -> (bool, Value) {
     let o = Command::new(bin("testnet"))
-        .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600", "--"])
+        .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600"])
+        .args(testnet_args)
+        .arg("--")
         .args(node_args)
         .output()
         .expect("run testnet");
@@ -26,15 +42,7 @@ fn testnet(out: &std::path::Path, peers: usize, node_args: &[&str]) -> (bool, Va
 fn four_peers_hold_identical_parameters_every_round_and_learn() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
-    let (ok, r) = testnet(
-        dir.path(),
-        4,
-        &[
-            "--data-dir", data.to_str().unwrap(), "--limit-train", "6000", "--limit-test", "1000",
-            "--val-size", "400", "--epochs", "3", "--batches-per-round", "1", "--device", "cpu", "--seed", "3",
-        ],
-    );
+    let (ok, r) = testnet(dir.path(), 4, &[], &small_run(6000, 1000, 400, 3, &["--seed", "3", "--failure-timeout-ms", "5000"]));
     assert!(ok, "testnet reported problems: {}", r["problems"]);
     let peers = r["peer_reports"].as_array().unwrap();
     assert_eq!(peers.len(), 4);
@@ -62,16 +70,8 @@ fn four_peers_hold_identical_parameters_every_round_and_learn() {
 fn asynchronous_mode_completes_and_learns() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
-    let (ok, r) = testnet(
-        dir.path(),
-        3,
-        &[
-            "--data-dir", data.to_str().unwrap(), "--limit-train", "3000", "--limit-test", "500",
-            "--val-size", "300", "--epochs", "2", "--batches-per-round", "1", "--device", "cpu",
-            "--sync", "async", "--max-staleness", "2",
-        ],
-    );
+    let args = small_run(3000, 500, 300, 2, &["--sync", "async", "--max-staleness", "2"]);
+    let (ok, r) = testnet(dir.path(), 3, &[], &args);
     assert!(ok, "testnet reported problems: {}", r["problems"]);
     assert_eq!(r["sync"], "async");
     let peers = r["peer_reports"].as_array().unwrap();
@@ -113,8 +113,11 @@ fn a_node_with_a_different_config_is_refused() {
         .arg(dir.path().join("b"))
         .output()
         .unwrap();
+    // The run's founder ignores the stranger and keeps running.
+    let still_running = first.try_wait().unwrap().is_none();
     let _ = first.kill();
     let _ = first.wait();
+    assert!(still_running, "the founder must not exit because a stranger was refused");
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
     let last = e.lines().last().unwrap_or_default();
@@ -137,16 +140,7 @@ fn a_bad_bootstrap_address_is_one_clear_line() {
 fn a_diverged_peer_resyncs_from_the_majority() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
-    let o = Command::new(bin("testnet"))
-        .args(["run", "--peers", "3", "--out", dir.path().to_str().unwrap(), "--timeout", "600"])
-        .args(["--peer-args", "1=--fault-perturb-round 3", "--"])
-        .args(["--data-dir", data.to_str().unwrap(), "--limit-train", "2000", "--limit-test", "300"])
-        .args(["--val-size", "200", "--epochs", "1", "--batches-per-round", "1", "--device", "cpu"])
-        .output()
-        .expect("run testnet");
-    let r: Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    let (_, r) = testnet(dir.path(), 3, &["--peer-args", "1=--fault-perturb-round 3"], &small_run(2000, 300, 200, 1, &[]));
     // Peer 1 corrupted its parameters after round 3; it notices that the majority
     // disagrees, fetches a majority peer's state, and is in step again.
     assert_eq!(r["all_final_digests_equal"], true, "{}", r["problems"]);
@@ -163,18 +157,9 @@ fn a_diverged_peer_resyncs_from_the_majority() {
 fn a_late_peer_joins_by_state_sync_and_trains_from_the_next_epoch() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
-    let o = Command::new(bin("testnet"))
-        .args(["run", "--peers", "4", "--out", dir.path().to_str().unwrap(), "--timeout", "600"])
-        .args(["--start-delay", "3=6", "--"])
-        .args(["--min-peers", "3", "--data-dir", data.to_str().unwrap(), "--limit-train", "4000"])
-        .args(["--limit-test", "500", "--val-size", "400", "--epochs", "3", "--batches-per-round", "1"])
-        .args(["--device", "cpu", "--failure-timeout-ms", "5000"])
-        .output()
-        .expect("run testnet");
-    let r: Value = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
-    assert!(o.status.success(), "{}", r["problems"]);
+    let args = small_run(4000, 500, 400, 3, &["--min-peers", "3", "--failure-timeout-ms", "5000"]);
+    let (ok, r) = testnet(dir.path(), 4, &["--start-delay", "3=6"], &args);
+    assert!(ok, "{}", r["problems"]);
     assert_eq!(r["all_final_digests_equal"], true);
     assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
     let late: Value = serde_json::from_slice(&std::fs::read(dir.path().join("nodes/n3/report.json")).unwrap()).unwrap();
@@ -194,16 +179,8 @@ fn a_late_peer_joins_by_state_sync_and_trains_from_the_next_epoch() {
 fn qsgd_exchange_saves_bytes_and_keeps_peers_identical() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
-    let (ok, r) = testnet(
-        dir.path(),
-        3,
-        &[
-            "--data-dir", data.to_str().unwrap(), "--limit-train", "3000", "--limit-test", "500",
-            "--val-size", "300", "--epochs", "2", "--batches-per-round", "1", "--device", "cpu",
-            "--compression", "qsgd:bits=4,bucket=512",
-        ],
-    );
+    let args = small_run(3000, 500, 300, 2, &["--compression", "qsgd:bits=4,bucket=512"]);
+    let (ok, r) = testnet(dir.path(), 3, &[], &args);
     assert!(ok, "testnet reported problems: {}", r["problems"]);
     assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
     for p in r["peer_reports"].as_array().unwrap() {
