@@ -192,6 +192,8 @@ pub struct P2pConfig {
     pub early_stop_patience: u64,
     /// Fault injection for tests: corrupt one parameter after this round.
     pub perturb_round: Option<u64>,
+    /// Fault injection for tests: publish invalid messages every round.
+    pub garbage: bool,
 }
 
 impl Default for P2pConfig {
@@ -213,6 +215,7 @@ impl Default for P2pConfig {
             min_lr: 1e-6,
             early_stop_patience: 10,
             perturb_round: None,
+            garbage: false,
         }
     }
 }
@@ -269,6 +272,9 @@ pub struct P2pArgs {
     /// Fault injection: silently corrupt one parameter after this round (tests the digest check).
     #[arg(long, hide = true)]
     pub fault_perturb_round: Option<u64>,
+    /// Fault injection: publish malformed, wrong-length, far-ahead and foreign messages every round.
+    #[arg(long, hide = true)]
+    pub fault_garbage: bool,
 }
 
 impl P2pArgs {
@@ -290,6 +296,7 @@ impl P2pArgs {
             failure_timeout_ms: self.failure_timeout_ms,
             report: self.report.clone(),
             perturb_round: self.fault_perturb_round,
+            garbage: self.fault_garbage,
             ..d
         }
     }

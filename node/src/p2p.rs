@@ -245,6 +245,9 @@ struct Node {
     hello_round: u64,
     /// Whose gradients the last aggregation used.
     last_contributors: Vec<PeerId>,
+    /// The run's gradient encoding and the model's parameter count.
+    compression: p2pml_proto::Compression,
+    numel: usize,
     /// The peers named by --bootstrap.
     bootstrap_peers: HashSet<PeerId>,
     /// Epoch topics subscribed to.
@@ -424,7 +427,7 @@ impl Node {
                 let msg = if refused {
                     Err(wire::WireError::Invalid("sender runs another configuration".into()))
                 } else {
-                    Gossip::decode_valid(&data, &self.run_id, self.round)
+                    Gossip::decode_valid(&data, &self.run_id, self.round).and_then(|g| self.check_payload(g))
                 };
                 match msg {
                     Ok(g) => {
@@ -439,6 +442,49 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Model-aware checks: an inline gradient must decode to the model's length
+    /// with the run's compression (fetched ones are checked after the fetch).
+    fn check_payload(&self, g: Gossip) -> Result<Gossip, wire::WireError> {
+        if let Gossip::Announce(a) = &g {
+            if let Some(inline) = &a.inline {
+                p2pml_proto::decode_gradient(inline, &self.compression, self.numel)
+                    .map_err(|e| wire::WireError::Invalid(format!("inline gradient: {e}")))?;
+            }
+        }
+        Ok(g)
+    }
+
+    /// Fault injection (--fault-garbage): publishes invalid messages of every kind
+    /// the validation must stop.
+    async fn publish_garbage(&mut self, round: u64, epoch: u64) {
+        let topic = self.epoch_topic(epoch);
+        let mut bad = vec![
+            vec![0xff, 0x00, 0x13, 0x37],          // not CBOR
+            wire::encode(&"a string, not a message"), // CBOR, wrong type
+        ];
+        let honest = Announce {
+            run_id: self.run_id.clone(),
+            round: round + 1,
+            epoch,
+            samples: 64,
+            loss_sum: 1.0,
+            val: None,
+            len: 8,
+            digest: *blake3::hash(&[0u8; 8]).as_bytes(),
+            inline: Some(serde_bytes::ByteBuf::from(vec![0u8; 8])),
+            joiners: vec![],
+        };
+        // A gradient of the wrong length (8 bytes for a model of many parameters).
+        bad.push(wire::encode(&Gossip::Announce(honest.clone())));
+        // A round far ahead of everyone.
+        bad.push(wire::encode(&Gossip::Announce(Announce { round: round + 10_000, ..honest.clone() })));
+        // Another run's message.
+        bad.push(wire::encode(&Gossip::Announce(Announce { run_id: "0000000000000000".into(), ..honest })));
+        for b in bad {
+            let _ = self.client.publish(&topic, b).await;
         }
     }
 
@@ -741,6 +787,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         asked: HashSet::new(),
         subscribed: HashSet::from([0]),
         bootstrap_peers: bootstrap.iter().map(|(p, _)| *p).collect(),
+        compression,
+        numel,
         recovered_tx,
         recovered_rx,
         n_train_minus_val: n_train - cfg.val_size,
@@ -930,6 +978,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             client.publish(&topic, wire::encode(&Gossip::Announce(a))).await?;
             node.gradient_bytes_sent += len;
             st.send = t0.elapsed().as_secs_f64();
+            if p2p.garbage {
+                node.publish_garbage(round, epoch).await;
+            }
         }
 
         // Barrier.

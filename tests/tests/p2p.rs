@@ -191,3 +191,22 @@ fn qsgd_exchange_saves_bytes_and_keeps_peers_identical() {
         assert!(p["final_test_accuracy"].as_f64().unwrap() > 0.5);
     }
 }
+
+#[test]
+fn invalid_messages_are_dropped_and_the_run_goes_on() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // Peer 2 publishes, every round: bytes that are not CBOR, CBOR of the wrong
+    // type, a gradient of the wrong length, a round far ahead, another run's message.
+    let (ok, r) = testnet(dir.path(), 3, &["--peer-args", "2=--fault-garbage"], &small_run(2000, 300, 200, 1, &[]));
+    assert!(ok, "testnet reported problems: {}", r["problems"]);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    for p in r["peer_reports"].as_array().unwrap() {
+        let log = p["rounds_log"].as_array().unwrap();
+        assert!(log.iter().all(|x| x["contributors"] == 3), "the garbage never replaced a real gradient");
+        if p["index"] != 2 {
+            let invalid = p["invalid_messages"].as_u64().unwrap();
+            assert!(invalid >= 5 * log.len() as u64 / 2, "peer {} rejected only {invalid} messages", p["index"]);
+        }
+    }
+}
