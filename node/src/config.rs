@@ -154,6 +154,18 @@ pub enum ConfigError {
 }
 
 impl TrainConfig {
+    /// Loads the data set, cut to --limit-train and --limit-test.
+    pub fn load_dataset(&self) -> Result<p2pml_lambda_grad::data::Dataset, p2pml_lambda_grad::data::DataError> {
+        let mut ds = p2pml_lambda_grad::data::load(self.dataset, self.data_dir.as_deref())?;
+        if self.limit_train > 0 {
+            ds.train = ds.train.truncate(self.limit_train);
+        }
+        if self.limit_test > 0 {
+            ds.test = ds.test.truncate(self.limit_test);
+        }
+        Ok(ds)
+    }
+
     /// Checks what clap's types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.batch_size == 0 {

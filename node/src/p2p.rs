@@ -10,7 +10,7 @@ use crate::round::{Barrier, Change, RoundState};
 use crate::store::{chunks, SharedStore, StateBlob, Store};
 use anyhow::{anyhow, bail, Context};
 use libp2p::{Multiaddr, PeerId};
-use p2pml_lambda_grad::data::{self, Partition};
+use p2pml_lambda_grad::data::Partition;
 use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
 use p2pml_proto::wire::{self, Announce, Digest, Gossip, Heartbeat, MemberEntry, Request, Response, RunSpec, SyncMode, ValStats};
 use serde::Serialize;
@@ -99,9 +99,12 @@ fn hex(d: &Digest) -> String {
 
 /// BLAKE3 of the parameters as little-endian f32 bytes.
 fn params_digest(model: &Model) -> Digest {
-    let v = model.params_vec();
+    digest_of(&model.params_vec())
+}
+
+fn digest_of(v: &[f32]) -> Digest {
     let mut bytes = Vec::with_capacity(v.len() * 4);
-    for x in &v {
+    for x in v {
         bytes.extend_from_slice(&x.to_le_bytes());
     }
     *blake3::hash(&bytes).as_bytes()
@@ -712,13 +715,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     }
 
     // Data and model before the network, so that a bad flag fails fast.
-    let mut ds = data::load(cfg.dataset, cfg.data_dir.as_deref())?;
-    if cfg.limit_train > 0 {
-        ds.train = ds.train.truncate(cfg.limit_train);
-    }
-    if cfg.limit_test > 0 {
-        ds.test = ds.test.truncate(cfg.limit_test);
-    }
+    let ds = cfg.load_dataset()?;
     let n_train = ds.train.len();
     let val_partition = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?;
     let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
@@ -1113,8 +1110,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     v[0] += 1e-3;
                     t.model.set_params(&v).expect("same length");
                 }
-                let d = params_digest(&t.model);
-                let state = state_blob(&t, round, epoch, plateau, stopping, &sched_info);
+                // One copy of the parameters serves the digest and the state snapshot.
+                let params = t.model.params_vec();
+                let d = digest_of(&params);
+                let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
                 (t, d, state)
             }))
             .await??;
@@ -1221,6 +1220,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 /// The state blob of the trainer after `round`.
 fn state_blob(
     t: &Trainer,
+    params: &[f32],
     round: u64,
     epoch: u64,
     plateau: (f64, u64),
@@ -1245,7 +1245,7 @@ fn state_blob(
         epoch_start: sched.0,
         epoch_members: sched.1.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
     };
-    p2pml_proto::encode_state(&h, &t.model.params_vec(), &opt)
+    p2pml_proto::encode_state(&h, params, &opt)
 }
 
 /// One epoch's plan, the same on every peer: who trains, on which shard, for how many rounds.

@@ -3,7 +3,7 @@
 
 use crate::config::TrainConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use p2pml_lambda_grad::data::{self, Partition};
+use p2pml_lambda_grad::data::Partition;
 use p2pml_lambda_grad::export::{self, ExportMeta};
 use p2pml_lambda_grad::{device_name, Evaluation, Model, ModelSpec, Optimizer, TensorData};
 use serde::Serialize;
@@ -45,13 +45,7 @@ pub fn run(cfg: &TrainConfig, out: Option<&Path>, progress: bool) -> anyhow::Res
         std::fs::create_dir_all(out)
             .map_err(|e| anyhow::anyhow!("cannot create output directory {}: {e}", out.display()))?;
     }
-    let mut ds = data::load(cfg.dataset, cfg.data_dir.as_deref())?;
-    if cfg.limit_train > 0 {
-        ds.train = ds.train.truncate(cfg.limit_train);
-    }
-    if cfg.limit_test > 0 {
-        ds.test = ds.test.truncate(cfg.limit_test);
-    }
+    let ds = cfg.load_dataset()?;
     let partition = Partition::new(ds.train.len(), cfg.val_size, 1, cfg.seed)?;
     let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
     let val = (cfg.val_size > 0)

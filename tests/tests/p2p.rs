@@ -145,7 +145,10 @@ fn a_diverged_peer_resyncs_from_the_majority() {
     // disagrees, fetches a majority peer's state, and is in step again.
     assert_eq!(r["all_final_digests_equal"], true, "{}", r["problems"]);
     let common = r["common_rounds"].as_u64().unwrap();
-    assert_eq!(r["rounds_with_equal_digests"].as_u64().unwrap(), common - 1, "only round 3 differs");
+    // Round 3 differs, and the rounds until the majority's digests reach peer 1
+    // (gossiped on heartbeats): a few at most.
+    let differing = common - r["rounds_with_equal_digests"].as_u64().unwrap();
+    assert!((1..=3).contains(&differing), "{differing} rounds differ");
     let peers = r["peer_reports"].as_array().unwrap();
     let syncs: Vec<u64> = peers.iter().map(|p| std::fs::read(dir.path().join("nodes").join(format!("n{}", p["index"])).join("report.json")))
         .map(|b| serde_json::from_slice::<Value>(&b.unwrap()).unwrap()["state_syncs"].as_u64().unwrap())
