@@ -25,8 +25,6 @@ const PROTOCOL_VERSION: &str = "/p2pml/1.0.0";
 pub enum NetError {
     #[error("cannot listen on {addr}: {msg}")]
     Listen { addr: Multiaddr, msg: String },
-    #[error("cannot dial {addr}: {msg}")]
-    Dial { addr: Multiaddr, msg: String },
     #[error("network setup failed: {0}")]
     Setup(String),
     #[error("the network task has stopped")]
@@ -91,7 +89,6 @@ enum Command {
     Dial { peer: Option<PeerId>, addr: Multiaddr },
     Disconnect { peer: PeerId },
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
-    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
 }
 
 /// A handle on the network task.
@@ -140,11 +137,6 @@ impl Client {
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::ListenAddrs { reply }).await?;
-        rx.await.map_err(|_| NetError::Stopped)
-    }
-    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::ConnectedPeers { reply }).await?;
         rx.await.map_err(|_| NetError::Stopped)
     }
 }
@@ -307,9 +299,6 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
-            }
-            Command::ConnectedPeers { reply } => {
-                let _ = reply.send(self.swarm.connected_peers().cloned().collect());
             }
         }
     }

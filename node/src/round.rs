@@ -88,9 +88,6 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     pub fn set_epoch_members(&mut self, members: impl IntoIterator<Item = P>) {
         self.epoch_members = Some(members.into_iter().collect());
     }
-    pub fn epoch_members(&self) -> Vec<P> {
-        self.epoch_members.as_ref().map(|m| m.iter().cloned().collect()).unwrap_or_default()
-    }
     pub fn is_epoch_member(&self, p: &P) -> bool {
         self.epoch_members.as_ref().is_none_or(|m| m.contains(p))
     }
