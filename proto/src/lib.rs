@@ -8,12 +8,14 @@
 //! - [`blob`]: the encoding of gradient and parameter vectors.
 //! - [`state`]: a peer's full training state, for state sync.
 //! - [`qsgd`]: QSGD gradient compression (bucketed, stochastic, bit-packed).
+//! - [`task`]: the function tier's events, results and stored objects.
 
 mod blob;
 pub mod qsgd;
 mod rng;
 mod spec;
 mod state;
+pub mod task;
 pub mod wire;
 
 pub use blob::{decode_f32, encode_f32, BlobError};
