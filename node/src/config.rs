@@ -284,7 +284,8 @@ pub struct P2pArgs {
     /// Fault injection: silently corrupt one parameter after this round (tests the digest check).
     #[arg(long, hide = true)]
     pub fault_perturb_round: Option<u64>,
-    /// Fault injection: publish malformed, wrong-length, far-ahead and foreign messages every round.
+    /// Fault injection: run as a rogue that never trains and publishes malformed, wrong-length,
+    /// far-ahead and foreign messages every heartbeat (tests validation and peer scoring).
     #[arg(long, hide = true)]
     pub fault_garbage: bool,
 }

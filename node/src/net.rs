@@ -89,6 +89,7 @@ enum Command {
     Dial { peer: Option<PeerId>, addr: Multiaddr },
     Disconnect { peer: PeerId },
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+    PeerScores { reply: oneshot::Sender<Vec<(PeerId, f64)>> },
 }
 
 /// A handle on the network task.
@@ -139,6 +140,43 @@ impl Client {
         self.send(Command::ListenAddrs { reply }).await?;
         rx.await.map_err(|_| NetError::Stopped)
     }
+    /// Gossipsub's score of every connected peer (invalid messages lower it).
+    pub async fn peer_scores(&self) -> Result<Vec<(PeerId, f64)>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PeerScores { reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// Peer scoring: an invalid message (one the application rejects, or one that
+/// fails gossipsub's own checks) costs its forwarder `-10 × n²` for `n` recent
+/// invalid deliveries (forgiven by 10 % a second), so a single bad message puts
+/// the peer at the gossip threshold and three graylist it: its RPCs are then
+/// ignored. Honest peers earn a little for first deliveries and time in the mesh.
+/// Mesh-delivery quotas stay off: a quiet epoch topic is no sign of misbehaviour.
+fn score_params() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let mut params = gossipsub::PeerScoreParams::default();
+    // Testnets run many peers on one address on purpose.
+    params.ip_colocation_factor_whitelist.insert(std::net::IpAddr::from([127, 0, 0, 1]));
+    params.ip_colocation_factor_whitelist.insert(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 20.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    }
 }
 
 /// The task that owns the swarm.
@@ -188,7 +226,9 @@ pub fn new(
                 })
                 .build()
                 .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let (params, thresholds) = score_params();
+            gossipsub.with_peer_score(params, thresholds)?;
             let mut kad_cfg = kad::Config::new(StreamProtocol::new("/p2pml/kad/1.0.0"));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
             let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
@@ -262,7 +302,11 @@ impl EventLoop {
                 let _ = reply.send(r);
             }
             Command::Subscribe { topic } => {
-                if let Err(e) = b.gossipsub.subscribe(&IdentTopic::new(topic.clone())) {
+                let t = IdentTopic::new(topic.clone());
+                if let Err(e) = b.gossipsub.set_topic_params(t.clone(), topic_score_params()) {
+                    tracing::warn!("score parameters for {topic}: {e}");
+                }
+                if let Err(e) = b.gossipsub.subscribe(&t) {
                     tracing::warn!("subscribe {topic}: {e}");
                 }
             }
@@ -299,6 +343,11 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::PeerScores { reply } => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                let g = &self.swarm.behaviour().gossipsub;
+                let _ = reply.send(peers.into_iter().filter_map(|p| g.peer_score(&p).map(|s| (p, s))).collect());
             }
         }
     }

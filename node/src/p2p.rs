@@ -59,6 +59,8 @@ pub struct EpochRecord {
 /// The node's report, written as JSON at the end of the run.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeReport {
+    /// "peer", or "rogue" for a --fault-garbage node that only sends invalid messages.
+    pub role: String,
     pub peer_id: String,
     pub run_id: String,
     pub spec: RunSpec,
@@ -81,6 +83,10 @@ pub struct NodeReport {
     pub wall_seconds: f64,
     pub rounds_log: Vec<RoundRecord>,
     pub epochs_log: Vec<EpochRecord>,
+    /// This node's gossipsub score of each peer it was connected to.
+    pub peer_scores: BTreeMap<String, ScoreSeen>,
+    /// Rogue only: invalid messages published.
+    pub garbage_sent: u64,
 }
 
 /// The seed of a peer's stochastic rounding in a round: distinct per peer and
@@ -211,8 +217,16 @@ struct Fetched {
 
 struct PeerView {
     round: u64,
+    epoch: u64,
     finished: bool,
     ready: bool,
+}
+
+/// How this node scored a peer (gossipsub's peer score), sampled every heartbeat.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct ScoreSeen {
+    pub min: f64,
+    pub last: f64,
 }
 
 struct Node {
@@ -263,6 +277,12 @@ struct Node {
     /// compute an epoch's rounds while joining).
     n_train_minus_val: usize,
     batch_size: usize,
+    /// Peers connected now.
+    connected: HashSet<PeerId>,
+    /// Gossipsub scores of the peers, lowest and latest.
+    scores: BTreeMap<PeerId, ScoreSeen>,
+    /// Rogue mode (--fault-garbage): invalid messages published.
+    garbage_sent: u64,
 }
 
 impl Node {
@@ -311,6 +331,20 @@ impl Node {
     }
 
     async fn heartbeat(&mut self) {
+        if let Ok(scores) = self.client.peer_scores().await {
+            for (p, s) in scores {
+                let e = self.scores.entry(p).or_insert(ScoreSeen { min: s, last: s });
+                e.min = e.min.min(s);
+                e.last = s;
+            }
+        }
+        if self.p2p.garbage {
+            // A rogue sends garbage where honest peers send heartbeats.
+            let (round, epoch) = self.views.values().map(|v| (v.round, v.epoch)).max().unwrap_or((0, 0));
+            self.publish_garbage(round, epoch).await;
+            self.next_heartbeat = Instant::now() + Duration::from_millis(self.p2p.heartbeat_ms);
+            return;
+        }
         if self.ready {
             self.recover_announcements();
         }
@@ -418,13 +452,17 @@ impl Node {
     async fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Connected(peer) => {
+                self.connected.insert(peer);
                 let (client, spec, tx) = (self.client.clone(), self.spec.clone(), self.hello_tx.clone());
                 tokio::spawn(async move {
                     let r = client.request(peer, Request::Hello { spec }).await.map_err(|e| e.to_string());
                     let _ = tx.send((peer, r)).await;
                 });
             }
-            Event::Disconnected(peer) => tracing::debug!("disconnected from {peer}"),
+            Event::Disconnected(peer) => {
+                self.connected.remove(&peer);
+                tracing::debug!("disconnected from {peer}");
+            }
             Event::Gossip { id, propagated_by, author, data } => {
                 let refused = self.store.lock().expect("store lock").refused.contains(&author);
                 let msg = if refused {
@@ -487,7 +525,9 @@ impl Node {
         // Another run's message.
         bad.push(wire::encode(&Gossip::Announce(Announce { run_id: "0000000000000000".into(), ..honest })));
         for b in bad {
-            let _ = self.client.publish(&topic, b).await;
+            if self.client.publish(&topic, b).await.is_ok() {
+                self.garbage_sent += 1;
+            }
         }
     }
 
@@ -521,7 +561,7 @@ impl Node {
                     }
                 }
                 let is_new = !self.views.contains_key(&author);
-                self.views.insert(author, PeerView { round: h.round, finished: h.finished, ready: h.ready });
+                self.views.insert(author, PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready });
                 if is_new {
                     for a in &h.addrs {
                         if let Ok(addr) = a.parse::<Multiaddr>() {
@@ -790,6 +830,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         recovered_rx,
         n_train_minus_val: n_train - cfg.val_size,
         batch_size: cfg.batch_size,
+        connected: HashSet::new(),
+        scores: BTreeMap::new(),
+        garbage_sent: 0,
     };
     client.subscribe(&node.control_topic()).await?;
     client.subscribe(&node.epoch_topic(0)).await?;
@@ -811,6 +854,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    if p2p.garbage {
+        return run_rogue(node, spec, device, report_path(&p2p)).await;
     }
 
     // A run in progress (a peer is past round 0) is joined by state sync; a new
@@ -1188,6 +1235,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
     let tr = &client.traffic;
     let report = NodeReport {
+        role: "peer".into(),
         peer_id: me.to_string(),
         run_id,
         spec,
@@ -1210,10 +1258,64 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         wall_seconds: wall.elapsed().as_secs_f64(),
         rounds_log,
         epochs_log,
+        peer_scores: node.scores_report(),
+        garbage_sent: 0,
     };
-    let path = p2p.report.clone().unwrap_or_else(|| p2p.state_dir.join("report.json"));
+    let path = report_path(&p2p);
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rounds {} test_acc {:.2}% digest {} report {}", report.rounds, 100.0 * report.final_test_accuracy, &report.final_digest[..16], path.display());
+    Ok(report)
+}
+
+fn report_path(p2p: &P2pConfig) -> std::path::PathBuf {
+    p2p.report.clone().unwrap_or_else(|| p2p.state_dir.join("report.json"))
+}
+
+/// Rogue mode (--fault-garbage, for tests of validation and peer scoring): the
+/// node never joins the membership or trains; every heartbeat interval it
+/// publishes invalid messages of every kind on the current epoch's topic, until
+/// the run's peers have finished or gone.
+async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std::path::PathBuf) -> anyhow::Result<NodeReport> {
+    let wall = Instant::now();
+    tracing::warn!("rogue mode: publishing invalid messages until the run ends");
+    let mut alone_since: Option<Instant> = None;
+    node.wait_until("the run to end", |n| {
+        let seen = !n.views.is_empty();
+        let all_finished = seen && n.views.values().all(|v| v.finished);
+        alone_since = if seen && n.connected.is_empty() { alone_since.or(Some(Instant::now())) } else { None };
+        all_finished || alone_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
+    })
+    .await?;
+    let tr = &node.client.traffic;
+    let report = NodeReport {
+        role: "rogue".into(),
+        peer_id: node.client.peer_id.to_string(),
+        run_id: node.run_id.clone(),
+        spec,
+        device: device_name(device),
+        threads: tch::get_num_threads(),
+        rounds: 0,
+        epochs: 0,
+        final_digest: String::new(),
+        final_test_accuracy: 0.0,
+        final_test_loss: 0.0,
+        stopped_early: false,
+        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+        gradient_bytes_sent: 0,
+        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
+        digest_mismatches: 0,
+        state_syncs: 0,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        rounds_log: Vec::new(),
+        epochs_log: Vec::new(),
+        peer_scores: node.scores_report(),
+        garbage_sent: node.garbage_sent,
+    };
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());
     Ok(report)
 }
 
@@ -1305,6 +1407,10 @@ impl Schedule {
 
 impl Node {
     /// The furthest round another peer has told us about.
+    fn scores_report(&self) -> BTreeMap<String, ScoreSeen> {
+        self.scores.iter().map(|(p, s)| (p.to_string(), *s)).collect()
+    }
+
     fn remote_round(&self) -> u64 {
         self.views.values().map(|v| v.round).max().unwrap_or(0).max(self.hello_round)
     }

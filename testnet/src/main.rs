@@ -55,6 +55,10 @@ struct RunArgs {
     /// (it joins the run in progress by state sync).
     #[arg(long)]
     start_delay: Vec<String>,
+    /// Also start this many rogue nodes (p2pml-node --fault-garbage) that never
+    /// train and publish invalid messages; the report shows how peers scored them.
+    #[arg(long, default_value_t = 0)]
+    rogues: usize,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -220,20 +224,44 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         args_i.extend(["--bootstrap".into(), boot.clone()]);
         procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
     }
-    let procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
-    eprintln!("testnet: {} peers, {threads} torch threads each, bootstrap {boot}", a.peers);
+    let mut procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
+    for i in a.peers..a.peers + a.rogues {
+        let mut args_i = args.clone();
+        args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
+        procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
+    }
+    eprintln!(
+        "testnet: {} peers{}, {threads} torch threads each, bootstrap {boot}",
+        a.peers,
+        if a.rogues > 0 { format!(" and {} rogue(s)", a.rogues) } else { String::new() }
+    );
 
-    // Watch exits.
+    // Watch exits; rogues are stopped once the peers are done.
     let mut waiters = Vec::new();
+    let mut stop_rogues = Vec::new();
     for (i, p) in procs.into_iter().enumerate() {
         let tx = tx.clone();
         let mut child = p.child;
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        if i >= a.peers {
+            stop_rogues.push(stop_tx);
+        }
         waiters.push(tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s.ok().and_then(|s| s.code()),
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let _ = child.kill().await;
                     None
+                }
+                Ok(()) = stop => {
+                    // Give it a moment to notice the end of the run and write its report.
+                    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                        Ok(s) => s.ok().and_then(|s| s.code()),
+                        Err(_) => {
+                            let _ = child.kill().await;
+                            None
+                        }
+                    }
                 }
             };
             let _ = tx.send(NodeLine::Exited(i, status)).await;
@@ -245,7 +273,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut rounds = vec![0u64; a.peers];
-    let mut exits: Vec<Option<Option<i32>>> = vec![None; a.peers];
+    let mut exits: Vec<Option<Option<i32>>> = vec![None; a.peers + a.rogues];
     let mut last_acc = None;
     while let Some(m) = rx.recv().await {
         match m {
@@ -268,19 +296,27 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         let max = rounds.iter().max().copied().unwrap_or(0);
         bar.set_message(format!(
             "rounds {min}..{max}, {} of {} peers running{}",
-            exits.iter().filter(|e| e.is_none()).count(),
+            exits[..a.peers].iter().filter(|e| e.is_none()).count(),
             a.peers,
             last_acc.map(|(e, acc)| format!(", epoch {e} test accuracy {acc:.2}%")).unwrap_or_default()
         ));
-        if exits.iter().all(Option::is_some) {
+        if exits[..a.peers].iter().all(Option::is_some) {
             break;
         }
     }
     bar.finish_and_clear();
+    for s in stop_rogues {
+        let _ = s.send(());
+    }
     for w in waiters {
         let _ = w.await;
     }
-    let report = report::collect(&a.out, a.peers, &args, started.elapsed(), &exits)?;
+    while let Ok(m) = rx.try_recv() {
+        if let NodeLine::Exited(i, code) = m {
+            exits[i] = Some(code);
+        }
+    }
+    let report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits)?;
     let path = a.out.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);

@@ -24,6 +24,19 @@ pub(crate) struct PeerSummary {
     /// Per-round timings by stage, as the node measured them.
     pub(crate) rounds_log: Value,
     pub(crate) epochs_log: Value,
+    /// This peer's gossipsub score of each peer id it was connected to: {min, last}.
+    pub(crate) peer_scores: Value,
+}
+
+/// A rogue node (--rogues) and what the peers thought of it.
+#[derive(Debug, Serialize)]
+pub(crate) struct RogueSummary {
+    pub(crate) index: usize,
+    pub(crate) peer_id: String,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) garbage_sent: u64,
+    /// Peer index → that peer's score of the rogue ({min, last}), for peers connected to it.
+    pub(crate) scores_at_peers: BTreeMap<usize, Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +55,7 @@ pub(crate) struct Report {
     pub(crate) accuracy_by_epoch: Vec<f64>,
     pub(crate) problems: Vec<String>,
     pub(crate) peer_reports: Vec<PeerSummary>,
+    pub(crate) rogues: Vec<RogueSummary>,
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -51,6 +65,7 @@ fn u(v: &Value, k: &str) -> u64 {
 pub(crate) fn collect(
     out: &Path,
     peers: usize,
+    rogues: usize,
     args: &[String],
     wall: Duration,
     exits: &[Option<Option<i32>>],
@@ -108,7 +123,20 @@ pub(crate) fn collect(
             mean_stage_seconds,
             rounds_log,
             epochs_log: v["epochs_log"].clone(),
+            peer_scores: v["peer_scores"].clone(),
         });
+    }
+    let mut rogue_summaries = Vec::new();
+    for i in peers..peers + rogues {
+        let exit_code: Option<i32> = exits.get(i).copied().flatten().flatten();
+        let path = out.join("nodes").join(format!("n{i}")).join("report.json");
+        let v: Value = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+        let peer_id = v["peer_id"].as_str().unwrap_or_default().to_string();
+        let scores_at_peers = summaries
+            .iter()
+            .filter_map(|p| p.peer_scores.get(&peer_id).map(|s| (p.index, s.clone())))
+            .collect();
+        rogue_summaries.push(RogueSummary { index: i, peer_id, exit_code, garbage_sent: u(&v, "garbage_sent"), scores_at_peers });
     }
     // Asynchronous runs are not expected to agree bit for bit.
     let sync = first_spec_sync.as_deref() != Some("async");
@@ -141,6 +169,7 @@ pub(crate) fn collect(
         accuracy_by_epoch,
         problems,
         peer_reports: summaries,
+        rogues: rogue_summaries,
     })
 }
 
@@ -166,6 +195,11 @@ pub(crate) fn print_summary(r: &Report) {
         r.common_rounds,
         if r.all_final_digests_equal { "equal" } else { "DIFFER" }
     );
+    for g in &r.rogues {
+        let scores: Vec<String> =
+            g.scores_at_peers.iter().map(|(i, s)| format!("peer {i}: {:.1}", s["min"].as_f64().unwrap_or(0.0))).collect();
+        println!("rogue {} sent {} invalid messages; lowest score given: {}", g.index, g.garbage_sent, scores.join(", "));
+    }
     for p in &r.problems {
         println!("problem: {p}");
     }

@@ -196,20 +196,37 @@ fn qsgd_exchange_saves_bytes_and_keeps_peers_identical() {
 }
 
 #[test]
-fn invalid_messages_are_dropped_and_the_run_goes_on() {
+fn invalid_messages_are_dropped_their_sender_scored_down_and_the_run_goes_on() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    // Peer 2 publishes, every round: bytes that are not CBOR, CBOR of the wrong
-    // type, a gradient of the wrong length, a round far ahead, another run's message.
-    let (ok, r) = testnet(dir.path(), 3, &["--peer-args", "2=--fault-garbage"], &small_run(2000, 300, 200, 1, &[]));
+    // A rogue node joins the swarm and publishes, every heartbeat: bytes that are
+    // not CBOR, CBOR of the wrong type, a gradient of the wrong length, a round
+    // far ahead, another run's message.
+    let (ok, r) = testnet(dir.path(), 3, &["--rogues", "1"], &small_run(2000, 300, 200, 1, &[]));
     assert!(ok, "testnet reported problems: {}", r["problems"]);
     assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    let rogue = &r["rogues"][0];
+    let rogue_id = rogue["peer_id"].as_str().unwrap();
+    assert!(!rogue_id.is_empty(), "the rogue wrote its report: {rogue}");
+    assert!(rogue["garbage_sent"].as_u64().unwrap() >= 5, "the rogue published garbage: {rogue}");
+    let peer_ids: Vec<&str> = r["peer_reports"].as_array().unwrap().iter().map(|p| p["peer_id"].as_str().unwrap()).collect();
+    let mut scored_down = 0;
     for p in r["peer_reports"].as_array().unwrap() {
         let log = p["rounds_log"].as_array().unwrap();
-        assert!(log.iter().all(|x| x["contributors"] == 3), "the garbage never replaced a real gradient");
-        if p["index"] != 2 {
-            let invalid = p["invalid_messages"].as_u64().unwrap();
-            assert!(invalid >= 5 * log.len() as u64 / 2, "peer {} rejected only {invalid} messages", p["index"]);
+        assert!(!log.is_empty());
+        assert!(log.iter().all(|x| x["contributors"] == 3), "the rogue never became a member or replaced a gradient");
+        let scores = p["peer_scores"].as_object().unwrap();
+        // Honest peers never lose score with each other.
+        for (id, s) in scores {
+            if peer_ids.contains(&id.as_str()) {
+                assert!(s["min"].as_f64().unwrap() >= 0.0, "peer {} scored honest peer {id} down: {s}", p["index"]);
+            }
+        }
+        if let Some(s) = scores.get(rogue_id) {
+            assert!(p["invalid_messages"].as_u64().unwrap() > 0, "peer {} saw the garbage", p["index"]);
+            assert!(s["min"].as_f64().unwrap() < 0.0, "peer {} lowered the rogue's score: {s}", p["index"]);
+            scored_down += 1;
         }
     }
+    assert!(scored_down >= 1, "some peer was connected to the rogue and scored it down: {rogue}");
 }
