@@ -59,7 +59,9 @@
 //! accumulators), the noise (two interleaved generators), the quantization (branch-free,
 //! vectorized), then 64-bit bit packing. The Elias mode is tried only when a lower bound
 //! of its size beats the fixed width, and abandoned as soon as it stops being smaller.
-//! The Elias decoder resolves a whole symbol of up to 12 bits with one table lookup.
+//! The Elias decoder resolves every whole symbol in the next 12 bits (up to 8 output
+//! positions) with one table lookup, and writes those 8 positions, zeros included, as
+//! converted small integers: no per-symbol branches, and no pass that zeroes the output.
 
 use crate::Rng;
 use std::fmt;
@@ -1186,38 +1188,79 @@ fn unpack_fixed<const W: u32>(
 
 /// Bits the Elias fast path looks at.
 const FAST_BITS: u32 = 12;
+/// Output positions one fast-path lookup may cover.
+const FAST_SLOTS: usize = 8;
 
-/// For every value of the next `FAST_BITS` bits of an Elias stream: the symbol
-/// `gamma(run + 1), sign, gamma(level)` that they hold in full, as
-/// `len | (level | sign << 5) << 4 | run << 10`; or, if the symbol is longer, `SLOW`,
-/// whose run is longer than any bucket.
-static ELIAS_FAST: [u32; 1 << FAST_BITS] = elias_fast_table();
-const SLOW: u32 = u32::MAX;
+/// For every value of the next `FAST_BITS` bits of an Elias stream: the whole symbols
+/// `gamma(run + 1), sign, gamma(level)` that they hold, as many as fit in the bits and
+/// in `FAST_SLOTS` output positions (the run's zeros, then the nonzero value), with
+/// levels up to 31. `ELIAS_SLOTS` holds the signed levels of the `FAST_SLOTS`
+/// positions from the current one on (0 for a zero, and past the symbols);
+/// `ELIAS_META` their size, `fast_meta(bits, positions, OR of the levels)`, in the low
+/// 16 bits, and that of the first symbol alone in the high 16 bits. No positions: the
+/// first symbol does not fit (a long code, or the bucket's trailing run, which has no
+/// sign).
+static ELIAS_META: [u32; 1 << FAST_BITS] = elias_fast_table().0;
+static ELIAS_SLOTS: [[i16; FAST_SLOTS]; 1 << FAST_BITS] = elias_fast_table().1;
 
-const fn elias_fast_table() -> [u32; 1 << FAST_BITS] {
-    let mut t = [SLOW; 1 << FAST_BITS];
+const fn fast_meta(bits: u32, positions: u32, levels: u32) -> u32 {
+    bits | positions << 4 | levels << 8
+}
+
+/// The `(bits, positions, levels)` of `fast_meta`, from the low 16 bits of `e`.
+#[inline(always)]
+fn fast_fields(e: u32) -> (u32, usize, u32) {
+    (e & 15, ((e >> 4) & 15) as usize, (e >> 8) & 31)
+}
+
+const fn elias_fast_table() -> ([u32; 1 << FAST_BITS], [[i16; FAST_SLOTS]; 1 << FAST_BITS]) {
+    let mut meta = [0u32; 1 << FAST_BITS];
+    let mut slots = [[0i16; FAST_SLOTS]; 1 << FAST_BITS];
     let mut i = 0;
-    while i < t.len() {
-        let x = i as u32;
-        let z1 = x.trailing_zeros();
-        // The run's gamma, the sign and at least the one bit of gamma(1).
-        if 2 * z1 + 3 <= FAST_BITS {
-            let run = ((x >> (z1 + 1)) & ((1 << z1) - 1)) | (1 << z1);
+    while i < meta.len() {
+        let mut x = i as u64;
+        let (mut used, mut pos, mut levels, mut first) = (0u32, 0u32, 0u32, 0u32);
+        loop {
+            let room = FAST_BITS - used;
+            // The run's gamma, the sign and at least the one bit of gamma(1).
+            let z1 = x.trailing_zeros();
+            if 2 * z1 + 3 > room {
+                break;
+            }
+            let run = ((x >> (z1 + 1)) & ((1 << z1) - 1)) | (1 << z1); // zeros + 1
             let at = 2 * z1 + 1;
             let sign = (x >> at) & 1;
             let rest = x >> (at + 1);
             let z2 = rest.trailing_zeros();
-            if at + 2 * z2 + 2 <= FAST_BITS {
-                let level = ((rest >> (z2 + 1)) & ((1 << z2) - 1)) | (1 << z2);
-                let len = at + 2 * z2 + 2;
-                t[i] = len | (level | sign << 5) << 4 | (run - 1) << 10;
+            let len = at + 2 * z2 + 2;
+            if len > room {
+                break;
             }
+            let level = (((rest >> (z2 + 1)) & ((1 << z2) - 1)) | (1 << z2)) as u32;
+            let end = pos + run as u32; // the position after the nonzero value
+            if level > 31 || end as usize > FAST_SLOTS {
+                break;
+            }
+            slots[i][end as usize - 1] = if sign == 1 {
+                -(level as i16)
+            } else {
+                level as i16
+            };
+            if pos == 0 {
+                first = fast_meta(len, end, level);
+            }
+            levels |= level;
+            pos = end;
+            used += len;
+            x >>= len;
         }
+        meta[i] = fast_meta(used, pos, levels) | first << 16;
         i += 1;
     }
-    t
+    (meta, slots)
 }
 
+/// Decodes the Elias coding of one bucket into `out`, writing every value.
 #[inline(never)]
 fn decode_elias(
     rd: &mut BitReader<'_>,
@@ -1227,66 +1270,102 @@ fn decode_elias(
     b: usize,
 ) -> Result<(), QsgdError> {
     const LOW56: u64 = (1 << 56) - 1;
-    out.fill(0.0);
+    const INDEX: u64 = (1 << FAST_BITS) - 1;
     let d = out.len();
     let data = rd.data;
-    // The values of the fast path's (level | sign << 5).
-    let mut val = [0f32; 64];
-    for l in 1..=s.min(31) {
-        val[l as usize] = l as f32 * step;
-        val[l as usize | 32] = -(l as f32 * step);
-    }
     let mut p = 0usize;
-    // The OR of the fast path's table entries, for one check of the levels at the end.
+    // The OR of the levels the table decoded, for one check at the end.
     let mut levels = 0u32;
-    // A bit buffer (F. Giesen's branch-free refill): `buf` holds the stream from bit
-    // `8 ptr - cnt` on, `cnt` bits of it valid and the bits above them zero; a refill
-    // tops it up to 56..=63 bits, enough for four fast symbols of at most 12 bits.
-    let skip = (rd.pos & 7) as u32;
-    let mut buf = (load64(data, rd.pos >> 3) & LOW56) >> skip;
-    let mut cnt = 56 - skip;
-    let mut ptr = (rd.pos >> 3) + 7;
-    'refill: while p < d {
-        buf |= load64(data, ptr) << cnt;
-        ptr += ((63 - cnt) >> 3) as usize;
-        cnt |= 56;
-        for _ in 0..4 {
-            let e = ELIAS_FAST[(buf & ((1 << FAST_BITS) - 1)) as usize];
-            let run = (e >> 10) as usize;
-            if run >= d - p {
-                if p == d {
-                    rd.pos = 8 * ptr - cnt as usize;
-                    break 'refill;
+    let mut pos = rd.pos;
+    loop {
+        // A bit buffer (F. Giesen's branch-free refill): `buf` holds the stream from bit
+        // `8 ptr - cnt` on, `cnt` bits of it valid and the bits above them either zero
+        // or the stream's next bits; a refill tops it up to 56..=63 bits, enough for
+        // four lookups of `FAST_BITS`.
+        let skip = (pos & 7) as u32;
+        let mut buf = (load64(data, pos >> 3) & LOW56) >> skip;
+        let mut cnt = 56 - skip;
+        let mut ptr = (pos >> 3) + 7;
+        // Whole entries while `FAST_SLOTS` positions remain: every symbol of one lies
+        // inside the bucket, and all its slots can be written (those past its
+        // positions are written again by the next lookup).
+        'fast: while d - p >= FAST_SLOTS {
+            buf |= load64(data, ptr) << cnt;
+            ptr += ((63 - cnt) >> 3) as usize;
+            cnt |= 56;
+            for _ in 0..4 {
+                let i = (buf & INDEX) as usize;
+                let e = ELIAS_META[i];
+                let (len, adv, _) = fast_fields(e);
+                if adv == 0 {
+                    break 'fast;
                 }
-                // A long code, the trailing run, or corrupt input: one symbol the slow way.
-                let mut slow = BitReader {
-                    data,
-                    pos: 8 * ptr - cnt as usize,
-                    end: rd.end,
+                let Some(dst) = out[p..].first_chunk_mut::<FAST_SLOTS>() else {
+                    break 'fast; // unreachable: d - p >= FAST_SLOTS
                 };
-                let ended = elias_symbol(&mut slow, out, &mut p, s, step, b)?;
-                rd.pos = slow.pos;
-                if ended {
-                    break 'refill;
+                for (x, &l) in dst.iter_mut().zip(&ELIAS_SLOTS[i]) {
+                    *x = l as f32 * step;
                 }
-                let skip = (slow.pos & 7) as u32;
-                buf = (load64(data, slow.pos >> 3) & LOW56) >> skip;
-                cnt = 56 - skip;
-                ptr = (slow.pos >> 3) + 7;
-                continue 'refill;
+                levels |= e;
+                p += adv;
+                buf >>= len;
+                cnt -= len;
+                if d - p < FAST_SLOTS {
+                    break 'fast;
+                }
             }
-            levels |= e;
-            p += run;
-            out[p] = val[((e >> 4) & 63) as usize];
-            p += 1;
-            let len = e & 15;
+        }
+        // The bucket's last positions: whole entries or first symbols that end inside
+        // it, and the trailing run.
+        while p < d && d - p < FAST_SLOTS {
+            buf |= load64(data, ptr) << cnt;
+            ptr += ((63 - cnt) >> 3) as usize;
+            cnt |= 56;
+            let left = d - p;
+            let i = (buf & INDEX) as usize;
+            let e = ELIAS_META[i];
+            let (mut len, mut adv, mut lv) = fast_fields(e);
+            if adv > left {
+                (len, adv, lv) = fast_fields(e >> 16);
+            }
+            let (adv, len) = if adv != 0 && adv <= left {
+                for (x, &l) in out[p..p + adv].iter_mut().zip(&ELIAS_SLOTS[i]) {
+                    *x = l as f32 * step;
+                }
+                levels |= fast_meta(0, 0, lv);
+                (adv, len)
+            } else {
+                // Only the trailing run, gamma(left + 1), fits what is left.
+                let (code, len) = gamma(left as u64 + 1);
+                if buf & ((1 << len) - 1) != code {
+                    break;
+                }
+                out[p..].fill(0.0);
+                (left, len)
+            };
+            p += adv;
             buf >>= len;
             cnt -= len;
         }
-        rd.pos = 8 * ptr - cnt as usize;
+        pos = 8 * ptr - cnt as usize;
+        if p == d {
+            break;
+        }
+        // A long code or corrupt input: one symbol the slow way.
+        let mut slow = BitReader {
+            data,
+            pos,
+            end: rd.end,
+        };
+        let ended = elias_symbol(&mut slow, out, &mut p, s, step, b)?;
+        pos = slow.pos;
+        if ended {
+            break;
+        }
     }
-    // s = 2^bits - 1: a level above s has a bit at or above `bits` (val[] held 0.0 for it).
-    if (levels >> 4) & 31 & !s != 0 {
+    rd.pos = pos;
+    // s = 2^bits - 1: a level above s has a bit at or above `bits`.
+    if fast_fields(levels).2 & !s != 0 {
         return Err(QsgdError::Corrupt {
             bucket: b,
             reason: "level out of range",
@@ -1321,6 +1400,7 @@ fn elias_symbol(
     if run > d - *p {
         return Err(corrupt("run past the end of the bucket"));
     }
+    out[*p..*p + run].fill(0.0);
     *p += run;
     if *p == d {
         return Ok(true); // the trailing run
@@ -1817,6 +1897,86 @@ mod tests {
         assert_eq!(a.0, b.0);
         assert_eq!((a.1.fixed, b.1.elias), (1, 1));
         assert_eq!(a.0, vec![0.0, 0.1, -0.3, 0.0, 0.0, -1.5]);
+    }
+
+    /// Levels to a bucket's Elias stream, by the format's definition (`gamma` per field).
+    fn elias_bucket(w: &mut BitWriter<'_>, scale: f32, levels: &[i32]) {
+        w.put(scale.to_bits() as u64 | 1 << 32, 33);
+        let mut next = 0;
+        for (p, &l) in levels.iter().enumerate() {
+            if l != 0 {
+                let (c, n) = gamma((p - next + 1) as u64);
+                w.put(c, n);
+                w.put((l < 0) as u64, 1);
+                let (c, n) = gamma(l.unsigned_abs() as u64);
+                w.put(c, n);
+                next = p + 1;
+            }
+        }
+        if next < levels.len() {
+            let (c, n) = gamma((levels.len() - next + 1) as u64);
+            w.put(c, n);
+        }
+    }
+
+    #[test]
+    fn elias_decoder_matches_the_format() {
+        // Hand-made Elias buckets of every density (long runs, the table's 8-position
+        // window and its bucket tail, levels that need the slow path) decode to exactly
+        // ±level * (scale / s), and every position is written (the buffer starts NaN).
+        let mut r = Rng::new(31);
+        for round in 0..300 {
+            let bits = 1 + (round % 8) as u8;
+            let s = (1i32 << bits) - 1;
+            let d = [1usize, 7, 8, 9, 15, 17, 64, 100, 513][round % 9];
+            let n = d * 3 - (round % 2) * (d / 2);
+            let zero_in_16 = r.below(17);
+            let levels: Vec<i32> = (0..n)
+                .map(|_| {
+                    if r.below(16) < zero_in_16 {
+                        0
+                    } else {
+                        let l = if r.below(4) == 0 {
+                            1 + r.below(s as u64) as i32
+                        } else {
+                            1
+                        };
+                        if r.below(2) == 0 {
+                            -l
+                        } else {
+                            l
+                        }
+                    }
+                })
+                .collect();
+            let scale = 0.75f32;
+            let mut buf = vec![0u8; 64 + n * 8];
+            let mut w = BitWriter::new(&mut buf);
+            for c in levels.chunks(d) {
+                if c.iter().all(|&l| l == 0) {
+                    w.put(0, 32);
+                } else {
+                    elias_bucket(&mut w, scale, c);
+                }
+            }
+            let len = w.finish();
+            let mut bytes = header_bytes(bits, 0, d as u32, n as u64);
+            bytes.extend_from_slice(&buf[..len]);
+            let step = scale / s as f32;
+            let want: Vec<f32> = levels
+                .iter()
+                .map(|&l| {
+                    if l < 0 {
+                        -(-l as f32 * step)
+                    } else {
+                        l as f32 * step
+                    }
+                })
+                .collect();
+            let mut got = vec![f32::NAN; n];
+            decode_into(&bytes, &mut got).unwrap();
+            assert_eq!(got, want, "bits {bits}, bucket {d}, zeros {zero_in_16}/16");
+        }
     }
 
     #[test]
