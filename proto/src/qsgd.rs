@@ -59,7 +59,9 @@
 //! accumulators), the noise (two interleaved generators), the quantization (branch-free,
 //! vectorized), then 64-bit bit packing. The Elias mode is tried only when a lower bound
 //! of its size beats the fixed width, and abandoned as soon as it stops being smaller.
-//! The Elias decoder resolves every whole symbol in the next 12 bits (up to 8 output
+//! When a bucket's levels are all at most 3 (the usual case under the L2 norm), the
+//! Elias writer codes four fields with one table lookup and one store; otherwise one
+//! symbol a lookup, two symbols a store. The Elias decoder resolves every whole symbol in the next 12 bits (up to 8 output
 //! positions) with one table lookup, and writes those 8 positions, zeros included, as
 //! converted small integers: no per-symbol branches, and no pass that zeroes the output.
 
@@ -528,6 +530,8 @@ struct Quantized {
     nnz: u32,
     /// Sum over nonzero levels of `1 + gamma_len(level)` (sign and level, Elias mode).
     level_bits: u32,
+    /// The OR of all levels.
+    levels_or: u32,
 }
 
 /// Quantizes `values` (finite) with `cfg` and the quantization noise of `seed`.
@@ -619,13 +623,25 @@ fn encode_bucket(
     // Every nonzero costs at least one more bit for its run: skip Elias when even that
     // lower bound loses (many nonzeros, large levels). Otherwise write the Elias coding
     // and, should it reach the size of the fixed-width one, rewind and write that.
-    if ((q.level_bits + q.nnz) as usize) < fixed_bits {
-        nonzero_masks(fields, masks);
-        // A run of one zero or more costs 3 bits or more: a tighter bound, from the masks.
-        if ((q.level_bits + q.nnz) as usize) + 2 * runs_after_zeros(masks) < fixed_bits {
+    let lower_bound = (q.level_bits + q.nnz) as usize;
+    if lower_bound < fixed_bits {
+        // Levels up to 3 (the usual case under the L2 norm): four fields a lookup.
+        // Otherwise one symbol a lookup, tried only if a run of one zero or more
+        // costing 3 bits or more still leaves it smaller (a tighter bound, from the
+        // masks of nonzeros).
+        let small = q.levels_or <= 3 && d <= GROUP_MAX_BUCKET;
+        if small || {
+            nonzero_masks(fields, masks);
+            lower_bound + 2 * runs_after_zeros(masks) < fixed_bits
+        } {
             let mark = wr.mark();
             wr.put(scale.to_bits() as u64 | 1 << 32, 33);
-            if write_elias(fields, masks, d, fixed_bits, wr) {
+            let smaller = if small {
+                write_elias_groups(fields, fixed_bits, wr)
+            } else {
+                write_elias(fields, masks, d, fixed_bits, wr)
+            };
+            if smaller {
                 return Ok(());
             }
             wr.set(mark);
@@ -800,6 +816,7 @@ fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [
     let shift = NOISE_BITS - k;
     let mut nnz = 0u32;
     let mut level_bits = 0u32;
+    let mut levels_or = 0u32;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
         let r = x.abs() * inv_k;
         let r = if r < top { r } else { top };
@@ -812,14 +829,20 @@ fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [
         // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
         let e = ((lvl as i32 as f32).to_bits() >> 23).wrapping_sub(126);
         level_bits += if nz { 2 * e } else { 0 };
+        levels_or |= lvl;
     }
-    Quantized { nnz, level_bits }
+    Quantized {
+        nnz,
+        level_bits,
+        levels_or,
+    }
 }
 
 /// `quantize_f32` for buckets whose scale is so small that `s / scale` overflows f32.
 fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, k: u32, fields: &mut [u16]) -> Quantized {
     let mut nnz = 0u32;
     let mut level_bits = 0u32;
+    let mut levels_or = 0u32;
     let top = (s << k) as f64;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
         let t = (x.abs() as f64 * inv * (1u32 << k) as f64).min(top).round() as u32;
@@ -830,8 +853,13 @@ fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, k: u32, fields: &mut [
             nnz += 1;
             level_bits += 1 + gamma_len(lvl as u64);
         }
+        levels_or |= lvl;
     }
-    Quantized { nnz, level_bits }
+    Quantized {
+        nnz,
+        level_bits,
+        levels_or,
+    }
 }
 
 /// Bytes past the worst-case size that the encoder's buffer has: the writer stores 8
@@ -856,37 +884,69 @@ fn write_elias(
     ok
 }
 
-/// `gamma(gap + 1)` for short gaps, as `code | len << 16`.
-static RUN_CODES: [u32; 64] = run_codes();
-/// `sign | gamma(level) << 1` for every field `level << 1 | sign` (level >= 1), as
-/// `code | len << 24`.
-static LEVEL_CODES: [u32; 512] = level_codes();
+/// Runs shorter than this, before levels up to 31, have their whole symbol in
+/// `SYM_CODE` and `SYM_LEN`.
+const SHORT_RUN: usize = 64;
+
+/// `gamma(run + 1), sign, gamma(level)` at `run << 6 | field` for every `run <
+/// SHORT_RUN` and field `level << 1 | sign` with `1 <= level <= 31`: at most 13 + 1 + 9
+/// bits, so that two fit one `put_flush`.
+static SYM_CODE: [u32; SHORT_RUN << 6] = sym_codes().0;
+static SYM_LEN: [u8; SHORT_RUN << 6] = sym_codes().1;
 
 const fn gamma_const(x: u64) -> (u64, u32) {
     let z = 63 - x.leading_zeros();
     ((((x - (1u64 << z)) << 1) | 1) << z, 2 * z + 1)
 }
 
-const fn run_codes() -> [u32; 64] {
-    let mut t = [0u32; 64];
-    let mut i = 0;
-    while i < 64 {
-        let (c, l) = gamma_const(i as u64 + 1);
-        t[i] = c as u32 | l << 16;
-        i += 1;
+const fn sym_codes() -> ([u32; SHORT_RUN << 6], [u8; SHORT_RUN << 6]) {
+    let mut code = [0u32; SHORT_RUN << 6];
+    let mut len = [0u8; SHORT_RUN << 6];
+    let mut run = 0;
+    while run < SHORT_RUN {
+        let (c1, l1) = gamma_const(run as u64 + 1);
+        let mut f = 2;
+        while f < 64 {
+            let (c2, l2) = gamma_const(f as u64 >> 1);
+            code[run << 6 | f] = (c1 | ((f as u64 & 1) | c2 << 1) << l1) as u32;
+            len[run << 6 | f] = (l1 + 1 + l2) as u8;
+            f += 1;
+        }
+        run += 1;
     }
-    t
+    (code, len)
 }
 
-const fn level_codes() -> [u32; 512] {
-    let mut t = [0u32; 512];
-    let mut f = 2;
-    while f < 512 {
-        let (c, l) = gamma_const(f as u64 >> 1);
-        t[f] = (f as u32 & 1) | (c as u32) << 1 | (l + 1) << 24;
-        f += 1;
+/// Takes the lowest set bit `j` of `m` (bit j: `fw[j]`, at position `base + j` of the
+/// bucket, is nonzero) and returns its symbol's `SYM_CODE` index; a symbol that is not
+/// there, as `(run, field)`.
+#[inline(always)]
+fn next_symbol(
+    m: &mut u64,
+    base: usize,
+    next: &mut usize,
+    fw: &[u16],
+) -> Result<usize, (usize, u16)> {
+    let j = m.trailing_zeros() as usize;
+    *m &= *m - 1;
+    let run = base + j - *next;
+    *next = base + j + 1;
+    let f = fw[j];
+    if run < SHORT_RUN && f < 64 {
+        Ok(run << 6 | f as usize)
+    } else {
+        Err((run, f))
     }
-    t
+}
+
+/// A symbol that is not in `SYM_CODE` (up to 41 + 1 + 15 bits): the run's gamma, then
+/// the sign and the level's gamma, as (code, length) pairs for `put_flush`.
+#[cold]
+#[inline(never)]
+fn long_symbol((run, field): (usize, u16)) -> [(u64, u32); 2] {
+    let (c1, l1) = gamma(run as u64 + 1);
+    let (c2, l2) = gamma(field as u64 >> 1);
+    [(c1, l1), ((field as u64 & 1) | c2 << 1, l2 + 1)]
 }
 
 #[inline(always)]
@@ -900,25 +960,34 @@ fn write_elias_into(
     wr.flush();
     let start = wr.byte * 8 + wr.fill as usize;
     let mut next = 0usize;
-    for (wi, &m0) in masks.iter().enumerate() {
+    for (wi, (&m0, fw)) in masks.iter().zip(fields.chunks(64)).enumerate() {
+        let base = wi * 64;
         let mut m = m0;
+        // Two symbols a store.
         while m != 0 {
-            let p = wi * 64 + m.trailing_zeros() as usize;
-            m &= m - 1;
-            let gap = p - next;
-            let e2 = LEVEL_CODES[(fields[p] & 511) as usize];
-            let (c2, l2) = ((e2 & 0xff_ffff) as u64, e2 >> 24);
-            if gap < RUN_CODES.len() {
-                // At most 13 + 17 bits: one store.
-                let e1 = RUN_CODES[gap];
-                let l1 = e1 >> 16;
-                wr.put_flush((e1 & 0xffff) as u64 | c2 << l1, l1 + l2);
-            } else {
-                let (c1, l1) = gamma(gap as u64 + 1);
+            let i1 = match next_symbol(&mut m, base, &mut next, fw) {
+                Ok(i) => i,
+                Err(long) => {
+                    for (c, l) in long_symbol(long) {
+                        wr.put_flush(c, l);
+                    }
+                    continue;
+                }
+            };
+            let (c1, l1) = (SYM_CODE[i1] as u64, SYM_LEN[i1] as u32);
+            if m == 0 {
                 wr.put_flush(c1, l1);
-                wr.put_flush(c2, l2);
+                break;
             }
-            next = p + 1;
+            match next_symbol(&mut m, base, &mut next, fw) {
+                Ok(i2) => wr.put_flush(c1 | (SYM_CODE[i2] as u64) << l1, l1 + SYM_LEN[i2] as u32),
+                Err(long) => {
+                    wr.put_flush(c1, l1);
+                    for (c, l) in long_symbol(long) {
+                        wr.put_flush(c, l);
+                    }
+                }
+            }
         }
         if wr.byte * 8 + wr.fill as usize - start >= budget {
             return false;
@@ -926,6 +995,139 @@ fn write_elias_into(
     }
     if next < d {
         let (c, l) = gamma((d - next + 1) as u64);
+        wr.put(c, l);
+    }
+    wr.byte * 8 + wr.fill as usize - start < budget
+}
+
+/// `gamma(run + 1)` for `run < 64`, as `code | len << 16`.
+static RUN_GAMMA: [u32; 64] = run_gammas();
+
+const fn run_gammas() -> [u32; 64] {
+    let mut t = [0u32; 64];
+    let mut run = 0;
+    while run < 64 {
+        let (c, l) = gamma_const(run as u64 + 1);
+        t[run] = c as u32 | l << 16;
+        run += 1;
+    }
+    t
+}
+
+/// Fields a lookup of `GROUP_CODES`.
+const GROUP: usize = 4;
+
+/// For four consecutive fields `level << 1 | sign` with levels up to 3, at `f0 | f1 <<
+/// 3 | f2 << 6 | f3 << 9`: the Elias coding of the group from its first nonzero's sign
+/// on (the run before it depends on the groups before), as `code | len << 20 | lead <<
+/// 25 | trail << 28`, with `lead` the zeros before its first nonzero (4: none) and
+/// `trail` the zeros after its last. At most 4 + 3 * 5 bits.
+static GROUP_CODES: [u32; 1 << (3 * GROUP)] = group_codes();
+
+const fn group_codes() -> [u32; 1 << (3 * GROUP)] {
+    let mut t = [0u32; 1 << (3 * GROUP)];
+    let mut i = 0;
+    while i < t.len() {
+        let (mut code, mut len) = (0u64, 0u32);
+        let mut last = GROUP; // the position of the last nonzero, none yet
+        let mut lead = GROUP;
+        let mut j = 0;
+        while j < GROUP {
+            let f = (i >> (3 * j)) & 7;
+            if f >> 1 != 0 {
+                if last == GROUP {
+                    lead = j;
+                } else {
+                    let (c, l) = gamma_const((j - last) as u64);
+                    code |= c << len;
+                    len += l;
+                }
+                let (c, l) = gamma_const(f as u64 >> 1);
+                code |= ((f as u64 & 1) | c << 1) << len;
+                len += l + 1;
+                last = j;
+            }
+            j += 1;
+        }
+        let trail = if last == GROUP { 0 } else { GROUP - 1 - last };
+        t[i] = code as u32 | len << 20 | (lead as u32) << 25 | (trail as u32) << 28;
+        i += 1;
+    }
+    t
+}
+
+/// Largest bucket for `write_elias_groups`: a run's gamma (at most 2 * 17 + 1 bits)
+/// and a group's code (at most 19) fit one `put_flush`.
+const GROUP_MAX_BUCKET: usize = 1 << 17;
+
+/// `write_elias` for a bucket of at most `GROUP_MAX_BUCKET` values whose levels are all
+/// at most 3: four fields a lookup.
+#[inline(never)]
+fn write_elias_groups(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> bool {
+    debug_assert!(fields.len() <= GROUP_MAX_BUCKET);
+    let mut w = wr.local();
+    let ok = write_groups_into(fields, budget, &mut w);
+    let m = w.mark();
+    wr.set(m);
+    ok
+}
+
+/// `gamma(x)` off the hot path.
+#[cold]
+#[inline(never)]
+fn gamma_cold(x: u64) -> (u64, u32) {
+    gamma(x)
+}
+
+/// Writes the group `g` of four fields (levels up to 3), after `zeros` zeros.
+#[inline(always)]
+fn put_group(g: &[u16], zeros: &mut usize, wr: &mut BitWriter<'_>) {
+    let i = (g[0] | g[1] << 3 | g[2] << 6 | g[3] << 9) as usize;
+    let e = GROUP_CODES[i & ((1 << (3 * GROUP)) - 1)];
+    let lead = ((e >> 25) & 7) as usize;
+    if lead == GROUP {
+        *zeros += GROUP;
+        return;
+    }
+    let run = *zeros + lead;
+    let (rc, rl) = match RUN_GAMMA.get(run) {
+        Some(&r) => ((r & 0xffff) as u64, r >> 16),
+        None => gamma_cold(run as u64 + 1),
+    };
+    wr.put_flush(rc | ((e & 0xf_ffff) as u64) << rl, rl + ((e >> 20) & 31));
+    *zeros = (e >> 28) as usize;
+}
+
+#[inline(always)]
+fn write_groups_into(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> bool {
+    wr.flush();
+    let start = wr.byte * 8 + wr.fill as usize;
+    let mut zeros = 0usize; // since the last nonzero
+    let mut chunks = fields.chunks_exact(64);
+    for c in &mut chunks {
+        for g in c.chunks_exact(GROUP) {
+            put_group(g, &mut zeros, wr);
+        }
+        if wr.byte * 8 + wr.fill as usize - start >= budget {
+            return false;
+        }
+    }
+    let mut groups = chunks.remainder().chunks_exact(GROUP);
+    for g in &mut groups {
+        put_group(g, &mut zeros, wr);
+    }
+    for &f in groups.remainder() {
+        if f >> 1 == 0 {
+            zeros += 1;
+            continue;
+        }
+        let (c1, l1) = gamma(zeros as u64 + 1);
+        let (c2, l2) = gamma(f as u64 >> 1);
+        wr.put_flush(c1 | ((f as u64 & 1) | c2 << 1) << l1, l1 + l2 + 1);
+        zeros = 0;
+    }
+    if zeros > 0 {
+        let (c, l) = gamma(zeros as u64 + 1);
         wr.put(c, l);
     }
     wr.byte * 8 + wr.fill as usize - start < budget
@@ -1902,6 +2104,11 @@ mod tests {
     /// Levels to a bucket's Elias stream, by the format's definition (`gamma` per field).
     fn elias_bucket(w: &mut BitWriter<'_>, scale: f32, levels: &[i32]) {
         w.put(scale.to_bits() as u64 | 1 << 32, 33);
+        elias_symbols(w, levels);
+    }
+
+    /// The Elias symbols of `levels`, by the format's definition.
+    fn elias_symbols(w: &mut BitWriter<'_>, levels: &[i32]) {
         let mut next = 0;
         for (p, &l) in levels.iter().enumerate() {
             if l != 0 {
@@ -1916,6 +2123,66 @@ mod tests {
         if next < levels.len() {
             let (c, n) = gamma((levels.len() - next + 1) as u64);
             w.put(c, n);
+        }
+    }
+
+    /// `count` random levels in -s..=s: mostly 0 and ±1, with long runs of zeros.
+    fn random_levels(r: &mut Rng, count: usize, s: i32) -> Vec<i32> {
+        let zero_in_16 = r.below(17);
+        let mut levels = Vec::with_capacity(count);
+        while levels.len() < count {
+            if r.below(32) == 0 {
+                levels.extend(std::iter::repeat_n(0, r.below(300) as usize));
+            } else if r.below(16) < zero_in_16 {
+                levels.push(0);
+            } else {
+                let l = if r.below(4) == 0 {
+                    1 + r.below(s as u64) as i32
+                } else {
+                    1
+                };
+                levels.push(if r.below(2) == 0 { -l } else { l });
+            }
+        }
+        levels.truncate(count);
+        levels
+    }
+
+    #[test]
+    fn elias_writers_match_the_format() {
+        // Both Elias writers (four fields a lookup for levels up to 3, one symbol a
+        // lookup otherwise) write exactly the format's symbols, whatever the runs
+        // (long ones included) and the bucket's length.
+        let mut r = Rng::new(5);
+        for round in 0..400 {
+            let s = [1, 3, 7, 255][round % 4];
+            let d = 1 + r.below(700) as usize;
+            let levels = random_levels(&mut r, d, s);
+            let fields: Vec<u16> = levels
+                .iter()
+                .map(|&l| (l.unsigned_abs() << 1 | (l < 0) as u32) as u16)
+                .collect();
+            let written = |write: &dyn Fn(&mut BitWriter<'_>) -> bool| {
+                let mut buf = vec![0u8; 16 * d + 64];
+                let mut w = BitWriter::new(&mut buf);
+                w.put(1, 3); // not byte-aligned
+                assert!(write(&mut w));
+                let len = w.finish();
+                buf.truncate(len);
+                buf
+            };
+            let want = written(&|w| {
+                elias_symbols(w, &levels);
+                true
+            });
+            let mut masks = vec![0u64; d.div_ceil(64)];
+            nonzero_masks(&fields, &mut masks);
+            let by_symbol = written(&|w| write_elias(&fields, &masks, d, usize::MAX, w));
+            assert_eq!(by_symbol, want, "one symbol a lookup, s {s}, d {d}");
+            if s <= 3 {
+                let by_group = written(&|w| write_elias_groups(&fields, usize::MAX, w));
+                assert_eq!(by_group, want, "four fields a lookup, d {d}");
+            }
         }
     }
 
