@@ -509,18 +509,13 @@ fn gamma(x: u64) -> (u64, u32) {
     ((((x - (1u64 << z)) << 1) | 1) << z, 2 * z + 1)
 }
 
-#[inline(always)]
-fn gamma_len(x: u64) -> u32 {
-    2 * (63 - x.leading_zeros()) + 1
-}
-
 // ---------------------------------------------------------------------------------
 // Encoding
 
 /// Buffers reused across the buckets of one `encode` call.
 struct Scratch {
     rnd: Vec<u32>,
-    fields: Vec<u16>,
+    fields: Vec<u32>,
     masks: Vec<u64>,
 }
 
@@ -528,10 +523,35 @@ struct Scratch {
 struct Quantized {
     /// Nonzero levels.
     nnz: u32,
-    /// Sum over nonzero levels of `1 + gamma_len(level)` (sign and level, Elias mode).
-    level_bits: u32,
+    /// Levels of 2 or more.
+    above_one: u32,
     /// The OR of all levels.
     levels_or: u32,
+}
+
+impl Quantized {
+    /// The sum over nonzero levels of `1 + gamma_len(level)` (sign and level in Elias
+    /// mode): from the counts when every level is at most 3, else from `fields`.
+    fn level_bits(&self, fields: &[u32]) -> usize {
+        if self.levels_or <= 3 {
+            2 * (self.nnz + self.above_one) as usize
+        } else {
+            level_bits(fields)
+        }
+    }
+}
+
+/// The sum over the nonzero levels of `fields` of `1 + gamma_len(level)`.
+#[inline(never)]
+fn level_bits(fields: &[u32]) -> usize {
+    let mut sum = 0u32;
+    for &f in fields {
+        let lvl = f >> 1;
+        // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
+        let e = ((lvl as i32 as f32).to_bits() >> 23).wrapping_sub(126);
+        sum += if lvl != 0 { 2 * e } else { 0 };
+    }
+    sum as usize
 }
 
 /// Quantizes `values` (finite) with `cfg` and the quantization noise of `seed`.
@@ -623,7 +643,7 @@ fn encode_bucket(
     // Every nonzero costs at least one more bit for its run: skip Elias when even that
     // lower bound loses (many nonzeros, large levels). Otherwise write the Elias coding
     // and, should it reach the size of the fixed-width one, rewind and write that.
-    let lower_bound = (q.level_bits + q.nnz) as usize;
+    let lower_bound = q.level_bits(fields) + q.nnz as usize;
     if lower_bound < fixed_bits {
         // Levels up to 3 (the usual case under the L2 norm): four fields a lookup.
         // Otherwise one symbol a lookup, tried only if a run of one zero or more
@@ -702,7 +722,7 @@ fn fill_noise(seed: u64, b: u64, rnd: &mut [u32]) {
 
 /// Bit j of `masks[i]` is set when `fields[64 i + j]` is nonzero.
 #[inline(never)]
-fn nonzero_masks(fields: &[u16], masks: &mut [u64]) {
+fn nonzero_masks(fields: &[u32], masks: &mut [u64]) {
     for (m, c) in masks.iter_mut().zip(fields.chunks(64)) {
         let mut flags = [0u8; 64];
         for (g, &f) in flags.iter_mut().zip(c) {
@@ -809,13 +829,13 @@ fn frac_bits(bits: u8) -> u32 {
 /// probability `frac(t / 2^k)`. The rounding of `r_i` to 2^-k is within f32's own
 /// precision of it. Written to vectorize: no branches, tables or saturating casts.
 #[inline(never)]
-fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [u16]) -> Quantized {
+fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [u32]) -> Quantized {
     let scale_k = (1u32 << k) as f32;
     let inv_k = inv * scale_k; // exact: a power of two (the caller checked it is finite)
     let top = (s << k) as f32; // exact: below 2^23
     let shift = NOISE_BITS - k;
     let mut nnz = 0u32;
-    let mut level_bits = 0u32;
+    let mut above_one = 0u32;
     let mut levels_or = 0u32;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
         let r = x.abs() * inv_k;
@@ -824,40 +844,36 @@ fn quantize_f32(v: &[f32], rnd: &[u32], inv: f32, s: u32, k: u32, fields: &mut [
         let lvl = (t + (u >> shift)) >> k;
         let nz = lvl != 0;
         let neg = (x.to_bits() >> 31) & nz as u32;
-        *f = ((lvl << 1) | neg) as u16;
+        *f = (lvl << 1) | neg;
         nnz += nz as u32;
-        // 1 + gamma_len(lvl) = 2 * (floor(log2 lvl) + 1), read off the f32 exponent.
-        let e = ((lvl as i32 as f32).to_bits() >> 23).wrapping_sub(126);
-        level_bits += if nz { 2 * e } else { 0 };
+        above_one += (lvl as i32 > 1) as u32; // lvl < 2^9: a signed compare
         levels_or |= lvl;
     }
     Quantized {
         nnz,
-        level_bits,
+        above_one,
         levels_or,
     }
 }
 
 /// `quantize_f32` for buckets whose scale is so small that `s / scale` overflows f32.
-fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, k: u32, fields: &mut [u16]) -> Quantized {
+fn quantize_f64(v: &[f32], rnd: &[u32], inv: f64, s: u32, k: u32, fields: &mut [u32]) -> Quantized {
     let mut nnz = 0u32;
-    let mut level_bits = 0u32;
+    let mut above_one = 0u32;
     let mut levels_or = 0u32;
     let top = (s << k) as f64;
     for ((&x, &u), f) in v.iter().zip(rnd).zip(fields.iter_mut()) {
         let t = (x.abs() as f64 * inv * (1u32 << k) as f64).min(top).round() as u32;
         let lvl = (t + (u >> (NOISE_BITS - k))) >> k;
         let neg = (x.to_bits() >> 31) & (lvl != 0) as u32;
-        *f = ((lvl << 1) | neg) as u16;
-        if lvl != 0 {
-            nnz += 1;
-            level_bits += 1 + gamma_len(lvl as u64);
-        }
+        *f = (lvl << 1) | neg;
+        nnz += (lvl != 0) as u32;
+        above_one += (lvl > 1) as u32;
         levels_or |= lvl;
     }
     Quantized {
         nnz,
-        level_bits,
+        above_one,
         levels_or,
     }
 }
@@ -871,7 +887,7 @@ const WRITER_SLACK: usize = 8 + 64 * 67 / 8 + 8;
 /// bits or more (the caller then rewinds the writer); true if it took fewer.
 #[inline(never)]
 fn write_elias(
-    fields: &[u16],
+    fields: &[u32],
     masks: &[u64],
     d: usize,
     budget: usize,
@@ -925,8 +941,8 @@ fn next_symbol(
     m: &mut u64,
     base: usize,
     next: &mut usize,
-    fw: &[u16],
-) -> Result<usize, (usize, u16)> {
+    fw: &[u32],
+) -> Result<usize, (usize, u32)> {
     let j = m.trailing_zeros() as usize;
     *m &= *m - 1;
     let run = base + j - *next;
@@ -943,7 +959,7 @@ fn next_symbol(
 /// the sign and the level's gamma, as (code, length) pairs for `put_flush`.
 #[cold]
 #[inline(never)]
-fn long_symbol((run, field): (usize, u16)) -> [(u64, u32); 2] {
+fn long_symbol((run, field): (usize, u32)) -> [(u64, u32); 2] {
     let (c1, l1) = gamma(run as u64 + 1);
     let (c2, l2) = gamma(field as u64 >> 1);
     [(c1, l1), ((field as u64 & 1) | c2 << 1, l2 + 1)]
@@ -951,7 +967,7 @@ fn long_symbol((run, field): (usize, u16)) -> [(u64, u32); 2] {
 
 #[inline(always)]
 fn write_elias_into(
-    fields: &[u16],
+    fields: &[u32],
     masks: &[u64],
     d: usize,
     budget: usize,
@@ -1063,7 +1079,7 @@ const GROUP_MAX_BUCKET: usize = 1 << 17;
 /// `write_elias` for a bucket of at most `GROUP_MAX_BUCKET` values whose levels are all
 /// at most 3: four fields a lookup.
 #[inline(never)]
-fn write_elias_groups(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> bool {
+fn write_elias_groups(fields: &[u32], budget: usize, wr: &mut BitWriter<'_>) -> bool {
     debug_assert!(fields.len() <= GROUP_MAX_BUCKET);
     let mut w = wr.local();
     let ok = write_groups_into(fields, budget, &mut w);
@@ -1079,34 +1095,43 @@ fn gamma_cold(x: u64) -> (u64, u32) {
     gamma(x)
 }
 
-/// Writes the group `g` of four fields (levels up to 3), after `zeros` zeros.
+/// The code of the group `g` of four fields (levels up to 3) after `zeros` zeros, and
+/// its length (0 for four zeros); `zeros` becomes the zeros after it.
 #[inline(always)]
-fn put_group(g: &[u16], zeros: &mut usize, wr: &mut BitWriter<'_>) {
+fn group_code(g: &[u32], zeros: &mut usize) -> (u64, u32) {
     let i = (g[0] | g[1] << 3 | g[2] << 6 | g[3] << 9) as usize;
     let e = GROUP_CODES[i & ((1 << (3 * GROUP)) - 1)];
     let lead = ((e >> 25) & 7) as usize;
     if lead == GROUP {
         *zeros += GROUP;
-        return;
+        return (0, 0);
     }
     let run = *zeros + lead;
     let (rc, rl) = match RUN_GAMMA.get(run) {
         Some(&r) => ((r & 0xffff) as u64, r >> 16),
         None => gamma_cold(run as u64 + 1),
     };
-    wr.put_flush(rc | ((e & 0xf_ffff) as u64) << rl, rl + ((e >> 20) & 31));
     *zeros = (e >> 28) as usize;
+    (rc | ((e & 0xf_ffff) as u64) << rl, rl + ((e >> 20) & 31))
 }
 
 #[inline(always)]
-fn write_groups_into(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> bool {
+fn write_groups_into(fields: &[u32], budget: usize, wr: &mut BitWriter<'_>) -> bool {
     wr.flush();
     let start = wr.byte * 8 + wr.fill as usize;
     let mut zeros = 0usize; // since the last nonzero
     let mut chunks = fields.chunks_exact(64);
     for c in &mut chunks {
-        for g in c.chunks_exact(GROUP) {
-            put_group(g, &mut zeros, wr);
+        // Two groups a store when they fit (nearly always).
+        for g in c.chunks_exact(2 * GROUP) {
+            let (c1, l1) = group_code(&g[..GROUP], &mut zeros);
+            let (c2, l2) = group_code(&g[GROUP..], &mut zeros);
+            if l1 + l2 <= 56 {
+                wr.put_flush(c1 | c2 << l1, l1 + l2);
+            } else {
+                wr.put_flush(c1, l1);
+                wr.put_flush(c2, l2);
+            }
         }
         if wr.byte * 8 + wr.fill as usize - start >= budget {
             return false;
@@ -1114,7 +1139,8 @@ fn write_groups_into(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> b
     }
     let mut groups = chunks.remainder().chunks_exact(GROUP);
     for g in &mut groups {
-        put_group(g, &mut zeros, wr);
+        let (c, l) = group_code(g, &mut zeros);
+        wr.put_flush(c, l);
     }
     for &f in groups.remainder() {
         if f >> 1 == 0 {
@@ -1134,7 +1160,7 @@ fn write_groups_into(fields: &[u16], budget: usize, wr: &mut BitWriter<'_>) -> b
 }
 
 #[inline(never)]
-fn pack_fixed<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
+fn pack_fixed<const W: u32>(fields: &[u32], wr: &mut BitWriter<'_>) {
     let mut w = wr.local();
     pack_fixed_into::<W>(fields, &mut w);
     let m = w.mark();
@@ -1142,7 +1168,7 @@ fn pack_fixed<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
 }
 
 #[inline(always)]
-fn pack_fixed_into<const W: u32>(fields: &[u16], wr: &mut BitWriter<'_>) {
+fn pack_fixed_into<const W: u32>(fields: &[u32], wr: &mut BitWriter<'_>) {
     let k = (56 / W) as usize;
     let mut chunks = fields.chunks_exact(k);
     for c in &mut chunks {
@@ -2149,6 +2175,32 @@ mod tests {
     }
 
     #[test]
+    fn level_bits_from_counts_or_fields() {
+        // The lower bound of the Elias size: sign and gamma(level) of every nonzero,
+        // from the quantizer's counts (levels up to 3) or from the fields.
+        let mut r = Rng::new(9);
+        for s in [1, 3, 15, 255] {
+            let levels = random_levels(&mut r, 1000, s);
+            let fields: Vec<u32> = levels
+                .iter()
+                .map(|&l| l.unsigned_abs() << 1 | (l < 0) as u32)
+                .collect();
+            let want: usize = levels
+                .iter()
+                .filter(|&&l| l != 0)
+                .map(|&l| 1 + gamma(l.unsigned_abs() as u64).1 as usize)
+                .sum();
+            let q = Quantized {
+                nnz: levels.iter().filter(|&&l| l != 0).count() as u32,
+                above_one: levels.iter().filter(|&&l| l.abs() > 1).count() as u32,
+                levels_or: levels.iter().fold(0, |a, &l| a | l.unsigned_abs()),
+            };
+            assert_eq!(q.level_bits(&fields), want, "s {s}");
+            assert_eq!(level_bits(&fields), want, "s {s}");
+        }
+    }
+
+    #[test]
     fn elias_writers_match_the_format() {
         // Both Elias writers (four fields a lookup for levels up to 3, one symbol a
         // lookup otherwise) write exactly the format's symbols, whatever the runs
@@ -2158,9 +2210,9 @@ mod tests {
             let s = [1, 3, 7, 255][round % 4];
             let d = 1 + r.below(700) as usize;
             let levels = random_levels(&mut r, d, s);
-            let fields: Vec<u16> = levels
+            let fields: Vec<u32> = levels
                 .iter()
-                .map(|&l| (l.unsigned_abs() << 1 | (l < 0) as u32) as u16)
+                .map(|&l| l.unsigned_abs() << 1 | (l < 0) as u32)
                 .collect();
             let written = |write: &dyn Fn(&mut BitWriter<'_>) -> bool| {
                 let mut buf = vec![0u8; 16 * d + 64];
