@@ -1655,8 +1655,10 @@ fn decode_elias<const SPARSE: bool>(
     };
     let d = out.len();
     let mut p = 0usize;
-    // The OR of the levels decoded, for one check at the end.
+    // The OR of the levels decoded, and of the fast path's whole `*_META` entries, for
+    // one check at the end.
     let mut levels = 0u32;
+    let mut entries = 0u32;
     let mut pos = rd.pos;
     loop {
         let mut bits = BitBuf::at(rd.data, pos);
@@ -1667,6 +1669,8 @@ fn decode_elias<const SPARSE: bool>(
             for _ in 0..4 {
                 let i = (bits.buf & INDEX) as usize;
                 let e = FastMeta::unpack(meta[i]);
+                // (A dense window starts where it is.)
+                let skip = if SPARSE { e.skip } else { 0 };
                 if e.positions == 0 {
                     // A long run or a long level: one symbol, if it ends inside the
                     // bucket.
@@ -1688,7 +1692,7 @@ fn decode_elias<const SPARSE: bool>(
                     continue 'fast;
                 }
                 let Some(dst) = out
-                    .get_mut(p + e.skip..)
+                    .get_mut(p + skip..)
                     .and_then(|o| o.first_chunk_mut::<FAST_SLOTS>())
                 else {
                     break 'fast;
@@ -1696,7 +1700,7 @@ fn decode_elias<const SPARSE: bool>(
                 for (x, &l) in dst.iter_mut().zip(&slots[i]) {
                     *x = l as f32 * step;
                 }
-                levels |= e.levels;
+                entries |= meta[i];
                 p += e.positions;
                 bits.consume(e.bits);
             }
@@ -1749,7 +1753,7 @@ fn decode_elias<const SPARSE: bool>(
     }
     rd.pos = pos;
     // s = 2^bits - 1: a level above s has a bit at or above `bits`.
-    if levels & !s != 0 {
+    if (levels | FastMeta::unpack(entries).levels) & !s != 0 {
         return Err(QsgdError::Corrupt {
             bucket: b,
             reason: "level out of range",
