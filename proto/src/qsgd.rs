@@ -650,10 +650,10 @@ fn encode_bucket(
     // and, should it reach the size of the fixed-width one, rewind and write that.
     let lower_bound = q.level_bits(fields) + q.nnz as usize;
     if lower_bound < fixed_bits {
-        // Levels up to 3 (the usual case under the L2 norm): four fields a lookup.
-        // Otherwise one symbol a lookup, tried only if a run of one zero or more
-        // costing 3 bits or more still leaves it smaller (a tighter bound, from the
-        // masks of nonzeros).
+        // Levels up to 3, a third of them nonzero or more (the usual case of the
+        // default scheme): four fields a lookup. Otherwise the nonzeros only, one
+        // symbol a lookup, tried only if a run of one zero or more costing 3 bits or
+        // more still leaves it smaller (a tighter bound, from the masks of nonzeros).
         let small = q.levels_or <= 3 && d <= GROUP_MAX_BUCKET && 3 * q.nnz as usize >= d;
         if small || {
             nonzero_masks(fields, masks);
@@ -1712,8 +1712,12 @@ fn decode_elias<const SPARSE: bool>(
             let left = d - p;
             let i = (bits.buf & INDEX) as usize;
             let e = FastMeta::unpack(meta[i]);
-            let len = if e.first_bits != 0 && e.first_run < left {
-                let l = slots[i][e.first_run - e.skip];
+            // The first symbol's value, if it has one inside the bucket (its slot is 0
+            // in a sparse window, its run in a dense one: then below 8).
+            let first = slots[i]
+                .get(e.first_run.wrapping_sub(e.skip))
+                .filter(|_| e.first_bits != 0 && e.first_run < left);
+            let len = if let Some(&l) = first {
                 if !SPARSE {
                     out[p..p + e.first_run].fill(0.0);
                 }
