@@ -206,6 +206,8 @@ pub struct P2pConfig {
     pub perturb_round: Option<u64>,
     /// Fault injection for tests: publish invalid messages every round.
     pub garbage: bool,
+    /// Where gradients are computed.
+    pub exec: crate::exec::ExecConfig,
 }
 
 impl Default for P2pConfig {
@@ -228,6 +230,7 @@ impl Default for P2pConfig {
             early_stop_patience: 10,
             perturb_round: None,
             garbage: false,
+            exec: crate::exec::ExecConfig::default(),
         }
     }
 }
@@ -288,6 +291,8 @@ pub struct P2pArgs {
     /// far-ahead and foreign messages every heartbeat (tests validation and peer scoring).
     #[arg(long, hide = true)]
     pub fault_garbage: bool,
+    #[command(flatten)]
+    pub exec: crate::exec::ExecArgs,
 }
 
 impl P2pArgs {
@@ -310,6 +315,7 @@ impl P2pArgs {
             report: self.report.clone(),
             perturb_round: self.fault_perturb_round,
             garbage: self.fault_garbage,
+            exec: self.exec.to_config(),
             ..d
         }
     }
@@ -351,6 +357,7 @@ impl P2pConfig {
         if self.batches_per_round == 0 {
             return Err("--batches-per-round must be at least 1".into());
         }
+        self.exec.validate()?;
         if self.failure_timeout_ms < 2 * self.heartbeat_ms {
             return Err(format!("--failure-timeout-ms must be at least {} (two heartbeats)", 2 * self.heartbeat_ms));
         }

@@ -2,8 +2,10 @@
 //!
 //! - [`config`]: the one serde `Config`, filled from the command line in `main`.
 //! - [`standalone`]: training on one machine with no network (`p2pml-node train`).
+//! - [`exec`]: where gradients are computed: locally or in the function tier.
 
 pub mod config;
+pub mod exec;
 pub mod standalone;
 pub mod net;
 pub mod round;

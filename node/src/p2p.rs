@@ -5,6 +5,8 @@
 //! update, and gossip the parameter digest.
 
 use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::exec::{self, ExecConfig, ExecutorKind, LambdaExecutor, TaskPlan};
+use p2pml_proto::task::GradOutput;
 use crate::net::{self, Client, Event, InboundRequest};
 use crate::round::{Barrier, Change, RoundState};
 use crate::store::{chunks, SharedStore, StateBlob, Store};
@@ -23,7 +25,11 @@ use tokio::sync::mpsc;
 /// Wall-clock seconds spent in each stage of one round.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StageTimes {
+    /// Gradient time: local computation, or the function tier's whole phase
+    /// (parameter upload, invocations, output download, local fallbacks).
     pub compute: f64,
+    /// Function tier only: putting the round's parameters in the object store (part of compute).
+    pub upload: f64,
     pub encode: f64,
     pub send: f64,
     pub barrier_wait: f64,
@@ -87,6 +93,10 @@ pub struct NodeReport {
     pub peer_scores: BTreeMap<String, ScoreSeen>,
     /// Rogue only: invalid messages published.
     pub garbage_sent: u64,
+    /// `--executor lambda`: invocations, retries, backups, fallbacks, stage sums.
+    pub function_tier: Option<exec::ExecStats>,
+    /// This peer's cost: measured billing and the paper's formula.
+    pub cost: exec::CostRow,
 }
 
 /// The seed of a peer's stochastic rounding in a round: distinct per peer and
@@ -706,26 +716,47 @@ struct Trainer {
     train: TensorData,
 }
 
-fn compute(t: &mut Trainer, batches: &[Vec<usize>]) -> Computed {
-    let start = Instant::now();
-    let n = t.model.numel();
-    let mut acc: Option<tch::Tensor> = None;
+/// Computes `tasks` of a round locally, each seeded as the function tier seeds
+/// it: one summed gradient per task, in task order.
+fn compute_tasks(t: &mut Trainer, batches: &[Vec<usize>], tasks: &[TaskPlan]) -> Vec<(usize, GradOutput)> {
+    tasks
+        .iter()
+        .map(|task| {
+            tch::manual_seed(task.dropout_seed as i64);
+            let mut acc: Option<tch::Tensor> = None;
+            let (mut loss_sum, mut samples) = (0.0, 0u64);
+            for b in &batches[task.batches.clone()] {
+                let (x, y) = t.train.batch(b);
+                let g = t.model.batch_gradient(&x, &y);
+                loss_sum += g.loss_sum;
+                samples += g.samples as u64;
+                acc = Some(match acc {
+                    None => g.grad,
+                    Some(a) => a + g.grad,
+                });
+            }
+            let grad = match acc {
+                Some(a) => Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).expect("f32 gradient"),
+                None => vec![0.0; t.model.numel()],
+            };
+            (task.index, GradOutput { samples, loss_sum, grad })
+        })
+        .collect()
+}
+
+/// Sums task outputs in task order (the same order wherever they were computed).
+fn sum_outputs(mut outputs: Vec<(usize, GradOutput)>, numel: usize, secs: f64) -> Computed {
+    outputs.sort_by_key(|(i, _)| *i);
+    let mut grad = vec![0f32; numel];
     let (mut loss_sum, mut samples) = (0.0, 0u64);
-    for b in batches {
-        let (x, y) = t.train.batch(b);
-        let g = t.model.batch_gradient(&x, &y);
-        loss_sum += g.loss_sum;
-        samples += g.samples as u64;
-        acc = Some(match acc {
-            None => g.grad,
-            Some(a) => a + g.grad,
-        });
+    for (_, o) in &outputs {
+        for (a, x) in grad.iter_mut().zip(&o.grad) {
+            *a += *x;
+        }
+        loss_sum += o.loss_sum;
+        samples += o.samples;
     }
-    let grad = match acc {
-        Some(a) => Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).expect("f32 gradient"),
-        None => vec![0.0; n],
-    };
-    Computed { grad, loss_sum, samples, secs: start.elapsed().as_secs_f64() }
+    Computed { grad, loss_sum, samples, secs }
 }
 
 /// Joins (or starts) a decentralized run and trains until it ends.
@@ -859,6 +890,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     if p2p.garbage {
         return run_rogue(node, spec, device, report_path(&p2p)).await;
     }
+    let me_s = me.to_string();
+    let mut lambda = match p2p.exec.executor {
+        ExecutorKind::Local => None,
+        ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
+    };
+    let mut latest_params: Option<(Digest, Arc<Vec<f32>>)> = None;
 
     // A run in progress (a peer is past round 0) is joined by state sync; a new
     // run starts when --min-peers peers are live.
@@ -979,15 +1016,68 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let hi = ((k as usize + 1) * bpr).min(sched.batches.len());
             let batches = sched.batches[lo..hi].to_vec();
 
-            // Compute, off the async threads.
-            let mut t = trainer.take().expect("trainer present");
-            let (t_back, c) = node
-                .while_pumping(tokio::task::spawn_blocking(move || {
-                    let c = compute(&mut t, &batches);
-                    (t, c)
-                }))
-                .await??;
-            trainer = Some(t_back);
+            let tasks = exec::plan_round(batches.len(), p2p.exec.batches_per_invocation, cfg.seed, round, &me.to_bytes());
+            let t_compute = Instant::now();
+            let mut local_tasks = tasks.clone();
+            let mut outputs = Vec::new();
+            if let Some(lx) = lambda.as_mut() {
+                // The function tier: this epoch's batches and the parameters in the store, then the tasks.
+                let t0 = Instant::now();
+                if let Err(e) = node.while_pumping(lx.upload_epoch(&run_id, &me_s, epoch, &ds.train, &sched.batches)).await? {
+                    tracing::warn!("cannot upload the epoch's batches ({e}); computing locally");
+                } else {
+                    let digest = node.last_digest.map(|(_, d)| d);
+                    let params = match (&latest_params, digest) {
+                        (Some((d, p)), Some(cur)) if *d == cur => p.clone(),
+                        _ => {
+                            let t = trainer.as_ref().expect("trainer present");
+                            let p = Arc::new(t.model.params_vec());
+                            let d = digest_of(&p);
+                            latest_params = Some((d, p.clone()));
+                            p
+                        }
+                    };
+                    let digest_hex = hex(&latest_params.as_ref().expect("just set").0);
+                    let up = node.while_pumping(lx.ensure_params(&run_id, &digest_hex, &params)).await?;
+                    st.upload = t0.elapsed().as_secs_f64();
+                    match up {
+                        Err(e) => tracing::warn!("cannot upload the parameters ({e}); computing locally"),
+                        Ok(()) => {
+                            let batch_ids: Vec<usize> = (lo..hi).collect();
+                            let work = exec::RoundWork {
+                                run: &run_id,
+                                peer: &me_s,
+                                round,
+                                epoch,
+                                model: cfg.model,
+                                dataset: cfg.dataset,
+                                normalization: cfg.normalization,
+                                seed: cfg.seed,
+                                numel,
+                                params_digest: &digest_hex,
+                                batch_ids: &batch_ids,
+                                tasks: &tasks,
+                            };
+                            let out = node.while_pumping(lx.run_round(&work)).await?;
+                            outputs = out.outputs;
+                            local_tasks.retain(|t| out.failed.contains(&t.index));
+                        }
+                    }
+                }
+            }
+            // Local computation (all tasks, or those the function tier failed), off the async threads.
+            if !local_tasks.is_empty() {
+                let mut t = trainer.take().expect("trainer present");
+                let (t_back, local) = node
+                    .while_pumping(tokio::task::spawn_blocking(move || {
+                        let o = compute_tasks(&mut t, &batches, &local_tasks);
+                        (t, o)
+                    }))
+                    .await??;
+                trainer = Some(t_back);
+                outputs.extend(local);
+            }
+            let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
             st.compute = c.secs;
 
             // Encode and announce.
@@ -1144,7 +1234,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let (plateau, stopping) = conv.snapshot();
         let perturb = p2p.perturb_round == Some(round);
         let sched_info = (sched.first_round, sched.members.clone());
-        let (t_back, digest, state) = node
+        let keep_params = lambda.is_some();
+        let (t_back, digest, state, params) = node
             .while_pumping(tokio::task::spawn_blocking(move || {
                 if total_samples > 0 {
                     let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
@@ -1161,10 +1252,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 let params = t.model.params_vec();
                 let d = digest_of(&params);
                 let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
-                (t, d, state)
+                (t, d, state, keep_params.then(|| Arc::new(params)))
             }))
             .await??;
         trainer = Some(t_back);
+        latest_params = params.map(|p| (digest, p));
         store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: Arc::new(state) });
         st.update = t0.elapsed().as_secs_f64();
         node.last_digest = Some((round, digest));
@@ -1234,6 +1326,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let t = trainer.expect("trainer present");
     let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
     let tr = &client.traffic;
+    let wall_secs = wall.elapsed().as_secs_f64();
     let report = NodeReport {
         role: "peer".into(),
         peer_id: me.to_string(),
@@ -1255,11 +1348,13 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
         digest_mismatches: node.digest_mismatches,
         state_syncs,
-        wall_seconds: wall.elapsed().as_secs_f64(),
+        wall_seconds: wall_secs,
         rounds_log,
         epochs_log,
         peer_scores: node.scores_report(),
         garbage_sent: 0,
+        function_tier: lambda.as_ref().map(|l| l.stats.clone()),
+        cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
     };
     let path = report_path(&p2p);
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
@@ -1313,6 +1408,8 @@ async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std
         epochs_log: Vec::new(),
         peer_scores: node.scores_report(),
         garbage_sent: node.garbage_sent,
+        function_tier: None,
+        cost: exec::cost(&ExecConfig::default(), &Default::default(), 0.0, 1),
     };
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());

@@ -6,6 +6,8 @@
 //! Arguments after `--` go to every node unchanged (model, data, optimizer, ...).
 
 mod report;
+mod s3;
+mod tier;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -59,6 +61,16 @@ struct RunArgs {
     /// train and publish invalid messages; the report shows how peers scored them.
     #[arg(long, default_value_t = 0)]
     rogues: usize,
+    /// With `-- --executor lambda`: concurrent function environments of the
+    /// local function host [default: this machine's cores].
+    #[arg(long)]
+    fn_concurrency: Option<usize>,
+    /// With `-- --executor lambda`: the function host's invocation timeout.
+    #[arg(long, default_value_t = 60.0)]
+    fn_timeout_s: f64,
+    /// With `-- --executor lambda`: function memory (MB) for GB-second billing.
+    #[arg(long, default_value_t = 1769)]
+    fn_memory_mb: u64,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -116,6 +128,7 @@ async fn spawn_node(
     bin: &Path,
     dir: &Path,
     args: &[String],
+    env: &[(String, String)],
     tx: mpsc::Sender<NodeLine>,
 ) -> anyhow::Result<NodeProc> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -128,6 +141,7 @@ async fn spawn_node(
         .arg(dir.join("report.json"))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -179,6 +193,23 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         threads.to_string(),
     ];
     args.extend(a.node_args.iter().cloned());
+    // Nodes that offload to the function tier get a local object store and function host.
+    let lambda = a.node_args.windows(2).any(|w| w[0] == "--executor" && w[1] == "lambda")
+        || a.node_args.iter().any(|x| x == "--executor=lambda");
+    let tier = if lambda {
+        let settings = tier::TierSettings {
+            concurrency: a.fn_concurrency.unwrap_or(cores),
+            timeout_s: a.fn_timeout_s,
+            memory_mb: a.fn_memory_mb,
+        };
+        let t = tier::FunctionTier::start(&a.out, &tier::lambda_bin()?, &settings).await?;
+        eprintln!("testnet: object store {}, function host {} ({} environments)", t.s3_endpoint, t.lambda_endpoint, settings.concurrency);
+        args.extend(t.node_args());
+        Some(t)
+    } else {
+        None
+    };
+    let env = tier.as_ref().map(|t| t.env()).unwrap_or_default();
 
     let (tx, mut rx) = mpsc::channel(1024);
     let started = Instant::now();
@@ -194,7 +225,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
     let args_for = |i: usize| -> Vec<String> { args.iter().cloned().chain(extra[i].iter().cloned()).collect() };
-    let procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), tx.clone()).await?];
+    let procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), &env, tx.clone()).await?];
     // The first node's address is everyone's bootstrap.
     let boot = loop {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -222,13 +253,13 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         tokio::time::sleep_until(at.into()).await;
         let mut args_i = args_for(i);
         args_i.extend(["--bootstrap".into(), boot.clone()]);
-        procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
+        procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
     }
     let mut procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
     for i in a.peers..a.peers + a.rogues {
         let mut args_i = args.clone();
         args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
-        procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, tx.clone()).await?);
+        procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
     }
     eprintln!(
         "testnet: {} peers{}, {threads} torch threads each, bootstrap {boot}",
@@ -316,7 +347,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             exits[i] = Some(code);
         }
     }
-    let report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits)?;
+    let host_stats = match tier {
+        Some(t) => {
+            let s = t.stats().await;
+            t.stop().await;
+            Some(s.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })))
+        }
+        None => None,
+    };
+    let report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits, host_stats)?;
     let path = a.out.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);

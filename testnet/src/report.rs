@@ -26,6 +26,23 @@ pub(crate) struct PeerSummary {
     pub(crate) epochs_log: Value,
     /// This peer's gossipsub score of each peer id it was connected to: {min, last}.
     pub(crate) peer_scores: Value,
+    /// `--executor lambda`: the node's function-tier counters and stage sums.
+    pub(crate) function_tier: Value,
+    /// The node's cost row: measured billing and the paper's formula.
+    pub(crate) cost: Value,
+}
+
+/// The function tier across the run (`--executor lambda`).
+#[derive(Debug, Serialize)]
+pub(crate) struct TierSummary {
+    /// The function host's own counters: invocations, errors, timeouts, cold starts, GB-seconds.
+    pub(crate) host: Value,
+    pub(crate) invocations: u64,
+    pub(crate) retries: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) backups: u64,
+    pub(crate) fallbacks: u64,
+    pub(crate) cold_starts: u64,
 }
 
 /// A rogue node (--rogues) and what the peers thought of it.
@@ -56,6 +73,9 @@ pub(crate) struct Report {
     pub(crate) problems: Vec<String>,
     pub(crate) peer_reports: Vec<PeerSummary>,
     pub(crate) rogues: Vec<RogueSummary>,
+    pub(crate) function_tier: Option<TierSummary>,
+    /// One row per peer: executor, wall seconds, requests, GB-seconds, USD (measured and paper formula).
+    pub(crate) cost_table: Vec<Value>,
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -69,6 +89,7 @@ pub(crate) fn collect(
     args: &[String],
     wall: Duration,
     exits: &[Option<Option<i32>>],
+    host_stats: Option<Value>,
 ) -> anyhow::Result<Report> {
     let mut problems = Vec::new();
     let mut summaries = Vec::new();
@@ -124,6 +145,8 @@ pub(crate) fn collect(
             rounds_log,
             epochs_log: v["epochs_log"].clone(),
             peer_scores: v["peer_scores"].clone(),
+            function_tier: v["function_tier"].clone(),
+            cost: v["cost"].clone(),
         });
     }
     let mut rogue_summaries = Vec::new();
@@ -168,6 +191,26 @@ pub(crate) fn collect(
         all_final_digests_equal: all_final_equal,
         accuracy_by_epoch,
         problems,
+        cost_table: summaries
+            .iter()
+            .map(|p| {
+                let mut row = p.cost.clone();
+                row["peer"] = p.index.into();
+                row
+            })
+            .collect(),
+        function_tier: host_stats.map(|host| {
+            let sum = |k: &str| summaries.iter().map(|p| p.function_tier[k].as_u64().unwrap_or(0)).sum();
+            TierSummary {
+                cold_starts: host["cold_starts"].as_u64().unwrap_or(0),
+                host,
+                invocations: sum("invocations"),
+                retries: sum("retries"),
+                timeouts: sum("timeouts"),
+                backups: sum("backups"),
+                fallbacks: sum("fallbacks"),
+            }
+        }),
         peer_reports: summaries,
         rogues: rogue_summaries,
     })
@@ -195,6 +238,30 @@ pub(crate) fn print_summary(r: &Report) {
         r.common_rounds,
         if r.all_final_digests_equal { "equal" } else { "DIFFER" }
     );
+    if let Some(t) = &r.function_tier {
+        println!(
+            "function tier: {} invocations, {} retries, {} timeouts, {} backups, {} computed locally, {} cold starts",
+            t.invocations, t.retries, t.timeouts, t.backups, t.fallbacks, t.cold_starts
+        );
+    }
+    if !r.cost_table.is_empty() {
+        println!("{:<5} {:<8} {:>9} {:>9} {:>11} {:>12} {:>12} {:>12} {:>12}", "peer", "executor", "wall s", "requests", "GB-s", "lambda $", "instance $", "total $", "paper $");
+        for c in &r.cost_table {
+            let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<5} {:<8} {:>9.1} {:>9} {:>11.3} {:>12.6} {:>12.6} {:>12.6} {:>12.6}",
+                c["peer"].as_u64().unwrap_or(0),
+                c["executor"].as_str().unwrap_or("?"),
+                f("wall_seconds"),
+                c["requests"].as_u64().unwrap_or(0),
+                f("gb_seconds"),
+                f("lambda_usd"),
+                f("instance_usd"),
+                f("total_usd"),
+                f("paper_formula_usd")
+            );
+        }
+    }
     for g in &r.rogues {
         let scores: Vec<String> =
             g.scores_at_peers.iter().map(|(i, s)| format!("peer {i}: {:.1}", s["min"].as_f64().unwrap_or(0.0))).collect();

@@ -41,3 +41,34 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Node arguments of the small runs: a Fashion-MNIST subset on the CPU, one
+/// batch per round (unless `extra` says otherwise), plus `extra`.
+pub fn small_run(train: u32, test: u32, val: u32, epochs: u32, extra: &[&str]) -> Vec<String> {
+    let data = fashion_mnist();
+    let mut v: Vec<String> = vec!["--data-dir".into(), data.to_str().unwrap().into()];
+    for (flag, n) in [("--limit-train", train), ("--limit-test", test), ("--val-size", val), ("--epochs", epochs)] {
+        v.extend([flag.to_string(), n.to_string()]);
+    }
+    if !extra.contains(&"--batches-per-round") {
+        v.extend(["--batches-per-round", "1"].map(String::from));
+    }
+    v.extend(["--device", "cpu"].map(String::from));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// `testnet run` with `testnet_args`, then `--` and `node_args`: (exit ok, report).
+pub fn testnet(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_args: &[String]) -> (bool, serde_json::Value) {
+    let o = std::process::Command::new(bin("testnet"))
+        .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600"])
+        .args(testnet_args)
+        .arg("--")
+        .args(node_args)
+        .output()
+        .expect("run testnet");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
+        .unwrap_or_else(|_| panic!("no report; testnet said: {}", String::from_utf8_lossy(&o.stderr)));
+    (o.status.success(), report)
+}
+

@@ -1,6 +1,6 @@
 //! End-to-end: real `p2pml-node` processes on loopback, started by `testnet`.
 
-use p2pml_tests::{bin, fashion_mnist, wait_for};
+use p2pml_tests::{bin, fashion_mnist, small_run, testnet, wait_for};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,33 +10,6 @@ use std::time::Duration;
 /// The multi-process tests share two cores: one at a time, so that no heartbeat
 /// starves past the failure timeout.
 static HEAVY: Mutex<()> = Mutex::new(());
-
-/// Node arguments of the small runs: a Fashion-MNIST subset on the CPU, one
-/// batch per round, plus `extra`.
-fn small_run(train: u32, test: u32, val: u32, epochs: u32, extra: &[&str]) -> Vec<String> {
-    let data = fashion_mnist();
-    let mut v: Vec<String> = vec!["--data-dir".into(), data.to_str().unwrap().into()];
-    for (flag, n) in [("--limit-train", train), ("--limit-test", test), ("--val-size", val), ("--epochs", epochs)] {
-        v.extend([flag.to_string(), n.to_string()]);
-    }
-    v.extend(["--batches-per-round", "1", "--device", "cpu"].map(String::from));
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-/// `testnet run` with `testnet_args`, then `--` and `node_args`: (exit ok, report).
-fn testnet(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_args: &[String]) -> (bool, Value) {
-    let o = Command::new(bin("testnet"))
-        .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600"])
-        .args(testnet_args)
-        .arg("--")
-        .args(node_args)
-        .output()
-        .expect("run testnet");
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
-        .unwrap_or_else(|_| panic!("no report; testnet said: {}", String::from_utf8_lossy(&o.stderr)));
-    (o.status.success(), report)
-}
 
 #[test]
 fn four_peers_hold_identical_parameters_every_round_and_learn() {

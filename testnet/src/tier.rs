@@ -1,0 +1,134 @@
+//! The function tier of a testnet: the local S3 server (in this process) and the
+//! local function host (`lambda-grad host`, a child process), started when the
+//! nodes run with `--executor lambda`.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// Local credentials shared by the store, the host's functions and the nodes.
+pub(crate) const ACCESS_KEY: &str = "p2pml-local";
+pub(crate) const SECRET_KEY: &str = "p2pml-local-secret";
+
+pub(crate) struct TierSettings {
+    pub(crate) concurrency: usize,
+    pub(crate) timeout_s: f64,
+    pub(crate) memory_mb: u64,
+}
+
+pub(crate) struct FunctionTier {
+    s3: crate::s3::S3Server,
+    host: Child,
+    host_addr: String,
+    pub(crate) s3_endpoint: String,
+    pub(crate) lambda_endpoint: String,
+}
+
+impl FunctionTier {
+    pub(crate) async fn start(out: &Path, lambda_bin: &Path, s: &TierSettings) -> anyhow::Result<FunctionTier> {
+        let root = out.join("s3");
+        std::fs::create_dir_all(root.join("p2pml")).with_context(|| format!("cannot create {}", root.display()))?;
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let s3 = crate::s3::start(&root, listen, ACCESS_KEY, SECRET_KEY).await?;
+        let s3_endpoint = s3.endpoint();
+        let dir = out.join("function-host");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let addr_file = dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = Command::new(lambda_bin);
+        cmd.arg("host")
+            .args(["--listen", "127.0.0.1:0", "--concurrency", &s.concurrency.to_string()])
+            .args(["--timeout-s", &s.timeout_s.to_string(), "--memory-mb", &s.memory_mb.to_string()])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::from(std::fs::File::create(dir.join("stdout.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?))
+            .kill_on_drop(true);
+        for (k, v) in env(&s3_endpoint) {
+            cmd.env(k, v);
+        }
+        let mut host = cmd.spawn().with_context(|| format!("cannot start {}", lambda_bin.display()))?;
+        let started = Instant::now();
+        let lambda_endpoint = loop {
+            if let Ok(url) = std::fs::read_to_string(&addr_file) {
+                break url.trim().to_string();
+            }
+            if let Ok(Some(status)) = host.try_wait() {
+                let err = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                bail!("the function host exited ({status}): {}", err.lines().last().unwrap_or("no output"));
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the function host did not start within 30 s (see {})", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let host_addr = lambda_endpoint.trim_start_matches("http://").to_string();
+        Ok(FunctionTier { s3, host, host_addr, s3_endpoint, lambda_endpoint })
+    }
+
+    /// Arguments that point a node at this tier.
+    pub(crate) fn node_args(&self) -> Vec<String> {
+        vec!["--lambda-endpoint".into(), self.lambda_endpoint.clone(), "--s3-endpoint".into(), self.s3_endpoint.clone()]
+    }
+
+    /// Environment for the nodes (credentials of the local store and function host).
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
+        env(&self.s3_endpoint)
+    }
+
+    /// The host's counters (GET /p2pml/stats).
+    pub(crate) async fn stats(&self) -> anyhow::Result<Value> {
+        let fut = async {
+            let mut s = tokio::net::TcpStream::connect(&self.host_addr).await?;
+            let req = format!("GET /p2pml/stats HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.host_addr);
+            s.write_all(req.as_bytes()).await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            anyhow::Ok(buf)
+        };
+        let buf = tokio::time::timeout(Duration::from_secs(10), fut).await.context("function host stats: timed out")??;
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        serde_json::from_str(body.trim()).with_context(|| format!("function host stats: not JSON: {body}"))
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(pid) = self.host.id() {
+            // SIGTERM lets the host stop its environments; then make sure.
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            if tokio::time::timeout(Duration::from_secs(10), self.host.wait()).await.is_err() {
+                let _ = self.host.kill().await;
+            }
+        }
+        self.s3.shutdown().await;
+    }
+}
+
+fn env(s3_endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_REGION", "us-east-1"),
+        ("P2PML_S3_ENDPOINT", s3_endpoint),
+        ("P2PML_S3_BUCKET", "p2pml"),
+        ("P2PML_S3_PATH_STYLE", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// `lambda-grad` next to the testnet binary.
+pub(crate) fn lambda_bin() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the testnet binary")?;
+    let p = me.with_file_name("lambda-grad");
+    if !p.exists() {
+        bail!("{} not found: build it (cargo build --release --workspace --bins)", p.display());
+    }
+    Ok(p)
+}

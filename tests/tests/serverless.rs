@@ -1,0 +1,72 @@
+//! End-to-end: peers that offload their gradients to the function tier — the
+//! real Lambda Invoke and Runtime protocols (aws-sdk-lambda → `lambda-grad host`
+//! → `lambda-grad` processes) and the real S3 protocol (aws-sdk-s3 → the local
+//! S3 server), all started by `testnet`.
+
+use p2pml_tests::{small_run, testnet};
+use serde_json::Value;
+
+fn accuracy(r: &Value) -> f64 {
+    r["accuracy_by_epoch"].as_array().and_then(|a| a.last()).and_then(Value::as_f64).expect("an accuracy")
+}
+
+#[test]
+fn lambda_executor_reaches_the_local_accuracy_and_reports_the_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["--seed", "5", "--batches-per-round", "2", "--failure-timeout-ms", "10000"];
+    let (ok, local) = testnet(&dir.path().join("local"), 4, &[], &small_run(3000, 500, 200, 1, &common));
+    assert!(ok, "local run: {}", local["problems"]);
+    let mut args = common.to_vec();
+    args.extend(["--executor", "lambda", "--batches-per-invocation", "1"]);
+    let (ok, lambda) = testnet(&dir.path().join("lambda"), 4, &[], &small_run(3000, 500, 200, 1, &args));
+    assert!(ok, "lambda run: {}", lambda["problems"]);
+    assert_eq!(lambda["rounds_with_equal_digests"], lambda["common_rounds"]);
+    let (a, b) = (accuracy(&local), accuracy(&lambda));
+    assert!((a - b).abs() <= 0.005, "local {a} vs lambda {b}");
+
+    let t = &lambda["function_tier"];
+    let rounds = lambda["peer_reports"][0]["rounds"].as_u64().unwrap();
+    // Two grad tasks and one reduce per peer and round.
+    assert!(t["invocations"].as_u64().unwrap() >= 3 * 4 * rounds, "{t}");
+    assert!(t["cold_starts"].as_u64().unwrap() >= 1, "{t}");
+    assert_eq!(t["fallbacks"], 0, "{t}");
+    assert!(t["host"]["invocations"].as_u64().unwrap() >= t["invocations"].as_u64().unwrap(), "{t}");
+    for p in lambda["peer_reports"].as_array().unwrap() {
+        let f = &p["function_tier"];
+        assert!(f["reduces"].as_u64().unwrap() >= rounds, "{f}");
+        assert!(f["params_cache_hits"].as_u64().unwrap() > 0, "warm functions reuse the parameters: {f}");
+    }
+    let costs = lambda["cost_table"].as_array().unwrap();
+    assert_eq!(costs.len(), 4);
+    for c in costs {
+        assert_eq!(c["executor"], "lambda");
+        assert!(c["gb_seconds"].as_f64().unwrap() > 0.0 && c["total_usd"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["paper_formula_usd"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    for c in local["cost_table"].as_array().unwrap() {
+        assert_eq!(c["executor"], "local");
+        assert_eq!(c["requests"], 0);
+    }
+}
+
+#[test]
+fn failing_tasks_are_retried_then_computed_locally_and_the_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Round 1: task 0 panics on every attempt; round 2: it outlives the host's
+    // 1 s timeout on every attempt. One retry each, then the peer computes it.
+    let args = [
+        "--executor", "lambda", "--fault-task", "panic@1", "--fault-task", "sleep:4000@2", "--task-retries", "1",
+        "--task-timeout-ms", "3000", "--failure-timeout-ms", "20000",
+    ];
+    let (ok, r) = testnet(dir.path(), 2, &["--fn-timeout-s", "1"], &small_run(1200, 300, 100, 1, &args));
+    assert!(ok, "run: {}", r["problems"]);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    let t = &r["function_tier"];
+    assert!(t["retries"].as_u64().unwrap() >= 4, "each peer retried both failing tasks: {t}");
+    assert!(t["fallbacks"].as_u64().unwrap() >= 4, "and then computed them locally: {t}");
+    assert!(t["timeouts"].as_u64().unwrap() >= 4, "{t}");
+    assert!(t["host"]["timeouts"].as_u64().unwrap() >= 4, "{t}");
+    for p in r["peer_reports"].as_array().unwrap() {
+        assert!(p["rounds"].as_u64().unwrap() >= 4);
+    }
+}
