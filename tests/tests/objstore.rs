@@ -34,12 +34,13 @@ fn start_s3(root: &Path) -> S3Proc {
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(root.join("s3.log")).unwrap())
         .spawn()
         .expect("start testnet s3");
     let mut p = S3Proc { child, endpoint: String::new() };
     wait_for("testnet s3's address file", Duration::from_secs(30), || {
-        assert!(p.child.try_wait().unwrap().is_none(), "testnet s3 exited early");
+        let exited = p.child.try_wait().unwrap().is_some();
+        assert!(!exited, "testnet s3 exited early: {}", std::fs::read_to_string(root.join("s3.log")).unwrap_or_default());
         addr_file.exists()
     });
     p.endpoint = std::fs::read_to_string(&addr_file).unwrap();
@@ -159,4 +160,20 @@ fn a_closed_port_is_unreachable_within_seconds() {
     eprintln!("{msg}");
     assert!(matches!(&e, StoreError::Unreachable { endpoint: ep, .. } if *ep == endpoint), "{e:?}");
     assert!(msg.contains(&endpoint) && msg.contains("P2PML_S3_ENDPOINT") && !msg.contains('\n'), "{msg}");
+}
+
+#[test]
+fn testnet_s3_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = start_s3(dir.path());
+    let pid = s3.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut status = None;
+    wait_for("testnet s3 to exit", Duration::from_secs(20), || {
+        status = s3.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
+    // It removed its address file: no stale endpoint for the next reader.
+    assert!(!dir.path().join("s3.addr").exists());
 }
