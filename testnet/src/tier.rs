@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 /// Local credentials shared by the store, the host's functions and the nodes.
-pub(crate) const ACCESS_KEY: &str = "p2pml-local";
-pub(crate) const SECRET_KEY: &str = "p2pml-local-secret";
+pub(crate) const ACCESS_KEY: &str = crate::s3::LOCAL_ACCESS_KEY;
+pub(crate) const SECRET_KEY: &str = crate::s3::LOCAL_SECRET_KEY;
 
 pub(crate) struct TierSettings {
     pub(crate) concurrency: usize,
