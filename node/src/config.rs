@@ -208,6 +208,8 @@ pub struct P2pConfig {
     pub garbage: bool,
     /// Where gradients are computed.
     pub exec: crate::exec::ExecConfig,
+    /// Derive the peer key from this number (reproducible testnets only).
+    pub identity_seed: Option<u64>,
 }
 
 impl Default for P2pConfig {
@@ -231,6 +233,7 @@ impl Default for P2pConfig {
             perturb_round: None,
             garbage: false,
             exec: crate::exec::ExecConfig::default(),
+            identity_seed: None,
         }
     }
 }
@@ -291,6 +294,11 @@ pub struct P2pArgs {
     /// far-ahead and foreign messages every heartbeat (tests validation and peer scoring).
     #[arg(long, hide = true)]
     pub fault_garbage: bool,
+    /// Derive the peer key from this number instead of the key in --state-dir, so
+    /// that a testnet run is reproducible (shards, dropout masks and aggregation
+    /// order follow the peer ids). Anyone can derive such a key: never on real machines.
+    #[arg(long)]
+    pub identity_seed: Option<u64>,
     #[command(flatten)]
     pub exec: crate::exec::ExecArgs,
 }
@@ -316,6 +324,7 @@ impl P2pArgs {
             perturb_round: self.fault_perturb_round,
             garbage: self.fault_garbage,
             exec: self.exec.to_config(),
+            identity_seed: self.identity_seed,
             ..d
         }
     }

@@ -434,6 +434,17 @@ impl EventLoop {
     }
 }
 
+/// A key derived from `seed`: the same peer id every time, for reproducible
+/// testnets (shards, dropout masks and aggregation order follow the ids).
+/// Anyone can derive it: never for real machines.
+pub fn key_from_seed(seed: u64) -> identity::Keypair {
+    let mut h = blake3::Hasher::new();
+    h.update(b"p2pml identity seed");
+    h.update(&seed.to_le_bytes());
+    let mut bytes: [u8; 32] = *h.finalize().as_bytes();
+    identity::Keypair::ed25519_from_bytes(&mut bytes).expect("any 32 bytes are an ed25519 secret key")
+}
+
 /// Loads the node's key from `path`, or creates and saves a new one, so that a
 /// restarted node keeps its peer id.
 pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<identity::Keypair> {

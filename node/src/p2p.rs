@@ -798,7 +798,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
     std::fs::create_dir_all(&p2p.state_dir)
         .with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
-    let key = net::load_or_create_key(&p2p.state_dir.join("peer.key"))?;
+    let key = match p2p.identity_seed {
+        Some(seed) => net::key_from_seed(seed),
+        None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
+    };
     let (client, events, requests, event_loop) = net::new(key, &listen)?;
     tokio::spawn(event_loop.run());
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));

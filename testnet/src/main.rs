@@ -69,6 +69,14 @@ struct RunArgs {
     /// train and publish invalid messages; the report shows how peers scored them.
     #[arg(long, default_value_t = 0)]
     rogues: usize,
+    /// Give the nodes random peer ids instead of ids derived from their index
+    /// (which make runs reproducible: shards, dropout masks and aggregation
+    /// order follow the ids).
+    #[arg(long)]
+    random_ids: bool,
+    /// Node i gets --identity-seed BASE+i.
+    #[arg(long, default_value_t = 0)]
+    identity_base: u64,
     /// With `-- --executor lambda`: concurrent function environments of the
     /// local function host [default: this machine's cores].
     #[arg(long)]
@@ -233,7 +241,19 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
-    let args_for = |i: usize| -> Vec<String> { args.iter().cloned().chain(extra[i].iter().cloned()).collect() };
+    // Peer ids derived from the node index make a run reproducible: shards,
+    // dropout masks and the aggregation order follow the ids.
+    let user_ids = a.node_args.iter().any(|x| x.starts_with("--identity-seed"));
+    let identity = |i: usize| -> Vec<String> {
+        if user_ids || a.random_ids {
+            Vec::new()
+        } else {
+            vec!["--identity-seed".into(), (a.identity_base + i as u64).to_string()]
+        }
+    };
+    let args_for = |i: usize| -> Vec<String> {
+        args.iter().cloned().chain(extra[i].iter().cloned()).chain(identity(i)).collect()
+    };
     let procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), &env, tx.clone()).await?];
     // The first node's address is everyone's bootstrap.
     let boot = loop {
@@ -267,6 +287,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let mut procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
     for i in a.peers..a.peers + a.rogues {
         let mut args_i = args.clone();
+        args_i.extend(identity(i));
         args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
         procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
     }

@@ -14,15 +14,22 @@ fn accuracy(r: &Value) -> f64 {
 fn lambda_executor_reaches_the_local_accuracy_and_reports_the_tier() {
     let dir = tempfile::tempdir().unwrap();
     let common = ["--seed", "5", "--batches-per-round", "2", "--failure-timeout-ms", "10000"];
-    let (ok, local) = testnet(&dir.path().join("local"), 4, &[], &small_run(3000, 500, 200, 1, &common));
+    // One torch thread per node, as in the functions: the same kernels, the same bits.
+    let (ok, local) = testnet(&dir.path().join("local"), 4, &["--threads-per-node", "1"], &small_run(3000, 500, 200, 1, &common));
     assert!(ok, "local run: {}", local["problems"]);
     let mut args = common.to_vec();
     args.extend(["--executor", "lambda", "--batches-per-invocation", "1"]);
-    let (ok, lambda) = testnet(&dir.path().join("lambda"), 4, &[], &small_run(3000, 500, 200, 1, &args));
+    let (ok, lambda) = testnet(&dir.path().join("lambda"), 4, &["--threads-per-node", "1"], &small_run(3000, 500, 200, 1, &args));
     assert!(ok, "lambda run: {}", lambda["problems"]);
     assert_eq!(lambda["rounds_with_equal_digests"], lambda["common_rounds"]);
     let (a, b) = (accuracy(&local), accuracy(&lambda));
     assert!((a - b).abs() <= 0.005, "local {a} vs lambda {b}");
+    // Testnet peer ids are reproducible and every task is seeded by (round, peer,
+    // task) wherever it runs: the function tier computes the very same run.
+    let digests = |r: &Value| -> Vec<String> {
+        r["peer_reports"][0]["rounds_log"].as_array().unwrap().iter().map(|x| x["digest"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(digests(&local), digests(&lambda), "local and lambda runs hold the same parameters every round");
 
     let t = &lambda["function_tier"];
     let rounds = lambda["peer_reports"][0]["rounds"].as_u64().unwrap();
