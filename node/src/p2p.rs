@@ -668,24 +668,9 @@ struct Trainer {
 
 fn compute(t: &mut Trainer, batches: &[Vec<usize>]) -> Computed {
     let start = Instant::now();
-    let n = t.model.numel();
-    let mut acc: Option<tch::Tensor> = None;
-    let (mut loss_sum, mut samples) = (0.0, 0u64);
-    for b in batches {
-        let (x, y) = t.train.batch(b);
-        let g = t.model.batch_gradient(&x, &y);
-        loss_sum += g.loss_sum;
-        samples += g.samples as u64;
-        acc = Some(match acc {
-            None => g.grad,
-            Some(a) => a + g.grad,
-        });
-    }
-    let grad = match acc {
-        Some(a) => Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).expect("f32 gradient"),
-        None => vec![0.0; n],
-    };
-    Computed { grad, loss_sum, samples, secs: start.elapsed().as_secs_f64() }
+    let g = t.model.gradient_sum(batches.iter().map(|b| t.train.batch(b)));
+    let grad = Vec::<f32>::try_from(&g.grad.to_device(tch::Device::Cpu)).expect("f32 gradient");
+    Computed { grad, loss_sum: g.loss_sum, samples: g.samples as u64, secs: start.elapsed().as_secs_f64() }
 }
 
 /// Joins (or starts) a decentralized run and trains until it ends.
