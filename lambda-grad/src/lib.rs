@@ -5,11 +5,13 @@
 //! - [`Model`]: parameters in one flat buffer, batch gradients, evaluation.
 //! - [`Optimizer`]: SGD (momentum, weight decay) and Adam over the flat parameters.
 //! - [`export`]: safetensors files that PyTorch loads, preprocessing in the metadata.
+//! - [`objstore`]: the S3 object store client (AWS or `testnet s3`).
 
 pub mod data;
 mod device;
 pub mod export;
 pub mod models;
+pub mod objstore;
 mod optim;
 mod train;
 

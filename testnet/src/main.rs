@@ -4,8 +4,13 @@
 //!     testnet run --peers 4 --out out/testnet -- --limit-train 8000 --epochs 2
 //!
 //! Arguments after `--` go to every node unchanged (model, data, optimizer, ...).
+//!
+//!     testnet s3 --root out/s3 --addr-file out/s3.addr
+//!
+//! serves a local S3-compatible object store until SIGTERM/SIGINT.
 
 mod report;
+mod s3;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -28,6 +33,10 @@ struct Cli {
 enum Cmd {
     /// Start N peers on loopback, wait for the run to finish, write DIR/report.json.
     Run(RunArgs),
+    /// Serve a local S3-compatible object store (a directory) on loopback until SIGTERM/SIGINT.
+    /// Prints `s3 listening on http://ADDR`. Credentials: --access-key/--secret-key, else
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, else p2pml-local/p2pml-local-secret.
+    S3(s3::S3Args),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
     };
     let r = match cli.command {
         Cmd::Run(a) => rt.block_on(run(a)),
+        Cmd::S3(a) => rt.block_on(s3::run(a)).map(|()| true),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
