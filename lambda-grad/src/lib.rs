@@ -6,10 +6,14 @@
 //! - [`Optimizer`]: SGD (momentum, weight decay) and Adam over the flat parameters.
 //! - [`export`]: safetensors files that PyTorch loads, preprocessing in the metadata.
 //! - [`objstore`]: the S3 object store client (AWS or `testnet s3`).
+//! - [`handler`]: the gradient function's tasks (gradients, reduce) on the object store.
+//! - [`host`]: a local function host serving Lambda's Invoke and Runtime APIs.
 
 pub mod data;
 mod device;
 pub mod export;
+pub mod handler;
+pub mod host;
 pub mod models;
 pub mod objstore;
 mod optim;

@@ -219,6 +219,23 @@ impl Model {
         BatchGrad { grad, loss_sum: loss.double_value(&[]), samples: y.size()[0] as usize }
     }
 
+    /// The gradient of the summed loss over several batches, taken in order (so
+    /// dropout masks follow the RNG from its current state). No batch: zeros.
+    pub fn gradient_sum(&mut self, batches: impl IntoIterator<Item = (Tensor, Tensor)>) -> BatchGrad {
+        let mut acc: Option<Tensor> = None;
+        let (mut loss_sum, mut samples) = (0.0, 0);
+        for (x, y) in batches {
+            let g = self.batch_gradient(&x, &y);
+            loss_sum += g.loss_sum;
+            samples += g.samples;
+            acc = Some(match acc {
+                None => g.grad,
+                Some(a) => a + g.grad,
+            });
+        }
+        BatchGrad { grad: acc.unwrap_or_else(|| self.flat.zeros_like()), loss_sum, samples }
+    }
+
     /// One local SGD/Adam step on the mean loss of `x`, `y`, without flattening
     /// the gradient: the optimizer reads each parameter's `.grad` where it lies.
     /// Returns the summed loss and the sample count.

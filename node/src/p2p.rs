@@ -723,23 +723,9 @@ fn compute_tasks(t: &mut Trainer, batches: &[Vec<usize>], tasks: &[TaskPlan]) ->
         .iter()
         .map(|task| {
             tch::manual_seed(task.dropout_seed as i64);
-            let mut acc: Option<tch::Tensor> = None;
-            let (mut loss_sum, mut samples) = (0.0, 0u64);
-            for b in &batches[task.batches.clone()] {
-                let (x, y) = t.train.batch(b);
-                let g = t.model.batch_gradient(&x, &y);
-                loss_sum += g.loss_sum;
-                samples += g.samples as u64;
-                acc = Some(match acc {
-                    None => g.grad,
-                    Some(a) => a + g.grad,
-                });
-            }
-            let grad = match acc {
-                Some(a) => Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).expect("f32 gradient"),
-                None => vec![0.0; t.model.numel()],
-            };
-            (task.index, GradOutput { samples, loss_sum, grad })
+            let g = t.model.gradient_sum(batches[task.batches.clone()].iter().map(|b| t.train.batch(b)));
+            let grad = Vec::<f32>::try_from(&g.grad.to_device(tch::Device::Cpu)).expect("f32 gradient");
+            (task.index, GradOutput { samples: g.samples as u64, loss_sum: g.loss_sum, grad })
         })
         .collect()
 }
