@@ -15,6 +15,9 @@ for c in 1 2 4; do
   target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency "$c" --out "$out/lambda-c$c" -- \
     "${common[@]}" --executor lambda --max-concurrency "$c" --batches-per-invocation 1 >/dev/null 2>"$out/lambda-c$c.log"
 done
+# The same round as one task of 4 batches: the per-task costs spread over 4 batches.
+target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency 1 --out "$out/lambda-k4" -- \
+  "${common[@]}" --executor lambda --max-concurrency 1 --batches-per-invocation 4 >/dev/null 2>"$out/lambda-k4.log"
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -34,14 +37,14 @@ print(f"{'executor':<18} {'first round ms':>15} {'mean ms (rest)':>15} {'vs loca
 print(f"{'local (1 thread)':<18} {f:>15.1f} {m:>15.1f} {1.0:>9.2f}")
 base = m
 rows = []
-for c in (1, 2, 4):
-    r = load(f"lambda-c{c}")
+for c, name in (("1", "lambda-c1"), ("2", "lambda-c2"), ("4", "lambda-c4"), ("1,k4", "lambda-k4")):
+    r = load(name)
     f, m, _ = per_round(r)
     rows.append((c, r))
-    print(f"{'lambda c=' + str(c):<18} {f:>15.1f} {m:>15.1f} {m / base:>9.2f}")
+    print(f"{'lambda c=' + c:<18} {f:>15.1f} {m:>15.1f} {m / base:>9.2f}")
 print()
-print("per grad task (means over successful invocations, ms)")
-print(f"{'c':>2} {'tasks':>6} {'compute':>8} {'invoke':>8} {'s3 fetch':>9} {'s3 write':>9} {'serde':>7} {'overhead':>9} {'ovh/comp':>9} {'cold':>5} {'cache hits':>10}")
+print("per grad task (means over successful invocations, ms; k4: one task of 4 batches)")
+print(f"{'c':>4} {'tasks':>6} {'compute':>8} {'invoke':>8} {'s3 fetch':>9} {'s3 write':>9} {'serde':>7} {'overhead':>9} {'ovh/comp':>9} {'cold':>5} {'cache hits':>10}")
 for c, r in rows:
     t = r["peer_reports"][0]["function_tier"]
     k = max(1, t["grad_tasks_ok"])
@@ -52,7 +55,7 @@ for c, r in rows:
     serde = (t["fn_decode_ms"] + t["fn_encode_ms"]) / k
     ovh = inv + fetch + write + serde
     cold = r["function_tier"]["cold_starts"]
-    print(f"{c:>2} {k:>6} {comp:>8.1f} {inv:>8.1f} {fetch:>9.1f} {write:>9.1f} {serde:>7.1f} {ovh:>9.1f} {100 * ovh / comp:>8.1f}% {cold:>5} {t['params_cache_hits']:>10}")
+    print(f"{c:>4} {k:>6} {comp:>8.1f} {inv:>8.1f} {fetch:>9.1f} {write:>9.1f} {serde:>7.1f} {ovh:>9.1f} {100 * ovh / comp:>8.1f}% {cold:>5} {t['params_cache_hits']:>10}")
 print()
 print("peer side per round (ms): params upload, output download + decode")
 for c, r in rows:
