@@ -30,7 +30,7 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v cargo >/dev/null; then
-  echo "error: cargo is not installed; install the Rust toolchain (rustup, Rust >= 1.88) and run this again" >&2
+  echo "error: cargo is not installed; install the Rust toolchain (rustup, Rust >= 1.94.1) and run this again" >&2
   exit 1
 fi
 
