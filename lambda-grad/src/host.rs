@@ -282,17 +282,19 @@ impl Env {
         }
     }
 
-    /// Waits until the process has exited; says how (and the init error it posted, if any).
+    /// Waits until the process has exited; says how.
     async fn exited(&self) -> String {
         let mut rx = self.exit.clone();
         let how = match rx.wait_for(|s| s.is_some()).await {
             Ok(s) => s.clone().unwrap_or_default(),
             Err(_) => "environment stopped".to_string(),
         };
-        match lock(&self.api.init_error).as_ref() {
-            Some(body) => format!("{how}; init error: {}", String::from_utf8_lossy(body)),
-            None => how,
-        }
+        how
+    }
+
+    /// The error payload the runtime posted to `/runtime/init/error`, if it did.
+    fn init_error(&self) -> Option<Bytes> {
+        lock(&self.api.init_error).clone()
     }
 }
 
@@ -524,7 +526,10 @@ impl Shared {
                     let msg = format!("RequestId: {id} Error: Task timed out after {:.2} seconds", timeout.as_secs_f64());
                     Err(function_error_body("Sandbox.Timedout", &msg))
                 }
-                Outcome::Exit(how) => Err(function_error_body("Runtime.ExitError", &format!("RequestId: {id} Error: {how}"))),
+                // A runtime that failed to start and said why: its words, as Lambda does.
+                Outcome::Exit(how) => Err(env.init_error().unwrap_or_else(|| {
+                    function_error_body("Runtime.ExitError", &format!("RequestId: {id} Error: {how}"))
+                })),
             }
         };
         if keep {

@@ -14,7 +14,7 @@ use p2pml_lambda_grad::handler::{panic_message, parse_task, torch_threads_from_e
 use p2pml_lambda_grad::host::{FunctionHost, HostConfig};
 use p2pml_lambda_grad::objstore::{ObjectStore, StoreConfig};
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -89,6 +89,8 @@ fn host(a: HostArgs) -> anyhow::Result<()> {
     // Environments get the object store's settings as this process resolved them
     // (and inherit the credentials' variables).
     let store = StoreConfig::from_env()?;
+    // Missing credentials fail here, once, rather than in every environment's start.
+    ObjectStore::new(&store).context("the function's environments need the object store")?;
     let cfg = HostConfig {
         listen: a.listen,
         function_name: a.function_name,
@@ -121,6 +123,27 @@ fn host(a: HostArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Tells the Runtime API why this runtime cannot start (`POST /runtime/init/error`),
+/// so that the invocation that started it fails with the reason. Best effort.
+fn report_init_error(message: &str) {
+    use std::io::{Read, Write};
+    let Some(api) = std::env::var("AWS_LAMBDA_RUNTIME_API").ok().and_then(|a| a.to_socket_addrs().ok()?.next()) else {
+        return;
+    };
+    let body = serde_json::json!({ "errorType": "p2pml.InitError", "errorMessage": message }).to_string();
+    let limit = Duration::from_secs(2);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&api, limit) else { return };
+    let _ = s.set_write_timeout(Some(limit)).and_then(|_| s.set_read_timeout(Some(limit)));
+    let request = format!(
+        "POST /2018-06-01/runtime/init/error HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\n\
+         Lambda-Runtime-Function-Error-Type: Runtime.InitError\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(request.as_bytes()).is_ok() {
+        let _ = s.read(&mut [0u8; 256]);
+    }
+}
+
 fn runtime() -> anyhow::Result<()> {
     for var in ["AWS_LAMBDA_RUNTIME_API", "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_VERSION"] {
         if std::env::var_os(var).is_none() {
@@ -134,8 +157,11 @@ fn runtime() -> anyhow::Result<()> {
     if memory.parse::<i32>().is_err() {
         bail!("AWS_LAMBDA_FUNCTION_MEMORY_SIZE={memory:?} is not a number of MB");
     }
-    p2pml_lambda_grad::set_torch_threads(torch_threads_from_env()?);
-    let store = ObjectStore::new(&StoreConfig::from_env()?)?;
+    let init = || -> anyhow::Result<ObjectStore> {
+        p2pml_lambda_grad::set_torch_threads(torch_threads_from_env()?);
+        Ok(ObjectStore::new(&StoreConfig::from_env()?)?)
+    };
+    let store = init().inspect_err(|e| report_init_error(&format!("{e:#}")))?;
     let handler = Arc::new(tokio::sync::Mutex::new(Handler::new(store)));
     tokio_runtime(false)?.block_on(async {
         lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
