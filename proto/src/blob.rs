@@ -25,7 +25,7 @@ pub fn encode_f32(values: &[f32]) -> Result<Vec<u8>, BlobError> {
 
 /// Decodes a blob of exactly `expected` finite values.
 pub fn decode_f32(bytes: &[u8], expected: usize) -> Result<Vec<f32>, BlobError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(BlobError::Length(bytes.len()));
     }
     if bytes.len() / 4 != expected {

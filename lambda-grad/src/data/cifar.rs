@@ -13,7 +13,7 @@ pub(crate) fn parse_into(
     images: &mut Vec<u8>,
     labels: &mut Vec<u8>,
 ) -> Result<(), DataError> {
-    if buf.is_empty() || buf.len() % RECORD != 0 {
+    if buf.is_empty() || !buf.len().is_multiple_of(RECORD) {
         return Err(DataError::format(
             path,
             format!(
