@@ -165,6 +165,20 @@ pub struct ObjectStore {
     endpoint: String,
 }
 
+/// (access key id, secret, session token) from `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` read through `var` (empty
+/// values count as unset); None without a key id and secret.
+pub fn credentials_from(var: impl Fn(&str) -> Option<String>) -> Option<(String, String, Option<String>)> {
+    let var = |name: &str| var(name).filter(|v| !v.is_empty());
+    Some((var("AWS_ACCESS_KEY_ID")?, var("AWS_SECRET_ACCESS_KEY")?, var("AWS_SESSION_TOKEN")))
+}
+
+/// The HTTP client of every AWS SDK client here: one client for http:// and
+/// https:// endpoints; rustls on ring, web PKI roots from the system's store.
+pub fn sdk_http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https()
+}
+
 impl ObjectStore {
     /// A client with the credentials of `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY` and (optionally) `AWS_SESSION_TOKEN`.
@@ -174,23 +188,20 @@ impl ObjectStore {
 
     /// [`ObjectStore::new`] with the variables read through `var`.
     fn from_lookup(cfg: &StoreConfig, var: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
-        let var = |name: &str| var(name).filter(|v| !v.is_empty());
-        let (Some(id), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) else {
+        let Some((id, secret, token)) = credentials_from(var) else {
             return Err(StoreError::Config(format!(
                 "no credentials for the object store at {}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)",
                 cfg.endpoint_display()
             )));
         };
-        Self::with_credentials(cfg, &id, &secret, var("AWS_SESSION_TOKEN").as_deref())
+        Self::with_credentials(cfg, &id, &secret, token.as_deref())
     }
 
     /// A client with the given credentials.
     pub fn with_credentials(cfg: &StoreConfig, access_key_id: &str, secret_access_key: &str, session_token: Option<&str>) -> Result<Self, StoreError> {
         check_bucket_name(&cfg.bucket)?;
         let creds = Credentials::new(access_key_id, secret_access_key, session_token.map(String::from), None, "p2pml-env");
-        // One HTTP client for http:// and https:// endpoints; rustls on ring,
-        // web PKI roots from the system's certificate store.
-        let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        let http = sdk_http_client();
         let mut b = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(cfg.region.clone()))

@@ -773,20 +773,18 @@ fn classify_sdk_error<E: std::fmt::Debug, R: std::fmt::Debug>(e: aws_sdk_lambda:
 /// The SDK does not retry: the executor retries tasks itself.
 fn lambda_client(endpoint: Option<&str>, region: &str, timeout: Duration) -> anyhow::Result<aws_sdk_lambda::Client> {
     use aws_sdk_lambda::config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Credentials, Region};
-    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let (Some(key), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) else {
+    use p2pml_lambda_grad::objstore::{credentials_from, sdk_http_client};
+    let Some((key, secret, token)) = credentials_from(|k| std::env::var(k).ok()) else {
         anyhow::bail!(
             "--executor lambda needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
              (testnet sets them for its local function host)"
         );
     };
-    let http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
     let mut b = aws_sdk_lambda::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
-        .credentials_provider(Credentials::new(key, secret, var("AWS_SESSION_TOKEN"), None, "environment"))
-        .http_client(http)
+        .credentials_provider(Credentials::new(key, secret, token, None, "environment"))
+        .http_client(sdk_http_client())
         .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
