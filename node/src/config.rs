@@ -210,6 +210,17 @@ pub struct P2pConfig {
     pub exec: crate::exec::ExecConfig,
     /// Derive the peer key from this number (reproducible testnets only).
     pub identity_seed: Option<u64>,
+    /// Checkpoint every this many rounds (0: never).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub checkpoint_keep: usize,
+    /// A new run starts when --peers peers are live, or when --min-peers are and
+    /// this long has passed since.
+    pub start_grace_ms: u64,
+    /// Fault injection: (round, ms) — hold that round's checkpoint write open.
+    pub checkpoint_stall: Option<(u64, u64)>,
+    /// Read control commands (block/unblock peers) from stdin: testnet's partitions.
+    pub control_stdin: bool,
 }
 
 impl Default for P2pConfig {
@@ -234,8 +245,19 @@ impl Default for P2pConfig {
             garbage: false,
             exec: crate::exec::ExecConfig::default(),
             identity_seed: None,
+            checkpoint_every: 1,
+            checkpoint_keep: 3,
+            start_grace_ms: 5000,
+            checkpoint_stall: None,
+            control_stdin: false,
         }
     }
+}
+
+fn parse_stall(s: &str) -> Result<(u64, u64), String> {
+    let err = || format!("expected ROUND:MS, got '{s}'");
+    let (r, ms) = s.split_once(':').ok_or_else(err)?;
+    Ok((r.parse().map_err(|_| err())?, ms.parse().map_err(|_| err())?))
 }
 
 fn parse_sync(s: &str) -> Result<String, String> {
@@ -266,7 +288,8 @@ pub struct P2pArgs {
     /// Peers the run expects (the data is cut into this many shards).
     #[arg(long, env = "P2PML_PEERS", default_value_t = 4)]
     pub peers: usize,
-    /// Below this many live peers the run waits [default: --peers].
+    /// Quorum: below this many live peers the run waits (so the minority side of a
+    /// partition never trains on its own) [default: a majority of --peers].
     #[arg(long, env = "P2PML_MIN_PEERS")]
     pub min_peers: Option<usize>,
     /// Batches each peer computes per round (one exchange per round).
@@ -281,7 +304,8 @@ pub struct P2pArgs {
     /// Async mode: apply gradients at most this many rounds old.
     #[arg(long, env = "P2PML_MAX_STALENESS", default_value_t = 2)]
     pub max_staleness: u64,
-    /// A peer silent this long is dropped from the round and the membership.
+    /// A peer silent this long is declared dead and dropped from the round (a
+    /// closed connection makes it suspected, and dead after a quarter of this).
     #[arg(long, env = "P2PML_FAILURE_TIMEOUT_MS", default_value_t = 2000)]
     pub failure_timeout_ms: u64,
     /// Write the JSON report here [default: <state-dir>/report.json].
@@ -299,6 +323,24 @@ pub struct P2pArgs {
     /// order follow the peer ids). Anyone can derive such a key: never on real machines.
     #[arg(long)]
     pub identity_seed: Option<u64>,
+    /// Checkpoint (parameters, optimizer, schedule, membership) to sled in --state-dir
+    /// every this many rounds; 0 turns checkpoints off. A restarted node resumes from
+    /// its newest valid checkpoint.
+    #[arg(long, env = "P2PML_CHECKPOINT_EVERY", default_value_t = 1)]
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep.
+    #[arg(long, env = "P2PML_CHECKPOINT_KEEP", default_value_t = 3)]
+    pub checkpoint_keep: usize,
+    /// A new run starts once --peers peers are live, or once --min-peers are and this
+    /// long has passed (later peers join by state sync).
+    #[arg(long, env = "P2PML_START_GRACE_MS", default_value_t = 5000)]
+    pub start_grace_ms: u64,
+    /// Fault injection: hold round ROUND's checkpoint write open for MS ms (the crash test).
+    #[arg(long, hide = true, value_parser = parse_stall)]
+    pub fault_checkpoint_stall: Option<(u64, u64)>,
+    /// Read control commands from stdin ("block <peer id>...", "unblock"): testnet's partitions.
+    #[arg(long, hide = true)]
+    pub control_stdin: bool,
     #[command(flatten)]
     pub exec: crate::exec::ExecArgs,
 }
@@ -311,7 +353,7 @@ impl P2pArgs {
             bootstrap: self.bootstrap.clone(),
             state_dir: self.state_dir.clone(),
             peers: self.peers,
-            min_peers: self.min_peers.unwrap_or(self.peers),
+            min_peers: self.min_peers.unwrap_or(self.peers / 2 + 1),
             batches_per_round: self.batches_per_round,
             compression: self.compression.clone(),
             sync: if self.sync == "async" {
@@ -325,6 +367,11 @@ impl P2pArgs {
             garbage: self.fault_garbage,
             exec: self.exec.to_config(),
             identity_seed: self.identity_seed,
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_keep: self.checkpoint_keep,
+            start_grace_ms: self.start_grace_ms,
+            checkpoint_stall: self.fault_checkpoint_stall,
+            control_stdin: self.control_stdin,
             ..d
         }
     }
@@ -362,6 +409,9 @@ impl P2pConfig {
         }
         if self.min_peers == 0 || self.min_peers > self.peers {
             return Err(format!("--min-peers must be between 1 and --peers ({})", self.peers));
+        }
+        if self.checkpoint_keep == 0 {
+            return Err("--checkpoint-keep must be at least 1".into());
         }
         if self.batches_per_round == 0 {
             return Err("--batches-per-round must be at least 1".into());

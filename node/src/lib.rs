@@ -4,6 +4,7 @@
 //! - [`standalone`]: training on one machine with no network (`p2pml-node train`).
 //! - [`exec`]: where gradients are computed: locally or in the function tier.
 
+pub mod checkpoint;
 pub mod config;
 pub mod exec;
 pub mod standalone;

@@ -55,6 +55,8 @@ impl Traffic {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Peers this node refuses (testnet's partitions): their connections are closed and refused.
+    blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
@@ -88,6 +90,8 @@ enum Command {
     Respond { channel: ResponseChannel<Response>, response: Response },
     Dial { peer: Option<PeerId>, addr: Multiaddr },
     Disconnect { peer: PeerId },
+    Block { peers: Vec<PeerId> },
+    UnblockAll,
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
     PeerScores { reply: oneshot::Sender<Vec<(PeerId, f64)>> },
 }
@@ -134,6 +138,14 @@ impl Client {
     }
     pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
         self.send(Command::Disconnect { peer }).await
+    }
+    /// Refuses these peers: open connections close, new ones are denied.
+    pub async fn block(&self, peers: Vec<PeerId>) -> Result<(), NetError> {
+        self.send(Command::Block { peers }).await
+    }
+    /// Lifts every block.
+    pub async fn unblock_all(&self) -> Result<(), NetError> {
+        self.send(Command::UnblockAll).await
     }
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
         let (reply, rx) = oneshot::channel();
@@ -187,6 +199,7 @@ pub struct EventLoop {
     requests: mpsc::Sender<InboundRequest>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, NetError>>>,
     traffic: Arc<Traffic>,
+    blocked: std::collections::HashSet<PeerId>,
 }
 
 fn response_len(r: &Response) -> usize {
@@ -244,6 +257,7 @@ pub fn new(
                     .with_max_concurrent_streams(256),
             );
             Ok(Behaviour {
+                blocked: Default::default(),
                 identify: identify::Behaviour::new(identify::Config::new(PROTOCOL_VERSION.into(), key.public())),
                 kad,
                 gossipsub,
@@ -264,7 +278,7 @@ pub fn new(
     let (requests_tx, requests) = mpsc::channel(1024);
     let traffic = Arc::new(Traffic::default());
     let client = Client { tx, peer_id, traffic: traffic.clone() };
-    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic };
+    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic, blocked: Default::default() };
     Ok((client, events, requests, el))
 }
 
@@ -340,6 +354,17 @@ impl EventLoop {
             }
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Block { peers } => {
+                for p in peers {
+                    self.blocked.insert(p);
+                    self.swarm.behaviour_mut().blocked.block_peer(p);
+                }
+            }
+            Command::UnblockAll => {
+                for p in self.blocked.drain() {
+                    self.swarm.behaviour_mut().blocked.unblock_peer(p);
+                }
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());

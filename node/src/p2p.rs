@@ -4,6 +4,7 @@
 //! barrier while fetching the others' gradients, aggregate deterministically,
 //! update, and gossip the parameter digest.
 
+use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::exec::{self, ExecConfig, ExecutorKind, LambdaExecutor, TaskPlan};
 use p2pml_proto::task::GradOutput;
@@ -49,7 +50,41 @@ pub struct RoundRecord {
     pub lr: f64,
     pub digest: String,
     pub finished_at: f64,
+    /// When the round finished (Unix ms): testnet lines it up with its fault events.
+    pub unix_ms: u64,
     pub stages: StageTimes,
+}
+
+/// A change of the membership as this node saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MembershipEvent {
+    pub unix_ms: u64,
+    pub peer: String,
+    /// joined, rejoined, died, or refuted (somebody declared this node dead).
+    pub event: String,
+    pub incarnation: u64,
+}
+
+/// Checkpoints written and restored by this start of the node.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckpointStats {
+    pub written: u64,
+    /// Not written because the previous write was still in progress.
+    pub skipped_busy: u64,
+    pub failed: u64,
+    pub last_round: Option<u64>,
+    pub last_bytes: u64,
+    pub write_secs_mean: f64,
+    pub write_secs_max: f64,
+    /// The checkpoint this start resumed from, how long loading it took, and the
+    /// newer ones that failed verification (round, why).
+    pub restored_round: Option<u64>,
+    pub restore_secs: Option<f64>,
+    pub restore_skipped: Vec<(u64, String)>,
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +132,15 @@ pub struct NodeReport {
     pub function_tier: Option<exec::ExecStats>,
     /// This peer's cost: measured billing and the paper's formula.
     pub cost: exec::CostRow,
+    /// This start's incarnation (1 at the first start of the state directory).
+    pub incarnation: u64,
+    pub started_unix_ms: u64,
+    /// When this node first held the run's state (founded, resumed or synced).
+    pub ready_unix_ms: Option<u64>,
+    /// State syncs that caught up with peers more than a round ahead.
+    pub catch_ups: u64,
+    pub membership_log: Vec<MembershipEvent>,
+    pub checkpoints: CheckpointStats,
 }
 
 /// The seed of a peer's stochastic rounding in a round: distinct per peer and
@@ -230,6 +274,9 @@ struct PeerView {
     epoch: u64,
     finished: bool,
     ready: bool,
+    /// The sender's active members of its current epoch.
+    active: Vec<PeerId>,
+    addrs: Vec<String>,
 }
 
 /// How this node scored a peer (gossipsub's peer score), sampled every heartbeat.
@@ -293,6 +340,12 @@ struct Node {
     scores: BTreeMap<PeerId, ScoreSeen>,
     /// Rogue mode (--fault-garbage): invalid messages published.
     garbage_sent: u64,
+    /// Membership changes, for the report.
+    membership_log: Vec<MembershipEvent>,
+    /// The next epoch's members, fixed at the epoch's last round (or by a state).
+    planned_next: Option<Vec<PeerId>>,
+    /// When we last dialed a known peer we are not connected to.
+    redialed: HashMap<PeerId, Instant>,
 }
 
 impl Node {
@@ -375,6 +428,7 @@ impl Node {
             .map(|(r, ps)| (r, ps.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect()))
             .collect();
         let addrs = self.client.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
+        self.redial().await;
         let hb = Heartbeat {
             run_id: self.run_id.clone(),
             incarnation: self.rs.incarnation(),
@@ -386,6 +440,7 @@ impl Node {
             addrs,
             finished: self.finished,
             ready: self.ready,
+            active: self.rs.active_members().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
         };
         let topic = self.control_topic();
         if let Err(e) = self.client.publish(&topic, wire::encode(&Gossip::Heartbeat(hb))).await {
@@ -395,11 +450,61 @@ impl Node {
     }
 
     fn on_change(&mut self, c: Change<PeerId>) {
-        match c {
-            Change::Joined(p) => tracing::info!("peer {p} joined"),
-            Change::Rejoined { peer, incarnation } => tracing::info!("peer {peer} rejoined (incarnation {incarnation})"),
-            Change::Died(p) => tracing::warn!("peer {p} declared dead (silent for {} ms)", self.p2p.failure_timeout_ms),
+        let (peer, event, incarnation) = match &c {
+            Change::Joined(p) => {
+                tracing::info!("peer {p} joined");
+                (*p, "joined", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+            }
+            Change::Rejoined { peer, incarnation } => {
+                tracing::info!("peer {peer} rejoined (incarnation {incarnation}); it follows until the next epoch");
+                (*peer, "rejoined", *incarnation)
+            }
+            Change::Died(p) => {
+                tracing::warn!("peer {p} declared dead (connection closed, or silent for {} ms)", self.p2p.failure_timeout_ms);
+                (*p, "died", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+            }
+            Change::Refuted { incarnation } => {
+                tracing::warn!("a peer declared this node dead: refuted with incarnation {incarnation}; following until the next epoch");
+                (self.client.peer_id, "refuted", *incarnation)
+            }
+        };
+        // testnet reads this line to time failure detection.
+        println!("member {event} {peer} incarnation {incarnation}");
+        self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
+    }
+
+    /// Dials known peers we are not connected to (after a partition heals, or a
+    /// peer restarted), each at most every two seconds.
+    async fn redial(&mut self) {
+        let now = Instant::now();
+        let mut dial = Vec::new();
+        for (p, v) in &self.views {
+            if self.connected.contains(p) || v.finished {
+                continue;
+            }
+            if self.redialed.get(p).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(2)) {
+                continue;
+            }
+            dial.push((*p, v.addrs.clone()));
         }
+        for (p, addrs) in dial {
+            self.redialed.insert(p, now);
+            for a in addrs {
+                if let Ok(addr) = a.parse::<Multiaddr>() {
+                    let _ = self.client.dial(Some(p), addr).await;
+                }
+            }
+        }
+    }
+
+    /// A live, ready peer at least two rounds ahead of us (we will not be waited
+    /// for in the rounds between): the furthest one, to state-sync from.
+    fn catch_up_source(&self) -> Option<PeerId> {
+        self.views
+            .iter()
+            .filter(|(p, v)| v.ready && !v.finished && v.round >= self.round + 2 && self.rs.is_alive(p))
+            .max_by_key(|(_, v)| v.round)
+            .map(|(p, _)| *p)
     }
 
     /// Handles one input: a network event, a finished fetch, a Hello answer or a timer.
@@ -463,6 +568,7 @@ impl Node {
         match ev {
             Event::Connected(peer) => {
                 self.connected.insert(peer);
+                self.rs.unsuspect(&peer);
                 let (client, spec, tx) = (self.client.clone(), self.spec.clone(), self.hello_tx.clone());
                 tokio::spawn(async move {
                     let r = client.request(peer, Request::Hello { spec }).await.map_err(|e| e.to_string());
@@ -471,6 +577,8 @@ impl Node {
             }
             Event::Disconnected(peer) => {
                 self.connected.remove(&peer);
+                let now = self.now_ms();
+                self.rs.suspect(&peer, now);
                 tracing::debug!("disconnected from {peer}");
             }
             Event::Gossip { id, propagated_by, author, data } => {
@@ -478,7 +586,9 @@ impl Node {
                 let msg = if refused {
                     Err(wire::WireError::Invalid("sender runs another configuration".into()))
                 } else {
-                    Gossip::decode_valid(&data, &self.run_id, self.round).and_then(|g| self.check_payload(g))
+                    // Rounds are checked around the furthest round we know of, so that a
+                    // node restarting from an old checkpoint still hears the run.
+                    Gossip::decode_valid(&data, &self.run_id, self.round.max(self.remote_round())).and_then(|g| self.check_payload(g))
                 };
                 match msg {
                     Ok(g) => {
@@ -571,7 +681,9 @@ impl Node {
                     }
                 }
                 let is_new = !self.views.contains_key(&author);
-                self.views.insert(author, PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready });
+                let active = h.active.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect();
+                let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, addrs: h.addrs.clone() };
+                self.views.insert(author, view);
                 if is_new {
                     for a in &h.addrs {
                         if let Ok(addr) = a.parse::<Multiaddr>() {
@@ -788,6 +900,37 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         Some(seed) => net::key_from_seed(seed),
         None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
     };
+    let started_unix_ms = unix_ms();
+    // Checkpoints (and the incarnation counter) before the network: a restarted
+    // node announces a higher incarnation from its first heartbeat.
+    let ckpt = Arc::new(Checkpoints::open(&p2p.state_dir, &run_id, p2p.checkpoint_keep)?);
+    let incarnation = ckpt.next_incarnation()?;
+    let mut ckpt_stats = CheckpointStats::default();
+    let mut model = model;
+    let mut opt = opt;
+    let mut conv = Convergence::new(&p2p);
+    let restored = if p2p.checkpoint_every > 0 { ckpt.latest(numel as u64)? } else { None };
+    let restored = match restored {
+        Some(r) => {
+            for (round, why) in &r.skipped {
+                tracing::warn!("checkpoint of round {round} is unusable ({why}); using an older one");
+            }
+            apply_state(&mut model, &mut opt, &r.params, &r.opt, r.header.lr, r.header.opt_steps);
+            conv.restore(r.header.plateau, r.header.stopping);
+            println!(
+                "restored checkpoint round {} epoch {} digest {} in {:.3} s",
+                r.header.round,
+                r.header.epoch + 1,
+                &hex(&digest_of(&r.params))[..16],
+                r.load_secs
+            );
+            ckpt_stats.restored_round = Some(r.header.round);
+            ckpt_stats.restore_secs = Some(r.load_secs);
+            ckpt_stats.restore_skipped = r.skipped.clone();
+            Some(r)
+        }
+        None => None,
+    };
     let (client, events, requests, event_loop) = net::new(key, &listen)?;
     tokio::spawn(event_loop.run());
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
@@ -813,7 +956,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let (hello_tx, hello_rx) = mpsc::channel(64);
     let (recovered_tx, recovered_rx) = mpsc::channel(64);
     let mut node = Node {
-        rs: RoundState::new(me, 1, p2p.min_peers, p2p.failure_timeout_ms),
+        rs: RoundState::new(me, incarnation, p2p.min_peers, p2p.failure_timeout_ms),
         p2p: p2p.clone(),
         spec: spec.clone(),
         run_id: run_id.clone(),
@@ -853,7 +996,20 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         connected: HashSet::new(),
         scores: BTreeMap::new(),
         garbage_sent: 0,
+        membership_log: Vec::new(),
+        planned_next: None,
+        redialed: HashMap::new(),
     };
+    if let Some(r) = &restored {
+        node.round = r.header.round + 1;
+        node.epoch = r.header.epoch;
+        let d = digest_of(&r.params);
+        node.last_digest = Some((r.header.round, d));
+        store.lock().expect("store lock").set_state(StateBlob { round: r.header.round, epoch: r.header.epoch, bytes: Arc::new(r.state.clone()) });
+    }
+    if p2p.control_stdin {
+        tokio::spawn(control_stdin(client.clone()));
+    }
     client.subscribe(&node.control_topic()).await?;
     client.subscribe(&node.epoch_topic(0)).await?;
     for (peer, addr) in &bootstrap {
@@ -886,23 +1042,23 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     };
     let mut latest_params: Option<(Digest, Arc<Vec<f32>>)> = None;
 
-    // A run in progress (a peer is past round 0) is joined by state sync; a new
-    // run starts when --min-peers peers are live.
-    let in_progress = |n: &Node| n.remote_round() > 0;
+    // A run that is ahead of us (a peer past our round: past round 0, or past the
+    // checkpoint we resumed from) is joined by state sync. Otherwise a new run
+    // starts, or the run resumes from our checkpoint, once --peers peers are live
+    // (or --min-peers, and --start-grace-ms has passed).
+    let ahead = |n: &Node| n.remote_round() > n.round;
     let mut trainer = Some(Trainer { model, opt, train });
-    let mut conv = Convergence::new(&p2p);
     let mut state_syncs = 0u64;
-    let mut sched = if in_progress(&node) {
-        let t = trainer.take().expect("trainer present");
-        let (t_back, joined) = node.join_running(t, &mut conv).await?;
-        trainer = Some(t_back);
-        state_syncs += 1;
-        let (epoch, first_round, members) = joined;
-        Schedule::new(&cfg, &p2p, n_train, &val_all, epoch, first_round, members, me)?
-    } else {
-        tracing::info!("waiting for {} live peers", p2p.min_peers);
-        let min = p2p.min_peers;
-        node.wait_until("peers to join", |n| n.rs.live().len() >= min || in_progress(n)).await?;
+    if !ahead(&node) {
+        tracing::info!("waiting for {} live peers ({} at least)", p2p.peers, p2p.min_peers);
+        let (all, min, grace) = (p2p.peers, p2p.min_peers, Duration::from_millis(p2p.start_grace_ms));
+        let mut quorum_since: Option<Instant> = None;
+        node.wait_until("peers to join", |n| {
+            let live = n.rs.live().len();
+            quorum_since = if live >= min { quorum_since.or(Some(Instant::now())) } else { None };
+            live >= all || quorum_since.is_some_and(|t| t.elapsed() >= grace) || ahead(n)
+        })
+        .await?;
         // Give late heartbeats a moment so that every peer starts from the same membership.
         let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
         while Instant::now() < settle {
@@ -911,13 +1067,26 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 _ = tokio::time::sleep_until(settle.into()) => {}
             }
         }
-        if in_progress(&node) {
-            bail!("a run with this configuration is already past round 0 and this node started as a founder: restart it to join by state sync");
-        }
-        Schedule::new(&cfg, &p2p, n_train, &val_all, 0, 0, node.rs.live(), me)?
+    }
+    let mut sched = if ahead(&node) {
+        let t = trainer.take().expect("trainer present");
+        let (t_back, h, active) = node.join_running(t, &mut conv).await?;
+        trainer = Some(t_back);
+        state_syncs += 1;
+        node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?
+    } else if let Some(r) = &restored {
+        tracing::info!("resuming the run from checkpoint round {}", r.header.round);
+        let active = peer_ids(&r.header.active);
+        node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &r.header, &active)?
+    } else {
+        let sched = Schedule::new(&cfg, &p2p, n_train, &val_all, 0, 0, node.rs.live(), me)?;
+        node.rs.set_epoch_members(sched.members.clone());
+        sched
     };
+    drop(restored);
+    let ready_unix_ms = Some(unix_ms());
+    println!("ready round {} epoch {} incarnation {incarnation}", node.round, sched.epoch + 1);
     node.ready = true;
-    node.rs.set_epoch_members(sched.members.clone());
     node.epoch = sched.epoch;
     for e in [sched.epoch, sched.epoch + 1] {
         if node.subscribed.insert(e) {
@@ -927,6 +1096,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
     let mut rounds_log = Vec::new();
     let mut epochs_log: Vec<EpochRecord> = Vec::new();
+    let mut catch_ups = 0u64;
+    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
     let mut pending_val: Option<ValStats> = None;
     let mut stopped_early = false;
     let wall = Instant::now();
@@ -975,9 +1146,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             // The next epoch's members: in synchronous mode, the contributors of
             // the last round plus the ready joiners they named, which every peer
             // computes from the same announcements; in asynchronous mode, the live peers.
-            let members = match p2p.sync {
-                SyncMode::Sync => node.next_epoch_members(node.round - 1),
-                SyncMode::Async { .. } => node.rs.live(),
+            let members = match (node.planned_next.take(), p2p.sync) {
+                (Some(m), _) => m,
+                (None, SyncMode::Sync) => node.next_epoch_members(node.round - 1),
+                (None, SyncMode::Async { .. }) => node.rs.live(),
             };
             let old_epoch = sched.epoch;
             sched = Schedule::new(&cfg, &p2p, n_train, &val_all, old_epoch + 1, node.round, members, me)?;
@@ -1000,7 +1172,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         store.lock().expect("store lock").round = round;
         let mut st = StageTimes::default();
 
-        if sched.my_index.is_some() {
+        // A member trains unless it was demoted (it died or restarted during this epoch).
+        if sched.my_index.is_some() && node.rs.is_active(&me) {
             let lo = (k as usize * bpr).min(sched.batches.len());
             let hi = ((k as usize + 1) * bpr).min(sched.batches.len());
             let batches = sched.batches[lo..hi].to_vec();
@@ -1111,16 +1284,43 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         // Each contributor with the round of the gradient used.
         let contributors: Vec<(PeerId, u64)> = match p2p.sync {
             SyncMode::Sync => {
-                let mut released = Vec::new();
+                let mut released = None;
                 node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
                     Barrier::Release(c) => {
-                        released = c;
+                        released = Some(c);
                         true
                     }
-                    _ => false,
+                    // Peers two rounds ahead went on without us: we will not be waited for.
+                    _ => n.catch_up_source().is_some(),
                 })
                 .await?;
-                released.into_iter().map(|p| (p, round)).collect()
+                match released {
+                    Some(r) => r.into_iter().map(|p| (p, round)).collect(),
+                    None => {
+                        let source = node.catch_up_source().expect("checked by the wait");
+                        tracing::warn!("round {round}: peer {source} is at round {}; catching up by state sync", node.views[&source].round);
+                        let t = trainer.take().expect("trainer present");
+                        let (t_back, r) = node.sync_state(source, round + 1, t, &mut conv).await?;
+                        trainer = Some(t_back);
+                        match r {
+                            Ok(h) => {
+                                state_syncs += 1;
+                                catch_ups += 1;
+                                let active = node.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
+                                node.round = h.round + 1;
+                                sched = node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?;
+                                node.epoch = sched.epoch;
+                                for e in [sched.epoch, sched.epoch + 1] {
+                                    if node.subscribed.insert(e) {
+                                        client.subscribe(&node.epoch_topic(e)).await?;
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::warn!("catching up from {source} failed: {e}"),
+                        }
+                        continue;
+                    }
+                }
             }
             SyncMode::Async { max_staleness } => {
                 // Bounded staleness: wait only for peers more than max_staleness
@@ -1149,6 +1349,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let mut sorted = contributors.clone();
         sorted.sort();
         node.last_contributors = sorted.iter().map(|(p, _)| *p).collect();
+        // The epoch's last round fixes the next epoch's members (they travel in the state).
+        if p2p.sync == SyncMode::Sync && round + 1 == sched.first_round + sched.rounds {
+            node.planned_next = Some(node.next_epoch_members(round));
+        }
         let mut inputs = Vec::with_capacity(sorted.len());
         let mut val_sum = (0.0f64, 0u64, 0u64);
         let mut any_val = false;
@@ -1222,7 +1426,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let lr = t.opt.lr();
         let (plateau, stopping) = conv.snapshot();
         let perturb = p2p.perturb_round == Some(round);
-        let sched_info = (sched.first_round, sched.members.clone());
+        let sched_info = EpochInfo {
+            first_round: sched.first_round,
+            members: sched.members.clone(),
+            active: node.rs.active_members(),
+            next: node.planned_next.clone().unwrap_or_default(),
+        };
         let keep_params = lambda.is_some();
         let (t_back, digest, state, params) = node
             .while_pumping(tokio::task::spawn_blocking(move || {
@@ -1246,7 +1455,19 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             .await??;
         trainer = Some(t_back);
         latest_params = params.map(|p| (digest, p));
-        store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: Arc::new(state) });
+        let state = Arc::new(state);
+        store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: state.clone() });
+        if p2p.checkpoint_every > 0 && (round + 1) % p2p.checkpoint_every == 0 {
+            let meta = CheckpointMeta {
+                run_id: run_id.clone(),
+                round,
+                epoch,
+                incarnation: node.rs.incarnation(),
+                written_unix_ms: unix_ms(),
+                members: node.rs.members().iter().map(|(p, m)| MemberRecord { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive }).collect(),
+            };
+            ckpt_writer.submit(meta, state);
+        }
         st.update = t0.elapsed().as_secs_f64();
         node.last_digest = Some((round, digest));
         node.digests.entry(round).or_default().insert(me, digest);
@@ -1267,6 +1488,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             lr,
             digest: hex(&digest),
             finished_at: wall.elapsed().as_secs_f64(),
+            unix_ms: unix_ms(),
             stages: st,
         });
         if let Some(good) = node.check_digests(round) {
@@ -1344,6 +1566,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         garbage_sent: 0,
         function_tier: lambda.as_ref().map(|l| l.stats.clone()),
         cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
+        incarnation,
+        started_unix_ms,
+        ready_unix_ms,
+        catch_ups,
+        membership_log: std::mem::take(&mut node.membership_log),
+        checkpoints: ckpt_writer.finish(ckpt_stats),
     };
     let path = report_path(&p2p);
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
@@ -1399,10 +1627,125 @@ async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std
         garbage_sent: node.garbage_sent,
         function_tier: None,
         cost: exec::cost(&ExecConfig::default(), &Default::default(), 0.0, 1),
+        incarnation: node.rs.incarnation(),
+        started_unix_ms: unix_ms(),
+        ready_unix_ms: None,
+        catch_ups: 0,
+        membership_log: std::mem::take(&mut node.membership_log),
+        checkpoints: CheckpointStats::default(),
     };
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());
     Ok(report)
+}
+
+/// The epoch's schedule as a state records it.
+struct EpochInfo {
+    first_round: u64,
+    /// The epoch's members (shard i belongs to members[i]).
+    members: Vec<PeerId>,
+    /// Those not demoted.
+    active: Vec<PeerId>,
+    /// After the epoch's last round: the next epoch's members.
+    next: Vec<PeerId>,
+}
+
+fn ids(peers: &[PeerId]) -> Vec<serde_bytes::ByteBuf> {
+    peers.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect()
+}
+
+fn peer_ids(bytes: &[serde_bytes::ByteBuf]) -> Vec<PeerId> {
+    bytes.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect()
+}
+
+/// Loads parameters and optimizer state into a model and optimizer.
+fn apply_state(model: &mut Model, opt: &mut Optimizer, params: &[f32], state: &[Vec<f32>], lr: f64, steps: u64) {
+    model.set_params(params).expect("length checked by decode_state");
+    let device = model.device();
+    let state = state.iter().map(|v| tch::Tensor::from_slice(v).to_device(device)).collect();
+    opt.restore(lr, steps, state);
+}
+
+/// Writes checkpoints on a thread of its own, one at a time: a round never waits
+/// for the disk; when the previous write is still going, this one is skipped.
+struct CheckpointWriter {
+    tx: Option<std::sync::mpsc::SyncSender<(CheckpointMeta, Arc<Vec<u8>>)>>,
+    stats: Arc<Mutex<CheckpointStats>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckpointWriter {
+    fn start(ckpt: Arc<Checkpoints>, stall: Option<(u64, u64)>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(CheckpointMeta, Arc<Vec<u8>>)>(0);
+        let stats = Arc::new(Mutex::new(CheckpointStats::default()));
+        let st = stats.clone();
+        let thread = std::thread::spawn(move || {
+            let mut total = 0.0;
+            while let Ok((meta, state)) = rx.recv() {
+                let hold = stall.filter(|(r, _)| *r == meta.round).map(|(_, ms)| Duration::from_millis(ms));
+                let r = ckpt.write(&meta, &state, hold);
+                let mut s = st.lock().expect("stats lock");
+                match r {
+                    Ok(w) => {
+                        let secs = w.encode_secs + w.write_secs;
+                        s.written += 1;
+                        total += secs;
+                        s.write_secs_mean = total / s.written as f64;
+                        s.write_secs_max = s.write_secs_max.max(secs);
+                        s.last_round = Some(meta.round);
+                        s.last_bytes = w.bytes;
+                        tracing::debug!("checkpoint round {} written: {} bytes in {:.3} s", meta.round, w.bytes, secs);
+                    }
+                    Err(e) => {
+                        s.failed += 1;
+                        tracing::warn!("checkpoint of round {} failed: {e}", meta.round);
+                    }
+                }
+            }
+        });
+        CheckpointWriter { tx: Some(tx), stats, thread: Some(thread) }
+    }
+
+    fn submit(&self, meta: CheckpointMeta, state: Arc<Vec<u8>>) {
+        if let Some(tx) = &self.tx {
+            if let Err(std::sync::mpsc::TrySendError::Full(_)) = tx.try_send((meta, state)) {
+                self.stats.lock().expect("stats lock").skipped_busy += 1;
+            }
+        }
+    }
+
+    /// Waits for the write in progress; the stats, with the restore's.
+    fn finish(mut self, restore: CheckpointStats) -> CheckpointStats {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let s = self.stats.lock().expect("stats lock").clone();
+        CheckpointStats { restored_round: restore.restored_round, restore_secs: restore.restore_secs, restore_skipped: restore.restore_skipped, ..s }
+    }
+}
+
+/// testnet's control commands on stdin: `block <peer id> ...` refuses those
+/// peers (a partition), `unblock` lifts every block.
+async fn control_stdin(client: Client) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("block") => {
+                let peers: Vec<PeerId> = w.filter_map(|p| p.parse().ok()).collect();
+                tracing::warn!("control: blocking {} peers", peers.len());
+                let _ = client.block(peers).await;
+            }
+            Some("unblock") => {
+                tracing::warn!("control: unblocking every peer");
+                let _ = client.unblock_all().await;
+            }
+            Some(other) => tracing::warn!("control: unknown command {other}"),
+            None => {}
+        }
+    }
 }
 
 /// The state blob of the trainer after `round`.
@@ -1413,7 +1756,7 @@ fn state_blob(
     epoch: u64,
     plateau: (f64, u64),
     stopping: (f64, u64),
-    sched: &(u64, Vec<PeerId>),
+    sched: &EpochInfo,
 ) -> Vec<u8> {
     let opt: Vec<Vec<f32>> = t
         .opt
@@ -1430,8 +1773,10 @@ fn state_blob(
         opt_vectors: opt.len() as u32,
         plateau,
         stopping,
-        epoch_start: sched.0,
-        epoch_members: sched.1.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
+        epoch_start: sched.first_round,
+        epoch_members: ids(&sched.members),
+        active: ids(&sched.active),
+        next_members: ids(&sched.next),
     };
     p2pml_proto::encode_state(&h, params, &opt)
 }
@@ -1501,12 +1846,13 @@ impl Node {
         self.views.values().map(|v| v.round).max().unwrap_or(0).max(self.hello_round)
     }
 
-    /// Live, ready peers that are not members of this epoch.
+    /// Live, ready peers that do not train in this epoch (joiners, and members
+    /// demoted by a death or restart): they are named for the next epoch.
     fn ready_joiners(&self) -> Vec<PeerId> {
         self.rs
             .live()
             .into_iter()
-            .filter(|p| !self.rs.is_epoch_member(p) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
+            .filter(|p| !self.rs.is_active(p) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
             .collect()
     }
 
@@ -1524,10 +1870,10 @@ impl Node {
         members
     }
 
-    /// Joins a run in progress: adopts a running peer's latest state (not the last
-    /// round of an epoch, so that the epoch's end is seen like everyone else) and
-    /// returns (epoch, first round, members) of that state's epoch.
-    async fn join_running(&mut self, mut t: Trainer, conv: &mut Convergence) -> anyhow::Result<(Trainer, (u64, u64, Vec<PeerId>))> {
+    /// Joins a run in progress: adopts the furthest running peer's latest state.
+    /// Returns the state's header and that peer's active members of the epoch
+    /// (a restarted member is not among them: it follows until the next epoch).
+    async fn join_running(&mut self, mut t: Trainer, conv: &mut Convergence) -> anyhow::Result<(Trainer, p2pml_proto::StateHeader, Vec<PeerId>)> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if Instant::now() > deadline {
@@ -1555,20 +1901,55 @@ impl Node {
                     continue;
                 }
             };
-            let members: Vec<PeerId> = header.epoch_members.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect();
-            // Rounds of that epoch, as Schedule computes them.
-            let p = members.len().max(1);
-            let shard = (self.n_train_minus_val).div_ceil(p);
-            let rounds = shard.div_ceil(self.batch_size).div_ceil(self.p2p.batches_per_round).max(1) as u64;
-            if header.round + 1 >= header.epoch_start + rounds {
-                // The last round of an epoch: the next epoch's members are not in the state yet.
+            if header.round + 1 >= header.epoch_start + self.epoch_rounds(header.epoch_members.len()) && header.next_members.is_empty() {
+                // The last round of an epoch whose next members the state does not name (asynchronous mode).
                 let pause = tokio::time::sleep(Duration::from_millis(200));
                 self.while_pumping(pause).await?;
                 continue;
             }
             self.round = header.round + 1;
-            return Ok((t, (header.epoch, header.epoch_start, members)));
+            let active = self.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
+            return Ok((t, header, active));
         }
+    }
+
+    /// Rounds of an epoch with `members` members, as [`Schedule`] computes them.
+    fn epoch_rounds(&self, members: usize) -> u64 {
+        let shard = self.n_train_minus_val.div_ceil(members.max(1));
+        shard.div_ceil(self.batch_size).div_ceil(self.p2p.batches_per_round).max(1) as u64
+    }
+
+    /// Takes the epoch's schedule from a state (restored or synced): its members
+    /// keep their shards; those the state (or `source_active`, the sender's live
+    /// view) does not list as active follow until the next epoch, this node too.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt_schedule(
+        &mut self,
+        cfg: &TrainConfig,
+        p2p: &P2pConfig,
+        n_train: usize,
+        val_all: &[usize],
+        h: &p2pml_proto::StateHeader,
+        source_active: &[PeerId],
+    ) -> anyhow::Result<Schedule> {
+        let me = self.client.peer_id;
+        let members = peer_ids(&h.epoch_members);
+        let active = peer_ids(&h.active);
+        let sched = Schedule::new(cfg, p2p, n_train, val_all, h.epoch, h.epoch_start, members.clone(), me)?;
+        self.rs.set_epoch_members(sched.members.clone());
+        for p in &members {
+            let mine = *p == me && !source_active.contains(&me);
+            if !active.contains(p) || mine {
+                self.rs.demote(p);
+            }
+        }
+        if !self.rs.is_active(&me) && sched.my_index.is_some() {
+            tracing::info!("following until the next epoch (this node restarted during epoch {})", h.epoch + 1);
+        }
+        let next = peer_ids(&h.next_members);
+        self.planned_next = (!next.is_empty()).then_some(next);
+        self.epoch = sched.epoch;
+        Ok(sched)
     }
 
     /// Compares our parameter digests of recent rounds with the live members'.
@@ -1654,10 +2035,8 @@ impl Node {
         let (lr, steps) = (h.lr, h.opt_steps);
         let (t, digest) = self
             .while_pumping(tokio::task::spawn_blocking(move || {
-                t.model.set_params(&params).expect("length checked by decode_state");
-                let device = t.model.device();
-                let state = opt.iter().map(|v| tch::Tensor::from_slice(v).to_device(device)).collect();
-                t.opt.restore(lr, steps, state);
+                let Trainer { model, opt: o, .. } = &mut t;
+                apply_state(model, o, &params, &opt, lr, steps);
                 let d = params_digest(&t.model);
                 (t, d)
             }))

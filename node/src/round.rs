@@ -12,10 +12,16 @@
 //! The barrier of round r releases when this peer *holds* the gradient of every
 //! live member of the current epoch for r (holding implies the contribution).
 //! Members silent for longer than the failure timeout are declared dead, so a
-//! dead peer holds the others at most that long. Below `min_peers` live members
-//! nothing releases. Peers that join during an epoch are members (they are
-//! heard, they follow the rounds) but are expected to contribute only from the
-//! next epoch on, once the epoch's member set names them.
+//! dead peer holds the others at most that long. A closed connection makes a
+//! peer *suspected*: unless it is heard again (first-hand, after the messages
+//! already in flight) within the suspicion grace, it is declared dead then,
+//! well before the timeout. Below `min_peers` live peers (a quorum: the
+//! minority side of a partition never trains on its own) nothing releases.
+//! Peers that join during an epoch are members (they are heard, they follow the
+//! rounds) but are expected to contribute only from the next epoch on, once the
+//! epoch's member set names them. An epoch member that dies or comes back with a
+//! higher incarnation is *demoted* for the rest of the epoch: it lost its place
+//! in the epoch's rounds, follows like a joiner and is named for the next epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,6 +40,8 @@ pub enum Change<P> {
     Joined(P),
     Rejoined { peer: P, incarnation: u64 },
     Died(P),
+    /// Somebody declared us dead; we refuted it with this incarnation.
+    Refuted { incarnation: u64 },
 }
 
 /// The barrier's verdict for a round.
@@ -57,6 +65,11 @@ pub struct RoundState<P: Ord + Clone> {
     held: BTreeMap<u64, BTreeSet<P>>,
     /// Who trains in the current epoch; `None` before the first epoch is fixed.
     epoch_members: Option<BTreeSet<P>>,
+    /// Epoch members that died or restarted during this epoch.
+    demoted: BTreeSet<P>,
+    /// Suspected peers (connection closed): since when (ms).
+    suspected: BTreeMap<P, u64>,
+    suspect_grace_ms: u64,
 }
 
 impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
@@ -71,6 +84,9 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
             contributed: BTreeMap::new(),
             held: BTreeMap::new(),
             epoch_members: None,
+            demoted: BTreeSet::new(),
+            suspected: BTreeMap::new(),
+            suspect_grace_ms: (timeout_ms / 4).max(1),
         }
     }
 
@@ -84,18 +100,35 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     pub fn live(&self) -> Vec<P> {
         self.members.iter().filter(|(_, m)| m.alive).map(|(p, _)| p.clone()).collect()
     }
-    /// Fixes who trains in the current epoch.
+    /// Fixes who trains in the current epoch (and forgets the last epoch's demotions).
     pub fn set_epoch_members(&mut self, members: impl IntoIterator<Item = P>) {
         self.epoch_members = Some(members.into_iter().collect());
+        self.demoted.clear();
     }
+    /// Named by the current epoch's member set (demoted or not).
     pub fn is_epoch_member(&self, p: &P) -> bool {
         self.epoch_members.as_ref().is_none_or(|m| m.contains(p))
     }
-    /// Live members expected to contribute (this epoch's members that are alive).
+    /// An epoch member that has not been demoted: it trains in this epoch's rounds.
+    pub fn is_active(&self, p: &P) -> bool {
+        self.is_epoch_member(p) && !self.demoted.contains(p)
+    }
+    /// The current epoch's members that still train in it (for state sync).
+    pub fn active_members(&self) -> Vec<P> {
+        self.epoch_members
+            .as_ref()
+            .map(|m| m.iter().filter(|p| !self.demoted.contains(*p)).cloned().collect())
+            .unwrap_or_default()
+    }
+    /// Takes `p` out of the current epoch's rounds (it follows until the next epoch).
+    pub fn demote(&mut self, p: &P) -> bool {
+        self.is_epoch_member(p) && self.epoch_members.is_some() && self.demoted.insert(p.clone())
+    }
+    /// Live members expected to contribute (this epoch's active members that are alive).
     pub fn expected(&self) -> Vec<P> {
         self.members
             .iter()
-            .filter(|(p, m)| m.alive && self.is_epoch_member(p))
+            .filter(|(p, m)| m.alive && self.is_active(p))
             .map(|(p, _)| p.clone())
             .collect()
     }
@@ -111,67 +144,81 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
         if peer == self.me {
             return None;
         }
-        match self.members.get_mut(&peer) {
+        let rejoined = match self.members.get_mut(&peer) {
             None => {
                 self.members.insert(peer.clone(), Member { incarnation, alive: true, last_heard: Some(now) });
-                Some(Change::Joined(peer))
+                return Some(Change::Joined(peer));
             }
             Some(m) if incarnation > m.incarnation || (incarnation == m.incarnation && m.alive) => {
                 let rejoined = !m.alive || incarnation > m.incarnation;
                 m.incarnation = incarnation;
                 m.alive = true;
                 m.last_heard = Some(now);
-                rejoined.then_some(Change::Rejoined { peer, incarnation })
+                rejoined
             }
             // A message from an incarnation we already buried: stale, ignore.
-            Some(_) => None,
+            Some(_) => return None,
+        };
+        if !rejoined {
+            return None;
         }
+        self.suspected.remove(&peer);
+        self.demote(&peer);
+        Some(Change::Rejoined { peer, incarnation })
     }
 
     /// Merges another peer's view of the membership (second-hand knowledge).
     /// Deaths are adopted; second-hand life never revives a peer we buried at the
     /// same incarnation, and an unknown live peer is learnt but must still be heard.
+    /// A rumour of our own death is refuted with a higher incarnation, and we
+    /// demote ourselves: the others no longer wait for us in this epoch.
     pub fn merge_member(&mut self, peer: P, incarnation: u64, alive: bool, now: u64) -> Option<Change<P>> {
         if peer == self.me {
-            // Someone thinks we are dead: refute with a higher incarnation.
             let mine = self.members.get_mut(&self.me).expect("self is a member");
             if !alive && incarnation >= mine.incarnation {
                 mine.incarnation = incarnation + 1;
+                let me = self.me.clone();
+                self.demote(&me);
+                return Some(Change::Refuted { incarnation: incarnation + 1 });
             }
             return None;
         }
-        match self.members.get_mut(&peer) {
+        let change = match self.members.get_mut(&peer) {
             None if alive => {
                 self.members.insert(peer.clone(), Member { incarnation, alive, last_heard: Some(now) });
-                Some(Change::Joined(peer))
+                return Some(Change::Joined(peer));
             }
             None => {
                 self.members.insert(peer, Member { incarnation, alive, last_heard: None });
-                None
+                return None;
             }
-            Some(m) => {
-                if incarnation > m.incarnation || (incarnation == m.incarnation && !alive && m.alive) {
-                    let was_alive = m.alive;
-                    m.incarnation = incarnation;
-                    m.alive = alive;
-                    if alive {
-                        m.last_heard = Some(now);
-                    }
-                    match (was_alive, alive) {
-                        (true, false) => Some(Change::Died(peer)),
-                        (false, true) => Some(Change::Rejoined { peer, incarnation }),
-                        _ => None,
-                    }
-                } else {
-                    None
+            Some(m) if incarnation > m.incarnation || (incarnation == m.incarnation && !alive && m.alive) => {
+                let was_alive = m.alive;
+                m.incarnation = incarnation;
+                m.alive = alive;
+                if alive {
+                    m.last_heard = Some(now);
+                }
+                match (was_alive, alive) {
+                    (true, false) => Change::Died(peer.clone()),
+                    (false, true) => Change::Rejoined { peer: peer.clone(), incarnation },
+                    // Alive at a higher incarnation than we knew: it restarted.
+                    (true, true) => Change::Rejoined { peer: peer.clone(), incarnation },
+                    (false, false) => return None,
                 }
             }
-        }
+            Some(_) => return None,
+        };
+        self.suspected.remove(&peer);
+        self.demote(&peer);
+        Some(change)
     }
 
-    /// Runs the failure detector: members silent past the timeout die.
+    /// Runs the failure detector: members silent past the timeout die, and so do
+    /// suspected members not heard since the first half of their grace.
     pub fn tick(&mut self, now: u64) -> Vec<Change<P>> {
         let mut changes = Vec::new();
+        let grace = self.suspect_grace_ms;
         for (p, m) in self.members.iter_mut() {
             if *p == self.me || !m.alive {
                 continue;
@@ -180,22 +227,54 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
             if m.last_heard.is_none() {
                 m.last_heard = Some(now);
             }
-            if now.saturating_sub(last) > self.timeout_ms {
+            let suspected_dead = match self.suspected.get(p) {
+                Some(&since) if now >= since + grace => {
+                    // Messages already in flight when the connection closed arrive
+                    // within the first half of the grace; only later ones clear it.
+                    if last > since + grace / 2 {
+                        self.suspected.remove(p);
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            };
+            if suspected_dead || now.saturating_sub(last) > self.timeout_ms {
                 m.alive = false;
+                self.suspected.remove(p);
                 changes.push(Change::Died(p.clone()));
+            }
+        }
+        for c in &changes {
+            if let Change::Died(p) = c {
+                self.demote(p);
             }
         }
         changes
     }
 
-    /// Marks `peer` dead at once (for example, its connection closed and it was
-    /// not heard since); it may come back with a higher incarnation.
+    /// The connection to `peer` closed: suspect it (see [`RoundState::tick`]).
+    pub fn suspect(&mut self, peer: &P, now: u64) {
+        if *peer != self.me && self.is_alive(peer) {
+            self.suspected.entry(peer.clone()).or_insert(now);
+        }
+    }
+
+    /// A connection to `peer` is open again: no longer suspected.
+    pub fn unsuspect(&mut self, peer: &P) {
+        self.suspected.remove(peer);
+    }
+
+    /// Marks `peer` dead at once; it may come back with a higher incarnation.
     pub fn declare_dead(&mut self, peer: &P) -> Option<Change<P>> {
         let m = self.members.get_mut(peer)?;
         if *peer == self.me || !m.alive {
             return None;
         }
         m.alive = false;
+        self.suspected.remove(peer);
+        self.demote(peer);
         Some(Change::Died(peer.clone()))
     }
 
@@ -221,10 +300,11 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
 
     /// The barrier of `round`.
     pub fn barrier(&self, round: u64) -> Barrier<P> {
-        let live = self.expected();
-        if live.len() < self.min_peers {
-            return Barrier::BelowMinPeers { live: live.len(), min: self.min_peers };
+        let quorum = self.members.values().filter(|m| m.alive).count();
+        if quorum < self.min_peers {
+            return Barrier::BelowMinPeers { live: quorum, min: self.min_peers };
         }
+        let live = self.expected();
         let held = self.held.get(&round);
         let missing: Vec<P> = live.iter().filter(|p| !held.is_some_and(|h| h.contains(*p))).cloned().collect();
         if !missing.is_empty() {
@@ -365,5 +445,61 @@ mod tests {
         assert_eq!(s.barrier(3), Barrier::Release(vec![0, 1, 2, 3]));
         s.prune(4);
         assert!(s.contributors(3).is_empty());
+    }
+
+    #[test]
+    fn a_closed_connection_is_suspected_and_dead_after_the_grace_unless_heard_later() {
+        // Timeout 2000 ms: grace 500 ms.
+        let mut s = state();
+        s.suspect(&3, 1000);
+        s.heard(3, 1, 1100); // in flight when the connection closed
+        assert!(s.tick(1400).is_empty(), "not before the grace");
+        assert_eq!(s.tick(1500), vec![Change::Died(3)]);
+        // Heard (through others) after the first half of the grace: still alive.
+        s.suspect(&2, 3000);
+        s.heard(2, 1, 3300);
+        assert!(s.tick(3600).is_empty());
+        assert!(s.is_alive(&2));
+        s.unsuspect(&1);
+        s.suspect(&1, 4000);
+        s.unsuspect(&1);
+        assert!(s.tick(4600).is_empty(), "reconnected");
+    }
+
+    #[test]
+    fn a_member_that_dies_or_restarts_is_demoted_until_the_next_epoch() {
+        let mut s = state();
+        s.set_epoch_members([0, 1, 2, 3]);
+        s.declare_dead(&3);
+        assert_eq!(s.heard(3, 2, 10), Some(Change::Rejoined { peer: 3, incarnation: 2 }));
+        assert!(s.is_alive(&3) && !s.is_active(&3));
+        assert_eq!(s.expected(), vec![0, 1, 2], "a revived peer follows; nobody waits for it");
+        // A restart we never saw as a death (higher incarnation) demotes as well.
+        assert_eq!(s.heard(2, 5, 20), Some(Change::Rejoined { peer: 2, incarnation: 5 }));
+        assert_eq!(s.active_members(), vec![0, 1]);
+        s.set_epoch_members([0, 1, 2, 3]);
+        assert_eq!(s.expected(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_quorum_counts_live_peers_not_active_ones() {
+        let mut s = state(); // min_peers 3
+        s.set_epoch_members([0, 1, 2, 3]);
+        s.declare_dead(&3);
+        s.declare_dead(&2);
+        assert!(matches!(s.barrier(1), Barrier::BelowMinPeers { live: 2, min: 3 }));
+        s.heard(3, 2, 50);
+        s.hold(1, 0);
+        s.hold(1, 1);
+        assert_eq!(s.barrier(1), Barrier::Release(vec![0, 1]), "3 live (one following): quorum, two contributors");
+    }
+
+    #[test]
+    fn refuting_our_own_death_demotes_us() {
+        let mut s = state();
+        s.set_epoch_members([0, 1, 2, 3]);
+        assert_eq!(s.merge_member(0, 1, false, 5), Some(Change::Refuted { incarnation: 2 }));
+        assert!(!s.is_active(&0));
+        assert_eq!(s.merge_member(0, 1, false, 6), None, "an old rumour");
     }
 }

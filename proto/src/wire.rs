@@ -138,6 +138,11 @@ pub struct Heartbeat {
     /// Set when the sender holds the run's state (it started with the run or has
     /// synced) and can train from the next epoch on.
     pub ready: bool,
+    /// The members of the sender's current epoch that still train in it (not
+    /// demoted by a death or a restart): a peer that has just synced from the
+    /// sender learns from this whether it is waited for.
+    #[serde(default)]
+    pub active: Vec<serde_bytes::ByteBuf>,
 }
 
 /// Validation statistics riding on the first announcement of an epoch.

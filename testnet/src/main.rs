@@ -9,6 +9,7 @@
 //!
 //! serves a local S3-compatible object store until SIGTERM/SIGINT.
 
+mod faults;
 mod report;
 mod s3;
 mod tier;
@@ -87,6 +88,28 @@ struct RunArgs {
     /// With `-- --executor lambda`: function memory (MB) for GB-second billing.
     #[arg(long, default_value_t = 1769)]
     fn_memory_mb: u64,
+    /// SIGKILL peer PEER at T: seconds after all peers started (12.5) or when the
+    /// furthest peer reaches a round (r5). Repeatable.
+    #[arg(long, value_name = "PEER@T")]
+    kill: Vec<String>,
+    /// Restart peer PEER at T (same state directory: key and checkpoints). Repeatable.
+    #[arg(long, value_name = "PEER@T")]
+    revive: Vec<String>,
+    /// Kill this many random peers (seeded by --fault-seed), one every --interval
+    /// seconds, each revived --down seconds later.
+    #[arg(long, default_value_t = 0)]
+    random_kills: usize,
+    #[arg(long, default_value_t = 20.0)]
+    interval: f64,
+    /// Seconds a randomly killed peer stays down [default: --interval / 2].
+    #[arg(long)]
+    down: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    fault_seed: u64,
+    /// Partition the peers into sides that cannot reach each other, from T for
+    /// SECONDS: "0,1|2,3@r5+30". Repeatable.
+    #[arg(long, value_name = "A,B|C,D@T+SECONDS")]
+    partition: Vec<String>,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -131,13 +154,68 @@ fn node_bin(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 #[derive(Debug)]
 enum NodeLine {
     Listening(usize, String),
-    Round(usize, u64),
+    PeerId(usize, String),
+    Round(usize, u64, String),
     Epoch(u64, f64),
-    Exited(usize, Option<i32>),
+    Died(usize, String),
+    Ready(usize),
+    /// Node, generation (its start count), exit code.
+    Exited(usize, u32, Option<i32>),
 }
 
 struct NodeProc {
     child: Child,
+}
+
+/// What the supervisor of a node process can be told.
+enum Ctl {
+    Kill,
+    /// A line for the node's stdin (its control commands).
+    Line(String),
+    /// The run is over: let it finish, then stop it.
+    Stop,
+}
+
+/// Owns a node process: waits for its exit, kills it when told or at the deadline.
+fn supervise(i: usize, generation: u32, p: NodeProc, deadline: Instant, tx: mpsc::Sender<NodeLine>) -> mpsc::Sender<Ctl> {
+    let (ctl_tx, mut ctl) = mpsc::channel::<Ctl>(16);
+    let mut child = p.child;
+    let mut stdin = child.stdin.take();
+    tokio::spawn(async move {
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s.ok().and_then(|s| s.code()),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let _ = child.kill().await;
+                    break None;
+                }
+                c = ctl.recv() => match c {
+                    Some(Ctl::Kill) => {
+                        let _ = child.kill().await; // SIGKILL
+                        break None;
+                    }
+                    Some(Ctl::Line(l)) => {
+                        if let Some(w) = stdin.as_mut() {
+                            let _ = w.write_all(format!("{l}\n").as_bytes()).await;
+                            let _ = w.flush().await;
+                        }
+                    }
+                    Some(Ctl::Stop) | None => {
+                        // Give it a moment to notice the end of the run and write its report.
+                        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                            Ok(s) => break s.ok().and_then(|s| s.code()),
+                            Err(_) => {
+                                let _ = child.kill().await;
+                                break None;
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        let _ = tx.send(NodeLine::Exited(i, generation, status)).await;
+    });
+    ctl_tx
 }
 
 async fn spawn_node(
@@ -149,13 +227,16 @@ async fn spawn_node(
     tx: mpsc::Sender<NodeLine>,
 ) -> anyhow::Result<NodeProc> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stderr = std::fs::File::create(dir.join("stderr.log"))?;
+    // Appended: a revived node keeps its earlier lives' logs.
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?;
+    let control = args.iter().any(|a| a == "--control-stdin");
     let mut child = Command::new(bin)
         .args(args)
         .arg("--state-dir")
         .arg(dir)
         .arg("--report")
         .arg(dir.join("report.json"))
+        .stdin(if control { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -163,7 +244,7 @@ async fn spawn_node(
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let stdout = child.stdout.take().expect("piped");
-    let mut log = tokio::fs::File::create(dir.join("stdout.log")).await?;
+    let mut log = tokio::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log")).await?;
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -171,7 +252,13 @@ async fn spawn_node(
             let mut w = line.split_whitespace();
             let msg = match (w.next(), w.next()) {
                 (Some("listening"), Some(addr)) => Some(NodeLine::Listening(i, addr.to_string())),
-                (Some("round"), Some(r)) => r.parse().ok().map(|r| NodeLine::Round(i, r)),
+                (Some("peer"), Some(id)) => Some(NodeLine::PeerId(i, id.to_string())),
+                (Some("ready"), _) => Some(NodeLine::Ready(i)),
+                (Some("member"), Some("died")) => w.next().map(|p| NodeLine::Died(i, p.to_string())),
+                (Some("round"), Some(r)) => {
+                    let digest = line.split(" digest ").nth(1).unwrap_or_default().trim().to_string();
+                    r.parse().ok().map(|r| NodeLine::Round(i, r, digest))
+                }
                 (Some("epoch"), Some(e)) => {
                     let acc = line.split("test_acc ").nth(1).and_then(|s| s.trim_end_matches(|c: char| !c.is_ascii_digit()).split('%').next()).and_then(|s| s.parse().ok());
                     match (e.parse(), acc) {
@@ -210,6 +297,39 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         threads.to_string(),
     ];
     args.extend(a.node_args.iter().cloned());
+    // The fault schedule.
+    let mut schedule: Vec<(faults::Scheduled, String)> = Vec::new();
+    let bad = |e: String| anyhow::anyhow!(e);
+    for k in &a.kill {
+        let (peer, at) = faults::parse_peer_at(k, a.peers, "--kill").map_err(bad)?;
+        schedule.push((faults::Scheduled { at, action: faults::Action::Kill { peer } }, format!("kill {k}")));
+    }
+    for k in &a.revive {
+        let (peer, at) = faults::parse_peer_at(k, a.peers, "--revive").map_err(bad)?;
+        schedule.push((faults::Scheduled { at, action: faults::Action::Revive { peer } }, format!("revive {k}")));
+    }
+    if a.random_kills > 0 {
+        if !(a.interval > 0.0) {
+            bail!("--interval must be more than 0 seconds");
+        }
+        let down = a.down.unwrap_or(a.interval / 2.0);
+        for ev in faults::random_kills(a.random_kills, a.interval, down, a.peers, a.fault_seed) {
+            let spec = match &ev.action {
+                faults::Action::Kill { peer } => format!("random kill {peer}@{}", ev.at),
+                faults::Action::Revive { peer } => format!("random revive {peer}@{}", ev.at),
+                _ => String::new(),
+            };
+            schedule.push((ev, spec));
+        }
+    }
+    for p in &a.partition {
+        for ev in faults::parse_partition(p, a.peers).map_err(bad)? {
+            schedule.push((ev, format!("partition {p}")));
+        }
+    }
+    if !a.partition.is_empty() {
+        args.push("--control-stdin".into());
+    }
     // Nodes that offload to the function tier get a local object store and function host.
     let lambda = a.node_args.windows(2).any(|w| w[0] == "--executor" && w[1] == "lambda")
         || a.node_args.iter().any(|x| x == "--executor=lambda");
@@ -284,99 +404,199 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         args_i.extend(["--bootstrap".into(), boot.clone()]);
         procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
     }
-    let mut procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
+    let procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
+    let mut ctls: Vec<Option<mpsc::Sender<Ctl>>> = Vec::new();
+    for (i, p) in procs.into_iter().enumerate() {
+        ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
+    }
     for i in a.peers..a.peers + a.rogues {
         let mut args_i = args.clone();
         args_i.extend(identity(i));
         args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
-        procs.push(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
+        let p = spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?;
+        ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
     }
     eprintln!(
-        "testnet: {} peers{}, {threads} torch threads each, bootstrap {boot}",
+        "testnet: {} peers{}, {threads} torch threads each, bootstrap {boot}{}",
         a.peers,
-        if a.rogues > 0 { format!(" and {} rogue(s)", a.rogues) } else { String::new() }
+        if a.rogues > 0 { format!(" and {} rogue(s)", a.rogues) } else { String::new() },
+        if schedule.is_empty() { String::new() } else { format!(", {} fault events", schedule.len()) }
     );
-
-    // Watch exits; rogues are stopped once the peers are done.
-    let mut waiters = Vec::new();
-    let mut stop_rogues = Vec::new();
-    for (i, p) in procs.into_iter().enumerate() {
-        let tx = tx.clone();
-        let mut child = p.child;
-        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-        if i >= a.peers {
-            stop_rogues.push(stop_tx);
-        }
-        waiters.push(tokio::spawn(async move {
-            let status = tokio::select! {
-                s = child.wait() => s.ok().and_then(|s| s.code()),
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    let _ = child.kill().await;
-                    None
-                }
-                Ok(()) = stop => {
-                    // Give it a moment to notice the end of the run and write its report.
-                    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                        Ok(s) => s.ok().and_then(|s| s.code()),
-                        Err(_) => {
-                            let _ = child.kill().await;
-                            None
-                        }
-                    }
-                }
-            };
-            let _ = tx.send(NodeLine::Exited(i, status)).await;
-        }));
-    }
-    drop(tx);
 
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
     bar.enable_steady_tick(Duration::from_millis(200));
+    let say = |bar: &ProgressBar, line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let t0 = Instant::now();
+    let n = a.peers + a.rogues;
     let mut rounds = vec![0u64; a.peers];
-    let mut exits: Vec<Option<Option<i32>>> = vec![None; a.peers + a.rogues];
+    let mut exits: Vec<Option<Option<i32>>> = vec![None; n];
+    let mut generation = vec![0u32; n];
+    let mut running = vec![true; n];
+    let mut killed = vec![false; a.peers];
+    let mut addrs: Vec<Option<String>> = vec![None; n];
+    addrs[0] = Some(boot.clone());
+    let mut ids: Vec<String> = vec![String::new(); a.peers];
+    let mut obs: Vec<faults::Obs> = Vec::new();
+    let mut fired: Vec<(f64, String, faults::Action)> = Vec::new();
     let mut last_acc = None;
-    while let Some(m) = rx.recv().await {
+    let mut timed_out = false;
+    loop {
+        // Fire the events that are due.
+        let now = t0.elapsed().as_secs_f64();
+        let furthest = rounds.iter().copied().max().unwrap_or(0);
+        let mut due = Vec::new();
+        schedule.retain(|(ev, spec)| {
+            let is_due = match ev.at {
+                faults::At::Secs(t) => now >= t,
+                faults::At::Round(r) => furthest > r,
+            };
+            if is_due {
+                due.push((ev.clone(), spec.clone()));
+            }
+            !is_due
+        });
+        for (ev, spec) in due {
+            match &ev.action {
+                faults::Action::Kill { peer } => {
+                    let p = *peer;
+                    let Some(ctl) = ctls[p].as_ref().filter(|_| running[p]) else {
+                        say(&bar, format!("fault: {spec}: peer {p} is not running; skipped"));
+                        continue;
+                    };
+                    let _ = ctl.send(Ctl::Kill).await;
+                    killed[p] = true;
+                    running[p] = false;
+                    say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
+                }
+                faults::Action::Revive { peer } => {
+                    let p = *peer;
+                    if running[p] || !killed[p] {
+                        say(&bar, format!("fault: {spec}: peer {p} is running; skipped"));
+                        continue;
+                    }
+                    let mut args_p = args_for(p);
+                    if let Some(b) = (0..a.peers).filter(|j| *j != p && running[*j]).find_map(|j| addrs[j].clone()) {
+                        args_p.extend(["--bootstrap".into(), b]);
+                    }
+                    generation[p] += 1;
+                    let proc_p = spawn_node(p, &bin, &node_dir(p), &args_p, &env, tx.clone()).await?;
+                    ctls[p] = Some(supervise(p, generation[p], proc_p, deadline, tx.clone()));
+                    running[p] = true;
+                    killed[p] = false;
+                    exits[p] = None;
+                    say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
+                }
+                faults::Action::Partition { sides, secs } => {
+                    for (k, side) in sides.iter().enumerate() {
+                        let others: Vec<&str> =
+                            sides.iter().enumerate().filter(|(j, _)| *j != k).flat_map(|(_, s)| s.iter().map(|p| ids[*p].as_str())).collect();
+                        for p in side {
+                            if let Some(ctl) = &ctls[*p] {
+                                let _ = ctl.send(Ctl::Line(format!("block {}", others.join(" ")))).await;
+                            }
+                        }
+                    }
+                    schedule.push((faults::Scheduled { at: faults::At::Secs(now + secs), action: faults::Action::Heal }, format!("heal ({spec})")));
+                    say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
+                }
+                faults::Action::Heal => {
+                    for c in ctls.iter().flatten() {
+                        let _ = c.send(Ctl::Line("unblock".into())).await;
+                    }
+                    say(&bar, format!("fault: {spec} at {now:.1} s"));
+                }
+            }
+            fired.push((now, spec, ev.action.clone()));
+        }
+        // Done when no peer runs and nothing is left to revive (or the run is over).
+        let any_running = (0..a.peers).any(|i| running[i]);
+        let run_over = (0..a.peers).any(|i| exits[i] == Some(Some(0)));
+        let revive_pending = schedule.iter().any(|(ev, _)| matches!(ev.action, faults::Action::Revive { .. }));
+        if !any_running && (run_over || !revive_pending) {
+            break;
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            break;
+        }
+        let m = tokio::select! {
+            m = rx.recv() => m,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let Some(m) = m else { break };
+        let t = t0.elapsed().as_secs_f64();
         match m {
-            NodeLine::Round(i, r) => rounds[i] = r + 1,
+            NodeLine::Round(i, r, digest) => {
+                if i < a.peers {
+                    rounds[i] = r + 1;
+                    obs.push(faults::Obs::Round { t, node: i, round: r, digest });
+                }
+            }
             NodeLine::Epoch(e, acc) => {
                 if last_acc.is_none_or(|(le, _)| e > le) {
-                    let line = format!("epoch {e}: test accuracy {acc:.2}%");
-                    if bar.is_hidden() {
-                        eprintln!("{line}");
-                    } else {
-                        bar.println(line);
-                    }
+                    say(&bar, format!("epoch {e}: test accuracy {acc:.2}%"));
                     last_acc = Some((e, acc));
                 }
             }
-            NodeLine::Exited(i, code) => exits[i] = Some(code),
-            NodeLine::Listening(..) => {}
+            NodeLine::Exited(i, g, code) => {
+                if g == generation[i] {
+                    exits[i] = Some(code);
+                    running[i] = false;
+                }
+            }
+            NodeLine::Listening(i, addr) => {
+                if addr.starts_with("/ip4/127.0.0.1") || addrs[i].is_none() {
+                    addrs[i] = Some(addr);
+                }
+            }
+            NodeLine::PeerId(i, id) => {
+                if i < a.peers {
+                    ids[i] = id;
+                }
+            }
+            NodeLine::Died(i, peer) => obs.push(faults::Obs::Died { t, node: i, peer }),
+            NodeLine::Ready(i) => obs.push(faults::Obs::Ready { t, node: i }),
         }
         let min = rounds.iter().min().copied().unwrap_or(0);
         let max = rounds.iter().max().copied().unwrap_or(0);
         bar.set_message(format!(
             "rounds {min}..{max}, {} of {} peers running{}",
-            exits[..a.peers].iter().filter(|e| e.is_none()).count(),
+            running[..a.peers].iter().filter(|r| **r).count(),
             a.peers,
             last_acc.map(|(e, acc)| format!(", epoch {e} test accuracy {acc:.2}%")).unwrap_or_default()
         ));
-        if exits[..a.peers].iter().all(Option::is_some) {
-            break;
-        }
     }
     bar.finish_and_clear();
-    for s in stop_rogues {
-        let _ = s.send(());
+    if timed_out {
+        eprintln!("testnet: --timeout {} s passed; stopping the nodes", a.timeout);
     }
-    for w in waiters {
-        let _ = w.await;
-    }
-    while let Ok(m) = rx.try_recv() {
-        if let NodeLine::Exited(i, code) = m {
-            exits[i] = Some(code);
+    // Rogues (and anything left) stop now; wait for their exits, bounded.
+    for (i, c) in ctls.iter().enumerate() {
+        if let (Some(c), true) = (c, running[i]) {
+            let _ = c.send(if timed_out { Ctl::Kill } else { Ctl::Stop }).await;
         }
     }
+    let stop_deadline = Instant::now() + Duration::from_secs(15);
+    while running.iter().any(|r| *r) && Instant::now() < stop_deadline {
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Some(NodeLine::Exited(i, g, code))) if g == generation[i] => {
+                exits[i] = Some(code);
+                running[i] = false;
+            }
+            Ok(None) => break,
+            _ => {}
+        }
+    }
+    drop(tx);
+    let down_at_end: Vec<bool> = killed.clone();
+    let fault_reports = faults::effects(&fired, &obs, &ids);
     let host_stats = match tier {
         Some(t) => {
             let s = t.stats().await;
@@ -385,7 +605,8 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
         None => None,
     };
-    let report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits, host_stats)?;
+    let mut report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits, &down_at_end, host_stats)?;
+    report.faults = fault_reports;
     let path = a.out.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);

@@ -76,6 +76,10 @@ pub(crate) struct Report {
     pub(crate) function_tier: Option<TierSummary>,
     /// One row per peer: executor, wall seconds, requests, GB-seconds, USD (measured and paper formula).
     pub(crate) cost_table: Vec<Value>,
+    /// Peers killed and not revived by the end (they wrote no report).
+    pub(crate) down_at_end: Vec<usize>,
+    /// The fault schedule as it fired, with each event's measured effect.
+    pub(crate) faults: Vec<crate::faults::EventReport>,
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -89,6 +93,7 @@ pub(crate) fn collect(
     args: &[String],
     wall: Duration,
     exits: &[Option<Option<i32>>],
+    down_at_end: &[bool],
     host_stats: Option<Value>,
 ) -> anyhow::Result<Report> {
     let mut problems = Vec::new();
@@ -96,6 +101,9 @@ pub(crate) fn collect(
     let mut digests_by_round: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     let mut first_spec_sync: Option<String> = None;
     for i in 0..peers {
+        if down_at_end.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let path = out.join("nodes").join(format!("n{i}")).join("report.json");
         let exit_code: Option<i32> = exits.get(i).copied().flatten().flatten();
         let v: Value = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
@@ -172,8 +180,9 @@ pub(crate) fn collect(
     if sync && !all_final_equal {
         problems.push("final parameter digests differ".into());
     }
-    if summaries.len() < peers {
-        problems.push(format!("{} of {peers} peers reported", summaries.len()));
+    let expected = peers - down_at_end.iter().filter(|d| **d).count();
+    if summaries.len() < expected {
+        problems.push(format!("{} of {expected} peers reported", summaries.len()));
     }
     let accuracy_by_epoch = summaries
         .first()
@@ -213,6 +222,8 @@ pub(crate) fn collect(
         }),
         peer_reports: summaries,
         rogues: rogue_summaries,
+        down_at_end: down_at_end.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| i).collect(),
+        faults: Vec::new(),
     })
 }
 
@@ -238,6 +249,23 @@ pub(crate) fn print_summary(r: &Report) {
         r.common_rounds,
         if r.all_final_digests_equal { "equal" } else { "DIFFER" }
     );
+    if !r.faults.is_empty() {
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        println!("{:<8} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13}", "at s", "event", "detect s", "(last)", "stall s", "rounds", "rejoin s", "digest ok s");
+        for e in &r.faults {
+            println!(
+                "{:<8.1} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13}",
+                e.at_s,
+                e.spec,
+                f(e.detection_s),
+                f(e.detection_last_s),
+                f(e.stalled_s),
+                e.rounds_stalled.map_or("-".into(), |v| v.to_string()),
+                f(e.rejoin_s),
+                f(e.digest_match_s)
+            );
+        }
+    }
     if let Some(t) = &r.function_tier {
         println!(
             "function tier: {} invocations, {} retries, {} timeouts, {} backups, {} computed locally, {} cold starts",

@@ -133,7 +133,7 @@ fn a_diverged_peer_resyncs_from_the_majority() {
 fn a_late_peer_joins_by_state_sync_and_trains_from_the_next_epoch() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let args = small_run(4000, 500, 400, 3, &["--min-peers", "3", "--failure-timeout-ms", "5000"]);
+    let args = small_run(4000, 500, 400, 3, &["--min-peers", "3", "--start-grace-ms", "0", "--failure-timeout-ms", "5000"]);
     let (ok, r) = testnet(dir.path(), 4, &["--start-delay", "3=6"], &args);
     assert!(ok, "{}", r["problems"]);
     assert_eq!(r["all_final_digests_equal"], true);

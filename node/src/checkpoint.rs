@@ -1,0 +1,298 @@
+//! Checkpoints in sled, in the node's state directory.
+//!
+//! One sled tree per run (`run/<run id>`), one key per checkpoint (the round,
+//! big-endian, so that the newest sorts last). A checkpoint is written by a
+//! single insert followed by a flush: sled makes the insert atomic and its log
+//! recovery drops a torn write, so a node killed mid-write finds either the new
+//! checkpoint or none of it. Every record also carries a BLAKE3 checksum of its
+//! contents, checked on load: a record damaged on disk is reported and the one
+//! before it is used. The last `keep` checkpoints are kept.
+//!
+//! Record: `PCK1`, BLAKE3 of the rest (32 bytes), the CBOR metadata's length
+//! (u32 LE), the metadata, then the state blob of [`p2pml_proto::encode_state`]
+//! (parameters, optimizer state, round, epoch, lr schedule and early-stopping
+//! state, the epoch's schedule). The RNG state is a function of the run seed,
+//! the round and the peer id (shuffles, dropout masks and stochastic rounding
+//! are all seeded that way), so the round restores it.
+//!
+//! The same database keeps the node's incarnation: every start takes the next
+//! one, so that a restarted node overrides its own death in the membership.
+
+use p2pml_proto::{StateError, StateHeader};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const MAGIC: &[u8; 4] = b"PCK1";
+const INCARNATION_KEY: &[u8] = b"incarnation";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot open the checkpoint store {path}: {msg}; is another p2pml-node using this --state-dir?")]
+    Open { path: PathBuf, msg: String },
+    #[error("checkpoint store: {0}")]
+    Store(#[from] sled::Error),
+}
+
+/// A membership entry as the checkpointing node saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    pub incarnation: u64,
+    pub alive: bool,
+}
+
+/// What a checkpoint says besides the state blob.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub run_id: String,
+    pub round: u64,
+    pub epoch: u64,
+    pub incarnation: u64,
+    pub written_unix_ms: u64,
+    /// The membership at the checkpoint.
+    pub members: Vec<MemberRecord>,
+}
+
+/// A checkpoint that loaded and verified.
+#[derive(Debug)]
+pub struct Restored {
+    pub meta: CheckpointMeta,
+    pub header: StateHeader,
+    pub params: Vec<f32>,
+    pub opt: Vec<Vec<f32>>,
+    /// The state blob itself (served to peers that state-sync from us).
+    pub state: Vec<u8>,
+    /// Newer checkpoints that failed verification: (round, why).
+    pub skipped: Vec<(u64, String)>,
+    pub load_secs: f64,
+}
+
+/// Time and size of one write.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct WriteStats {
+    pub bytes: u64,
+    /// Encoding and checksum.
+    pub encode_secs: f64,
+    /// Insert, flush to disk and pruning of old checkpoints.
+    pub write_secs: f64,
+}
+
+pub struct Checkpoints {
+    db: sled::Db,
+    tree: sled::Tree,
+    keep: usize,
+}
+
+/// Encodes a checkpoint record.
+pub fn encode_record(meta: &CheckpointMeta, state: &[u8]) -> Vec<u8> {
+    let m = p2pml_proto::wire::encode(meta);
+    let mut rest = Vec::with_capacity(4 + m.len() + state.len());
+    rest.extend_from_slice(&(m.len() as u32).to_le_bytes());
+    rest.extend_from_slice(&m);
+    rest.extend_from_slice(state);
+    let mut out = Vec::with_capacity(36 + rest.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(blake3::hash(&rest).as_bytes());
+    out.extend_from_slice(&rest);
+    out
+}
+
+/// Verifies and decodes a record of a model with `numel` parameters.
+pub fn decode_record(bytes: &[u8], numel: u64) -> Result<Restored, String> {
+    if bytes.len() < 40 || &bytes[..4] != MAGIC {
+        return Err("not a checkpoint record (bad magic or too short)".into());
+    }
+    let rest = &bytes[36..];
+    if blake3::hash(rest).as_bytes() != &bytes[4..36] {
+        return Err("checksum mismatch (the record is damaged)".into());
+    }
+    let mlen = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+    let m = rest.get(4..4 + mlen).ok_or("metadata truncated")?;
+    let meta: CheckpointMeta = p2pml_proto::wire::decode(m, 1 << 20).map_err(|e| format!("metadata: {e}"))?;
+    let state = &rest[4 + mlen..];
+    let (header, params, opt) = p2pml_proto::decode_state(state, numel).map_err(|e: StateError| format!("state: {e}"))?;
+    if header.round != meta.round {
+        return Err(format!("metadata says round {}, state says {}", meta.round, header.round));
+    }
+    Ok(Restored { meta, header, params, opt, state: state.to_vec(), skipped: Vec::new(), load_secs: 0.0 })
+}
+
+impl Checkpoints {
+    /// Opens (or creates) the store in `dir` for run `run_id`, keeping `keep` checkpoints.
+    pub fn open(dir: &Path, run_id: &str, keep: usize) -> Result<Self, CheckpointError> {
+        let path = dir.join("checkpoints.sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| CheckpointError::Open { path: path.clone(), msg: e.to_string() })?;
+        let tree = db.open_tree(format!("run/{run_id}"))?;
+        Ok(Checkpoints { db, tree, keep: keep.max(1) })
+    }
+
+    /// Takes this start's incarnation: one more than the last start's (1 at first).
+    pub fn next_incarnation(&self) -> Result<u64, CheckpointError> {
+        let last = self.db.get(INCARNATION_KEY)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
+        let next = last + 1;
+        self.db.insert(INCARNATION_KEY, &next.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(next)
+    }
+
+    /// Writes a checkpoint durably, then drops all but the newest `keep`.
+    pub fn write(&self, meta: &CheckpointMeta, state: &[u8], stall_before_flush: Option<std::time::Duration>) -> Result<WriteStats, CheckpointError> {
+        let t0 = Instant::now();
+        let record = encode_record(meta, state);
+        let encode_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        self.tree.insert(meta.round.to_be_bytes(), record.as_slice())?;
+        if let Some(d) = stall_before_flush {
+            // Fault injection (--fault-checkpoint-stall): a window in which the
+            // write is in progress, for the crash test to kill the node in.
+            println!("checkpoint writing round {}", meta.round);
+            std::thread::sleep(d);
+        }
+        self.tree.flush()?;
+        let rounds = self.rounds()?;
+        if rounds.len() > self.keep {
+            for r in &rounds[..rounds.len() - self.keep] {
+                self.tree.remove(r.to_be_bytes())?;
+            }
+            self.tree.flush()?;
+        }
+        Ok(WriteStats { bytes: record.len() as u64, encode_secs, write_secs: t1.elapsed().as_secs_f64() })
+    }
+
+    /// Rounds with a checkpoint, oldest first.
+    pub fn rounds(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut out = Vec::new();
+        for k in self.tree.iter().keys() {
+            let k = k?;
+            if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
+                out.push(u64::from_be_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest checkpoint that verifies; damaged newer ones are listed in `skipped`.
+    pub fn latest(&self, numel: u64) -> Result<Option<Restored>, CheckpointError> {
+        let t0 = Instant::now();
+        let mut skipped = Vec::new();
+        for kv in self.tree.iter().rev() {
+            let (k, v) = kv?;
+            let round = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(u64::MAX);
+            match decode_record(&v, numel) {
+                Ok(mut r) => {
+                    r.skipped = skipped;
+                    r.load_secs = t0.elapsed().as_secs_f64();
+                    return Ok(Some(r));
+                }
+                Err(e) => skipped.push((round, e)),
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!("no checkpoint verifies: {skipped:?}");
+        }
+        Ok(None)
+    }
+
+    /// Test and benchmark access: the raw record of `round`.
+    pub fn raw(&self, round: u64) -> Result<Option<Vec<u8>>, CheckpointError> {
+        Ok(self.tree.get(round.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Test access: overwrites the raw record of `round` (to simulate damage).
+    pub fn put_raw(&self, round: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
+        self.tree.insert(round.to_be_bytes(), bytes)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(round: u64, x: f32) -> (CheckpointMeta, Vec<u8>) {
+        let h = StateHeader {
+            round,
+            epoch: round / 10,
+            lr: 0.01,
+            opt_steps: round + 1,
+            numel: 4,
+            opt_vectors: 1,
+            plateau: (f64::INFINITY, 0),
+            stopping: (0.5, 1),
+            epoch_start: 0,
+            epoch_members: vec![serde_bytes::ByteBuf::from(vec![7u8; 3])],
+            active: vec![],
+            next_members: vec![],
+        };
+        let meta = CheckpointMeta {
+            run_id: "r".into(),
+            round,
+            epoch: h.epoch,
+            incarnation: 1,
+            written_unix_ms: 0,
+            members: vec![MemberRecord { peer: vec![7u8; 3], incarnation: 1, alive: true }],
+        };
+        (meta, p2pml_proto::encode_state(&h, &[x; 4], &[vec![x / 2.0; 4]]))
+    }
+
+    #[test]
+    fn writes_keep_the_newest_and_load_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoints::open(dir.path(), "r", 3).unwrap();
+        assert!(c.latest(4).unwrap().is_none());
+        for r in 0..6 {
+            let (m, s) = state(r, r as f32);
+            let w = c.write(&m, &s, None).unwrap();
+            assert!(w.bytes > s.len() as u64);
+        }
+        assert_eq!(c.rounds().unwrap(), vec![3, 4, 5]);
+        let l = c.latest(4).unwrap().unwrap();
+        assert_eq!((l.meta.round, l.header.round, l.params.clone(), l.opt.clone()), (5, 5, vec![5.0; 4], vec![vec![2.5; 4]]));
+        assert!(l.skipped.is_empty());
+        drop(c);
+        // Reopened (a restart): the same.
+        let c = Checkpoints::open(dir.path(), "r", 3).unwrap();
+        assert_eq!(c.latest(4).unwrap().unwrap().meta.round, 5);
+        // Another run's tree is separate.
+        assert!(Checkpoints::open(dir.path(), "other", 3).is_err(), "sled allows one opener");
+    }
+
+    #[test]
+    fn a_damaged_or_partial_latest_checkpoint_falls_back_to_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoints::open(dir.path(), "r", 5).unwrap();
+        for r in 0..4 {
+            let (m, s) = state(r, r as f32);
+            c.write(&m, &s, None).unwrap();
+        }
+        let good = c.raw(3).unwrap().unwrap();
+        let mut flipped = good.clone();
+        let n = flipped.len();
+        flipped[n - 3] ^= 0x40;
+        c.put_raw(3, &flipped).unwrap();
+        c.put_raw(2, &good[..good.len() / 2]).unwrap();
+        let l = c.latest(4).unwrap().unwrap();
+        assert_eq!(l.meta.round, 1);
+        assert_eq!(l.skipped.len(), 2);
+        assert!(l.skipped[0].1.contains("checksum"), "{:?}", l.skipped);
+        // A record of another model size does not load either.
+        assert!(decode_record(&good, 5).unwrap_err().contains("parameters"));
+        assert!(decode_record(b"PCK1", 4).is_err());
+    }
+
+    #[test]
+    fn each_start_takes_a_higher_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        for want in 1..=3 {
+            let c = Checkpoints::open(dir.path(), "r", 2).unwrap();
+            assert_eq!(c.next_incarnation().unwrap(), want);
+        }
+    }
+}

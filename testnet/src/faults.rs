@@ -1,0 +1,294 @@
+//! The fault schedule (`--kill`, `--revive`, `--random-kills`, `--partition`)
+//! and the measured effect of each event.
+//!
+//! A time is seconds after every peer has started (`12`, `12.5s`) or the
+//! moment the furthest peer reaches a round (`r5`). Kills are SIGKILL; a
+//! revived peer restarts with the same state directory (key, checkpoints) and
+//! bootstraps from a live peer. A partition makes each side refuse the other's
+//! connections (libp2p block lists driven over the nodes' stdin; this machine's
+//! kernel has no netem, and the block list works without privileges).
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// When an event fires.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub(crate) enum At {
+    Secs(f64),
+    Round(u64),
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Secs(s) => write!(f, "{s}s"),
+            At::Round(r) => write!(f, "r{r}"),
+        }
+    }
+}
+
+fn parse_at(s: &str) -> Result<At, String> {
+    let s = s.trim();
+    if let Some(r) = s.strip_prefix('r') {
+        return r.parse().map(At::Round).map_err(|_| format!("'{s}' is not a round (r5)"));
+    }
+    let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is neither seconds (12.5) nor a round (r5)"))?;
+    if !(secs >= 0.0 && secs.is_finite()) {
+        return Err(format!("'{s}': seconds must be 0 or more"));
+    }
+    Ok(At::Secs(secs))
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Action {
+    Kill { peer: usize },
+    Revive { peer: usize },
+    Partition { sides: Vec<Vec<usize>>, secs: f64 },
+    Heal,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Scheduled {
+    pub(crate) at: At,
+    pub(crate) action: Action,
+}
+
+fn peer(s: &str, peers: usize, flag: &str) -> Result<usize, String> {
+    let i: usize = s.trim().parse().map_err(|_| format!("{flag}: '{s}' is not a peer index"))?;
+    if i >= peers {
+        return Err(format!("{flag}: peer {i} does not exist (--peers {peers})"));
+    }
+    Ok(i)
+}
+
+/// `PEER@T`
+pub(crate) fn parse_peer_at(s: &str, peers: usize, flag: &str) -> Result<(usize, At), String> {
+    let (p, t) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected PEER@T, e.g. 2@12.5 or 2@r5"))?;
+    Ok((peer(p, peers, flag)?, parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?))
+}
+
+/// `A,B|C,D@T+DUR`
+pub(crate) fn parse_partition(s: &str, peers: usize) -> Result<Vec<Scheduled>, String> {
+    let flag = "--partition";
+    let (sides, when) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
+    let (t, dur) = when.split_once('+').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
+    let at = parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?;
+    let secs: f64 = dur.trim_end_matches('s').parse().map_err(|_| format!("{flag} {s}: '{dur}' is not a duration in seconds"))?;
+    let sides: Vec<Vec<usize>> = sides
+        .split('|')
+        .map(|side| side.split(',').map(|p| peer(p, peers, flag)).collect::<Result<Vec<_>, _>>())
+        .collect::<Result<_, _>>()?;
+    if sides.len() < 2 || sides.iter().any(Vec::is_empty) {
+        return Err(format!("{flag} {s}: needs two or more non-empty sides"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !sides.iter().flatten().all(|p| seen.insert(*p)) {
+        return Err(format!("{flag} {s}: a peer is on two sides"));
+    }
+    Ok(vec![Scheduled { at, action: Action::Partition { sides, secs } }])
+}
+
+/// `--random-kills N --interval S --down D`: N kills, one every S seconds from S
+/// on, each of a peer that is up (seeded), revived D seconds later.
+pub(crate) fn random_kills(n: usize, interval: f64, down: f64, peers: usize, seed: u64) -> Vec<Scheduled> {
+    let mut rng = p2pml_proto::Rng::new(seed);
+    let mut out = Vec::new();
+    let mut down_until = vec![0f64; peers];
+    for k in 0..n {
+        let t = interval * (k + 1) as f64;
+        let up: Vec<usize> = (0..peers).filter(|p| down_until[*p] <= t).collect();
+        if up.len() <= 1 {
+            continue;
+        }
+        let p = up[rng.below(up.len() as u64) as usize];
+        down_until[p] = t + down + 1e-9;
+        out.push(Scheduled { at: At::Secs(t), action: Action::Kill { peer: p } });
+        out.push(Scheduled { at: At::Secs(t + down), action: Action::Revive { peer: p } });
+    }
+    out
+}
+
+/// What happened, as testnet saw it (seconds since the peers started).
+#[derive(Clone, Debug)]
+pub(crate) enum Obs {
+    /// Node `i` finished round `round` with this digest prefix.
+    Round { t: f64, node: usize, round: u64, digest: String },
+    /// Node `i` saw `peer` (an id) die.
+    Died { t: f64, node: usize, peer: String },
+    /// Node `i` holds the run's state (started, resumed or synced).
+    Ready { t: f64, node: usize },
+}
+
+/// One fault event and its effect.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct EventReport {
+    pub(crate) at_s: f64,
+    pub(crate) spec: String,
+    #[serde(flatten)]
+    pub(crate) action: Action,
+    /// Kill: seconds until the first and the last other live peer declared it dead.
+    pub(crate) detection_s: Option<f64>,
+    pub(crate) detection_last_s: Option<f64>,
+    /// Kill or partition: the longest gap between two rounds of a surviving peer
+    /// after the event, less the run's median round time, in seconds and in rounds.
+    pub(crate) stalled_s: Option<f64>,
+    pub(crate) rounds_stalled: Option<u64>,
+    /// Revive: seconds from the restart until it held the run's state, and until
+    /// it finished a round with the same digest as the other peers.
+    pub(crate) rejoin_s: Option<f64>,
+    pub(crate) digest_match_s: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The effect of each event. `fired` is (seconds, spec, action); `ids` the peer id of each node.
+pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[String]) -> Vec<EventReport> {
+    // Round finish times per node, and the digest of each round by node.
+    let mut finishes: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut digests: BTreeMap<u64, Vec<(usize, String, f64)>> = BTreeMap::new();
+    for o in obs {
+        if let Obs::Round { t, node, round, digest } = o {
+            finishes.entry(*node).or_default().push(*t);
+            digests.entry(*round).or_default().push((*node, digest.clone(), *t));
+        }
+    }
+    let gaps: Vec<f64> = finishes.values().flat_map(|ts| ts.windows(2).map(|w| w[1] - w[0])).collect();
+    let round_s = median(gaps);
+    let mut out = Vec::new();
+    for (i, (t, spec, action)) in fired.iter().enumerate() {
+        let next_t = fired.get(i + 1).map_or(f64::INFINITY, |e| e.0);
+        let mut e = EventReport {
+            at_s: *t,
+            spec: spec.clone(),
+            action: action.clone(),
+            detection_s: None,
+            detection_last_s: None,
+            stalled_s: None,
+            rounds_stalled: None,
+            rejoin_s: None,
+            digest_match_s: None,
+        };
+        let stall = |skip: &[usize], until: f64| -> Option<f64> {
+            let mut worst: Option<f64> = None;
+            for (node, ts) in &finishes {
+                if skip.contains(node) {
+                    continue;
+                }
+                let mut prev = ts.iter().rev().find(|x| **x <= *t).copied().unwrap_or(*t);
+                for x in ts.iter().filter(|x| **x > *t && **x <= until) {
+                    let gap = x - prev;
+                    worst = Some(worst.map_or(gap, |w: f64| w.max(gap)));
+                    prev = *x;
+                }
+            }
+            worst.map(|w| (w - round_s).max(0.0))
+        };
+        match action {
+            Action::Kill { peer } => {
+                let id = ids.get(*peer).cloned().unwrap_or_default();
+                // Deaths seen before the peer is revived (a later one is another life's).
+                let back = fired[i + 1..]
+                    .iter()
+                    .find(|(_, _, a)| *a == Action::Revive { peer: *peer })
+                    .map_or(f64::INFINITY, |e| e.0);
+                let seen: Vec<f64> = obs
+                    .iter()
+                    .filter_map(|o| match o {
+                        Obs::Died { t: d, node, peer: p } if *p == id && *node != *peer && *d >= *t && *d < back => Some(*d - *t),
+                        _ => None,
+                    })
+                    .collect();
+                e.detection_s = seen.iter().copied().reduce(f64::min);
+                e.detection_last_s = seen.iter().copied().reduce(f64::max);
+                e.stalled_s = stall(&[*peer], next_t.min(t + 60.0));
+            }
+            Action::Partition { secs, .. } => {
+                e.stalled_s = stall(&[], t + secs + 30.0);
+            }
+            Action::Revive { peer } => {
+                e.rejoin_s = obs.iter().find_map(|o| match o {
+                    Obs::Ready { t: r, node } if *node == *peer && *r >= *t => Some(r - t),
+                    _ => None,
+                });
+                e.digest_match_s = digests.iter().find_map(|(_, ds)| {
+                    let (_, mine, at) = ds.iter().find(|(n, _, at)| *n == *peer && *at >= *t)?;
+                    let others: Vec<&String> = ds.iter().filter(|(n, _, _)| *n != *peer).map(|(_, d, _)| d).collect();
+                    (!others.is_empty() && others.iter().all(|d| *d == mine)).then_some(at - t)
+                });
+            }
+            Action::Heal => {}
+        }
+        if let (Some(s), true) = (e.stalled_s, round_s > 0.0) {
+            e.rounds_stalled = Some((s / round_s).round() as u64);
+        }
+        out.push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_peer_at("2@12.5", 4, "--kill").unwrap(), (2, At::Secs(12.5)));
+        assert_eq!(parse_peer_at("3@r5", 4, "--kill").unwrap(), (3, At::Round(5)));
+        assert!(parse_peer_at("4@1", 4, "--kill").unwrap_err().contains("does not exist"));
+        assert!(parse_peer_at("1", 4, "--kill").unwrap_err().contains("PEER@T"));
+        assert!(parse_peer_at("1@x", 4, "--kill").unwrap_err().contains("neither"));
+        let p = parse_partition("0,1|2,3@r4+30", 4).unwrap();
+        assert_eq!(p[0].action, Action::Partition { sides: vec![vec![0, 1], vec![2, 3]], secs: 30.0 });
+        assert!(parse_partition("0,1|1,2@3+4", 4).unwrap_err().contains("two sides"));
+        assert!(parse_partition("0,1@3+4", 4).unwrap_err().contains("two or more"));
+    }
+
+    #[test]
+    fn random_kills_are_seeded_and_never_kill_a_peer_that_is_down() {
+        let a = random_kills(10, 5.0, 2.5, 8, 7);
+        assert_eq!(a, random_kills(10, 5.0, 2.5, 8, 7));
+        assert_eq!(a.len(), 20);
+        assert_ne!(a, random_kills(10, 5.0, 2.5, 8, 8));
+        let mut down = [false; 8];
+        let mut ev: Vec<(f64, &Action)> = a.iter().map(|s| (if let At::Secs(t) = s.at { t } else { 0.0 }, &s.action)).collect();
+        ev.sort_by(|x, y| x.0.total_cmp(&y.0).then((matches!(x.1, Action::Kill { .. })).cmp(&matches!(y.1, Action::Kill { .. }))));
+        for (_, act) in ev {
+            match act {
+                Action::Kill { peer } => assert!(!std::mem::replace(&mut down[*peer], true)),
+                Action::Revive { peer } => assert!(std::mem::replace(&mut down[*peer], false)),
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    #[test]
+    fn effects_measure_detection_stall_and_rejoin() {
+        let ids = vec!["a".to_string(), "b".into(), "c".into()];
+        let mut obs = Vec::new();
+        for r in 0..20u64 {
+            let t = r as f64 * 0.5 + if r >= 10 { 2.0 } else { 0.0 };
+            for n in 0..2 {
+                obs.push(Obs::Round { t, node: n, round: r, digest: format!("d{r}") });
+            }
+        }
+        obs.push(Obs::Died { t: 4.8, node: 0, peer: "c".into() });
+        obs.push(Obs::Died { t: 5.1, node: 1, peer: "c".into() });
+        obs.push(Obs::Ready { t: 9.0, node: 2 });
+        obs.push(Obs::Round { t: 9.5, node: 2, round: 15, digest: "d15".into() });
+        let fired = vec![(4.6, "kill 2@4.6".into(), Action::Kill { peer: 2 }), (8.0, "revive 2@8".into(), Action::Revive { peer: 2 })];
+        let e = effects(&fired, &obs, &ids);
+        assert!((e[0].detection_s.unwrap() - 0.2).abs() < 1e-9);
+        assert!((e[0].detection_last_s.unwrap() - 0.5).abs() < 1e-9);
+        assert!((e[0].stalled_s.unwrap() - 2.0).abs() < 1e-9, "{:?}", e[0]);
+        assert_eq!(e[0].rounds_stalled, Some(4));
+        assert!((e[1].rejoin_s.unwrap() - 1.0).abs() < 1e-9);
+        assert!((e[1].digest_match_s.unwrap() - 1.5).abs() < 1e-9);
+    }
+}
