@@ -458,12 +458,14 @@ mod tests {
         // Heard (through others) after the first half of the grace: still alive.
         s.suspect(&2, 3000);
         s.heard(2, 1, 3300);
+        s.heard(1, 1, 3300);
         assert!(s.tick(3600).is_empty());
         assert!(s.is_alive(&2));
-        s.unsuspect(&1);
         s.suspect(&1, 4000);
         s.unsuspect(&1);
+        s.heard(2, 1, 4500);
         assert!(s.tick(4600).is_empty(), "reconnected");
+        assert!(s.is_alive(&1));
     }
 
     #[test]
