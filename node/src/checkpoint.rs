@@ -88,14 +88,15 @@ pub struct Checkpoints {
 /// Encodes a checkpoint record.
 pub fn encode_record(meta: &CheckpointMeta, state: &[u8]) -> Vec<u8> {
     let m = p2pml_proto::wire::encode(meta);
-    let mut rest = Vec::with_capacity(4 + m.len() + state.len());
-    rest.extend_from_slice(&(m.len() as u32).to_le_bytes());
-    rest.extend_from_slice(&m);
-    rest.extend_from_slice(state);
-    let mut out = Vec::with_capacity(36 + rest.len());
+    // One buffer, one copy of the state; the checksum is filled in last.
+    let mut out = Vec::with_capacity(40 + m.len() + state.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(blake3::hash(&rest).as_bytes());
-    out.extend_from_slice(&rest);
+    out.extend_from_slice(&[0u8; 32]);
+    out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(state);
+    let sum = blake3::hash(&out[36..]);
+    out[4..36].copy_from_slice(sum.as_bytes());
     out
 }
 

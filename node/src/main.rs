@@ -56,7 +56,10 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| {
-                rt.block_on(p2pml_node::p2p::run(cli.join.train.to_config(), cli.join.p2p.to_config()))
+                let r = rt.block_on(p2pml_node::p2p::run(cli.join.train.to_config(), cli.join.p2p.to_config()));
+                // Do not wait for blocking reads that never end (the control stdin).
+                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                r
             })
             .map(|_| ()),
     };

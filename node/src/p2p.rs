@@ -277,6 +277,7 @@ struct PeerView {
     /// The sender's active members of its current epoch.
     active: Vec<PeerId>,
     addrs: Vec<String>,
+    boot: u64,
 }
 
 /// How this node scored a peer (gossipsub's peer score), sampled every heartbeat.
@@ -346,6 +347,8 @@ struct Node {
     planned_next: Option<Vec<PeerId>>,
     /// When we last dialed a known peer we are not connected to.
     redialed: HashMap<PeerId, Instant>,
+    /// This process start (heartbeats carry it).
+    boot: u64,
 }
 
 impl Node {
@@ -441,6 +444,7 @@ impl Node {
             finished: self.finished,
             ready: self.ready,
             active: self.rs.active_members().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
+            boot: self.boot,
         };
         let topic = self.control_topic();
         if let Err(e) = self.client.publish(&topic, wire::encode(&Gossip::Heartbeat(hb))).await {
@@ -681,8 +685,11 @@ impl Node {
                     }
                 }
                 let is_new = !self.views.contains_key(&author);
+                if self.views.get(&author).is_some_and(|v| v.boot != 0 && v.boot != h.boot) && self.rs.demote(&author) {
+                    tracing::info!("peer {author} restarted; it follows until the next epoch");
+                }
                 let active = h.active.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect();
-                let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, addrs: h.addrs.clone() };
+                let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, addrs: h.addrs.clone(), boot: h.boot };
                 self.views.insert(author, view);
                 if is_new {
                     for a in &h.addrs {
@@ -999,6 +1006,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         membership_log: Vec::new(),
         planned_next: None,
         redialed: HashMap::new(),
+        boot: started_unix_ms,
     };
     if let Some(r) = &restored {
         node.round = r.header.round + 1;
@@ -1867,6 +1875,11 @@ impl Node {
         }
         members.sort();
         members.dedup();
+        if members.is_empty() {
+            // Nobody trained in the last round (every member died or restarted):
+            // the live, ready peers start the next epoch.
+            members = self.rs.live().into_iter().filter(|p| *p == self.client.peer_id || self.views.get(p).is_some_and(|v| v.ready && !v.finished)).collect();
+        }
         members
     }
 

@@ -32,6 +32,8 @@ pub struct Member {
     pub alive: bool,
     /// When we last heard from it (ms); `None` for entries learnt second-hand.
     pub last_heard: Option<u64>,
+    /// When we last heard from it first-hand (ms).
+    pub direct: Option<u64>,
 }
 
 /// What happened to the membership on an input.
@@ -75,7 +77,7 @@ pub struct RoundState<P: Ord + Clone> {
 impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     pub fn new(me: P, incarnation: u64, min_peers: usize, timeout_ms: u64) -> Self {
         let mut members = BTreeMap::new();
-        members.insert(me.clone(), Member { incarnation, alive: true, last_heard: None });
+        members.insert(me.clone(), Member { incarnation, alive: true, last_heard: None, direct: None });
         RoundState {
             me,
             min_peers,
@@ -146,14 +148,17 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
         }
         let rejoined = match self.members.get_mut(&peer) {
             None => {
-                self.members.insert(peer.clone(), Member { incarnation, alive: true, last_heard: Some(now) });
+                self.members.insert(peer.clone(), Member { incarnation, alive: true, last_heard: Some(now), direct: Some(now) });
                 return Some(Change::Joined(peer));
             }
             Some(m) if incarnation > m.incarnation || (incarnation == m.incarnation && m.alive) => {
-                let rejoined = !m.alive || incarnation > m.incarnation;
+                // Back from the dead; a higher incarnation of a live peer (it refuted
+                // a rumour) is no news.
+                let rejoined = !m.alive;
                 m.incarnation = incarnation;
                 m.alive = true;
                 m.last_heard = Some(now);
+                m.direct = Some(now);
                 rejoined
             }
             // A message from an incarnation we already buried: stale, ignore.
@@ -170,28 +175,30 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     /// Merges another peer's view of the membership (second-hand knowledge).
     /// Deaths are adopted; second-hand life never revives a peer we buried at the
     /// same incarnation, and an unknown live peer is learnt but must still be heard.
-    /// A rumour of our own death is refuted with a higher incarnation, and we
-    /// demote ourselves: the others no longer wait for us in this epoch.
+    /// A rumour of our own death is refuted with a higher incarnation. A rumour of
+    /// the death of a peer we heard first-hand within the suspicion grace is
+    /// ignored: our evidence is fresher (the stale view of a healed partition's
+    /// other side must not bury the peers we train with).
     pub fn merge_member(&mut self, peer: P, incarnation: u64, alive: bool, now: u64) -> Option<Change<P>> {
         if peer == self.me {
             let mine = self.members.get_mut(&self.me).expect("self is a member");
             if !alive && incarnation >= mine.incarnation {
                 mine.incarnation = incarnation + 1;
-                let me = self.me.clone();
-                self.demote(&me);
                 return Some(Change::Refuted { incarnation: incarnation + 1 });
             }
             return None;
         }
+        let grace = self.suspect_grace_ms;
         let change = match self.members.get_mut(&peer) {
             None if alive => {
-                self.members.insert(peer.clone(), Member { incarnation, alive, last_heard: Some(now) });
+                self.members.insert(peer.clone(), Member { incarnation, alive, last_heard: Some(now), direct: None });
                 return Some(Change::Joined(peer));
             }
             None => {
-                self.members.insert(peer, Member { incarnation, alive, last_heard: None });
+                self.members.insert(peer, Member { incarnation, alive, last_heard: None, direct: None });
                 return None;
             }
+            Some(m) if !alive && m.alive && m.direct.is_some_and(|d| now.saturating_sub(d) < grace) => return None,
             Some(m) if incarnation > m.incarnation || (incarnation == m.incarnation && !alive && m.alive) => {
                 let was_alive = m.alive;
                 m.incarnation = incarnation;
@@ -202,9 +209,7 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
                 match (was_alive, alive) {
                     (true, false) => Change::Died(peer.clone()),
                     (false, true) => Change::Rejoined { peer: peer.clone(), incarnation },
-                    // Alive at a higher incarnation than we knew: it restarted.
-                    (true, true) => Change::Rejoined { peer: peer.clone(), incarnation },
-                    (false, false) => return None,
+                    (true, true) | (false, false) => return None,
                 }
             }
             Some(_) => return None,
@@ -476,9 +481,7 @@ mod tests {
         assert_eq!(s.heard(3, 2, 10), Some(Change::Rejoined { peer: 3, incarnation: 2 }));
         assert!(s.is_alive(&3) && !s.is_active(&3));
         assert_eq!(s.expected(), vec![0, 1, 2], "a revived peer follows; nobody waits for it");
-        // A restart we never saw as a death (higher incarnation) demotes as well.
-        assert_eq!(s.heard(2, 5, 20), Some(Change::Rejoined { peer: 2, incarnation: 5 }));
-        assert_eq!(s.active_members(), vec![0, 1]);
+        assert_eq!(s.active_members(), vec![0, 1, 2]);
         s.set_epoch_members([0, 1, 2, 3]);
         assert_eq!(s.expected(), vec![0, 1, 2, 3]);
     }
@@ -497,11 +500,21 @@ mod tests {
     }
 
     #[test]
-    fn refuting_our_own_death_demotes_us() {
+    fn refuting_a_rumour_keeps_us_active_and_fresh_evidence_beats_a_rumour() {
         let mut s = state();
         s.set_epoch_members([0, 1, 2, 3]);
         assert_eq!(s.merge_member(0, 1, false, 5), Some(Change::Refuted { incarnation: 2 }));
-        assert!(!s.is_active(&0));
+        assert!(s.is_active(&0));
         assert_eq!(s.merge_member(0, 1, false, 6), None, "an old rumour");
+        // Peer 1 was heard first-hand 100 ms ago: a rumour of its death is stale.
+        s.heard(1, 1, 1000);
+        assert_eq!(s.merge_member(1, 1, false, 1100), None);
+        assert!(s.is_alive(&1) && s.is_active(&1));
+        // It refutes with a higher incarnation: no news, still active.
+        assert_eq!(s.heard(1, 2, 1200), None);
+        assert!(s.is_active(&1));
+        // Not heard for longer than the grace: the rumour is adopted.
+        assert_eq!(s.merge_member(1, 2, false, 2000), Some(Change::Died(1)));
+        assert!(!s.is_active(&1));
     }
 }

@@ -20,7 +20,9 @@ pub struct StateBlob {
 pub struct Store {
     blobs: BTreeMap<(u64, Vec<u8>), Arc<Vec<u8>>>,
     announces: BTreeMap<(u64, Vec<u8>), Announce>,
-    state: Option<StateBlob>,
+    /// The latest states by round (a few, so that a peer fetching one state's
+    /// chunks is not cut off when the next round's state replaces it).
+    states: BTreeMap<u64, StateBlob>,
     /// The round this peer is on (for Hello answers).
     pub round: u64,
     /// Peers whose Hello was refused: their gossip is rejected.
@@ -28,6 +30,9 @@ pub struct Store {
 }
 
 pub type SharedStore = Arc<Mutex<Store>>;
+
+/// States kept for peers that are fetching one.
+const STATES_KEPT: usize = 3;
 
 impl Store {
     pub fn insert(&mut self, round: u64, owner: &PeerId, blob: Arc<Vec<u8>>) {
@@ -45,7 +50,12 @@ impl Store {
         self.announces = self.announces.split_off(&(round, Vec::new()));
     }
     pub fn set_state(&mut self, s: StateBlob) {
-        self.state = Some(s);
+        // A re-sync or restore may go back in rounds: newer states are not ours any more.
+        self.states.retain(|r, _| *r < s.round);
+        self.states.insert(s.round, s);
+        while self.states.len() > STATES_KEPT {
+            self.states.pop_first();
+        }
     }
 
     /// The answer to an inbound request.
@@ -79,7 +89,9 @@ impl Store {
                 .get(&(round, owner))
                 .map(|a| Response::Announcement(Box::new(a.clone())))
                 .unwrap_or(Response::Missing),
-            Request::State { round, index } => match &self.state {
+            // The first chunk comes from the newest state at or after `round`; later
+            // chunks of a transfer from the state of exactly `round`.
+            Request::State { round, index } => match if index == 0 { None } else { self.states.get(&round) }.or_else(|| self.states.values().next_back()) {
                 Some(s) if s.round >= round => chunk(&s.bytes, index)
                     .map(|data| Response::State { round: s.round, epoch: s.epoch, total_len: s.bytes.len() as u64, data })
                     .unwrap_or(Response::Missing),

@@ -143,6 +143,10 @@ pub struct Heartbeat {
     /// sender learns from this whether it is waited for.
     #[serde(default)]
     pub active: Vec<serde_bytes::ByteBuf>,
+    /// Identifies this start of the sender's process: a change means it restarted
+    /// (and lost its place in the epoch), even if nobody saw it die.
+    #[serde(default)]
+    pub boot: u64,
 }
 
 /// Validation statistics riding on the first announcement of an epoch.

@@ -146,3 +146,23 @@ fn sigkill_during_a_checkpoint_write_restores_the_last_complete_one_and_ends_as_
     assert_eq!(report["checkpoints"]["restored_round"], round);
     assert_eq!(report["incarnation"], 2);
 }
+
+#[test]
+fn the_minority_side_of_a_partition_waits_then_catches_up_and_everyone_ends_equal() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let args = small_run(6000, 500, 400, 2, &[]);
+    let (ok, r) = testnet(dir.path(), 4, &["--partition", "0,1,2|3@r5+8"], &args);
+    assert!(ok, "{}", r["problems"]);
+    assert_eq!(r["all_final_digests_equal"], true);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    let peers = r["peer_reports"].as_array().unwrap();
+    // The majority (3 of 4, the default quorum) trained on; peer 3 did not train alone.
+    let log3 = peers[3]["rounds_log"].as_array().unwrap();
+    assert!(log3.iter().all(|x| x["contributors"].as_u64().unwrap() != 1), "the minority never trained alone");
+    let n3: Value = serde_json::from_slice(&std::fs::read(dir.path().join("nodes/n3/report.json")).unwrap()).unwrap();
+    assert!(n3["catch_ups"].as_u64().unwrap() >= 1, "it caught up by state sync");
+    let log0 = peers[0]["rounds_log"].as_array().unwrap();
+    assert!(log0.iter().any(|x| x["contributors"] == 3), "the majority went on without it");
+    assert_eq!(r["faults"][0]["kind"], "partition");
+}
