@@ -1465,7 +1465,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         latest_params = params.map(|p| (digest, p));
         let state = Arc::new(state);
         store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: state.clone() });
-        if p2p.checkpoint_every > 0 && (round + 1) % p2p.checkpoint_every == 0 {
+        if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
             let meta = CheckpointMeta {
                 run_id: run_id.clone(),
                 round,

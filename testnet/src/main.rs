@@ -309,7 +309,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         schedule.push((faults::Scheduled { at, action: faults::Action::Revive { peer } }, format!("revive {k}")));
     }
     if a.random_kills > 0 {
-        if !(a.interval > 0.0) {
+        if a.interval.is_nan() || a.interval <= 0.0 {
             bail!("--interval must be more than 0 seconds");
         }
         let down = a.down.unwrap_or(a.interval / 2.0);

@@ -86,6 +86,7 @@ fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect(
     out: &Path,
     peers: usize,
