@@ -473,6 +473,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
                     let _ = ctl.send(Ctl::Kill).await;
                     killed[p] = true;
                     running[p] = false;
+                    addrs[p] = None; // its next life listens elsewhere
                     say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
                 }
                 faults::Action::Revive { peer } => {
@@ -482,8 +483,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
                         continue;
                     }
                     let mut args_p = args_for(p);
-                    if let Some(b) = (0..a.peers).filter(|j| *j != p && running[*j]).find_map(|j| addrs[j].clone()) {
-                        args_p.extend(["--bootstrap".into(), b]);
+                    let others: Vec<usize> = (0..a.peers).filter(|j| *j != p && running[*j]).collect();
+                    match others.iter().find_map(|j| addrs[*j].clone()) {
+                        Some(b) => args_p.extend(["--bootstrap".into(), b]),
+                        // Peers are starting but none listens yet (revived together): a moment later.
+                        None if !others.is_empty() => {
+                            schedule.push((faults::Scheduled { at: faults::At::Secs(now + 0.2), action: ev.action.clone() }, spec));
+                            continue;
+                        }
+                        None => {}
                     }
                     generation[p] += 1;
                     let proc_p = spawn_node(p, &bin, &node_dir(p), &args_p, &env, tx.clone()).await?;
