@@ -130,8 +130,9 @@ pub(crate) struct EventReport {
     /// Kill: seconds until the first and the last other live peer declared it dead.
     pub(crate) detection_s: Option<f64>,
     pub(crate) detection_last_s: Option<f64>,
-    /// Kill or partition: the longest gap between two rounds of a surviving peer
-    /// after the event, less the run's median round time, in seconds and in rounds.
+    /// Kill: the longest gap between two rounds of a surviving peer after the
+    /// event (until the next one), less the run's median round time, in seconds
+    /// and in rounds. Partition: the same for the largest side while it lasts.
     pub(crate) stalled_s: Option<f64>,
     pub(crate) rounds_stalled: Option<u64>,
     /// Revive: seconds from the restart until it held the run's state, and until
@@ -209,8 +210,11 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                 e.detection_last_s = seen.iter().copied().reduce(f64::max);
                 e.stalled_s = stall(&[*peer], next_t.min(t + 60.0));
             }
-            Action::Partition { secs, .. } => {
-                e.stalled_s = stall(&[], t + secs + 30.0);
+            Action::Partition { sides, secs } => {
+                // The largest side holds the quorum and should train on: its stall.
+                let largest = sides.iter().max_by_key(|s| s.len()).cloned().unwrap_or_default();
+                let others: Vec<usize> = finishes.keys().copied().filter(|n| !largest.contains(n)).collect();
+                e.stalled_s = stall(&others, t + secs);
             }
             Action::Revive { peer } => {
                 e.rejoin_s = obs.iter().find_map(|o| match o {
