@@ -52,6 +52,15 @@ impl Optimizer {
         self.step
     }
 
+    /// How many state vectors this optimizer keeps once it has stepped.
+    pub fn state_vectors(&self) -> usize {
+        match self.cfg.kind {
+            OptimizerKind::Sgd if self.cfg.momentum != 0.0 => 1,
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::Adam => 2,
+        }
+    }
+
     /// The state tensors, for checkpoints.
     pub fn state(&self) -> &[Tensor] {
         &self.state
@@ -81,11 +90,7 @@ impl Optimizer {
         tch::no_grad(|| {
             let opts = (params.kind(), params.device());
             if self.state.is_empty() {
-                let n = match cfg.kind {
-                    OptimizerKind::Sgd if cfg.momentum != 0.0 => 1,
-                    OptimizerKind::Sgd => 0,
-                    OptimizerKind::Adam => 2,
-                };
+                let n = self.state_vectors();
                 self.state = (0..n).map(|_| Tensor::zeros([numel], opts)).collect();
             }
             let first = self.step == 0;

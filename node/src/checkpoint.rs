@@ -142,6 +142,17 @@ impl Checkpoints {
         Ok(next)
     }
 
+    /// Records that this start now runs at `incarnation` (a refuted rumour raised
+    /// it), so that the next start takes a higher one.
+    pub fn note_incarnation(&self, incarnation: u64) -> Result<(), CheckpointError> {
+        let last = self.db.get(INCARNATION_KEY)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
+        if incarnation > last {
+            self.db.insert(INCARNATION_KEY, &incarnation.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
     /// Writes a checkpoint durably, then drops all but the newest `keep`.
     pub fn write(&self, meta: &CheckpointMeta, state: &[u8], stall_before_flush: Option<std::time::Duration>) -> Result<WriteStats, CheckpointError> {
         let t0 = Instant::now();
@@ -295,5 +306,12 @@ mod tests {
             let c = Checkpoints::open(dir.path(), "r", 2).unwrap();
             assert_eq!(c.next_incarnation().unwrap(), want);
         }
+        // A refutation raised this start to 7: the next start is 8.
+        let c = Checkpoints::open(dir.path(), "r", 2).unwrap();
+        assert_eq!(c.next_incarnation().unwrap(), 4);
+        c.note_incarnation(7).unwrap();
+        c.note_incarnation(5).unwrap();
+        drop(c);
+        assert_eq!(Checkpoints::open(dir.path(), "r", 2).unwrap().next_incarnation().unwrap(), 8);
     }
 }

@@ -125,6 +125,10 @@ impl Client {
         let verdict = if accept { MessageAcceptance::Accept } else { MessageAcceptance::Reject };
         self.send(Command::Validate { id, from, verdict }).await
     }
+    /// Drops a gossip message without forwarding it and without blaming its sender.
+    pub async fn ignore(&self, id: MessageId, from: PeerId) -> Result<(), NetError> {
+        self.send(Command::Validate { id, from, verdict: MessageAcceptance::Ignore }).await
+    }
     pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request { peer, request, reply }).await?;

@@ -349,6 +349,9 @@ struct Node {
     redialed: HashMap<PeerId, Instant>,
     /// This process start (heartbeats carry it).
     boot: u64,
+    /// Catch-up sources whose state could not be had, and when (tried again after 10 s).
+    catch_up_failed: HashMap<PeerId, Instant>,
+    ckpt: Arc<Checkpoints>,
 }
 
 impl Node {
@@ -468,7 +471,11 @@ impl Node {
                 (*p, "died", self.rs.members().get(p).map_or(0, |m| m.incarnation))
             }
             Change::Refuted { incarnation } => {
-                tracing::warn!("a peer declared this node dead: refuted with incarnation {incarnation}; following until the next epoch");
+                tracing::warn!("a peer declared this node dead: refuted with incarnation {incarnation}");
+                // The next start must be higher still.
+                if let Err(e) = self.ckpt.note_incarnation(*incarnation) {
+                    tracing::warn!("cannot record incarnation {incarnation}: {e}");
+                }
                 (self.client.peer_id, "refuted", *incarnation)
             }
         };
@@ -504,8 +511,10 @@ impl Node {
     /// A live, ready peer at least two rounds ahead of us (we will not be waited
     /// for in the rounds between): the furthest one, to state-sync from.
     fn catch_up_source(&self) -> Option<PeerId> {
+        let now = Instant::now();
         self.views
             .iter()
+            .filter(|(p, _)| self.catch_up_failed.get(p).is_none_or(|t| now.duration_since(*t) > Duration::from_secs(10)))
             .filter(|(p, v)| v.ready && !v.finished && v.round >= self.round + 2 && self.rs.is_alive(p))
             .max_by_key(|(_, v)| v.round)
             .map(|(p, _)| *p)
@@ -560,7 +569,13 @@ impl Node {
                     );
                 }
                 tracing::warn!("peer {peer} runs a different configuration ({reason}); ignoring it");
-                let _ = self.client.disconnect(peer).await;
+                // Disconnect a little later, so that our own refusal of its Hello
+                // reaches it first (it exits with that reason instead of timing out).
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let _ = client.disconnect(peer).await;
+                });
             }
             Ok(other) => tracing::debug!("unexpected hello answer from {peer}: {other:?}"),
             Err(e) => tracing::debug!("hello to {peer} failed: {e}"),
@@ -590,9 +605,7 @@ impl Node {
                 let msg = if refused {
                     Err(wire::WireError::Invalid("sender runs another configuration".into()))
                 } else {
-                    // Rounds are checked around the furthest round we know of, so that a
-                    // node restarting from an old checkpoint still hears the run.
-                    Gossip::decode_valid(&data, &self.run_id, self.round.max(self.remote_round())).and_then(|g| self.check_payload(g))
+                    Gossip::decode_valid(&data, &self.run_id, self.round).and_then(|g| self.check_payload(g))
                 };
                 match msg {
                     Ok(g) => {
@@ -600,6 +613,12 @@ impl Node {
                         if author != self.client.peer_id {
                             self.on_gossip(author, g).await;
                         }
+                    }
+                    // A restarting node far behind the run drops announcements it cannot
+                    // use yet, without lowering the score of the honest peers that sent them.
+                    Err(e @ wire::WireError::OutOfWindow(_)) => {
+                        tracing::debug!("ignored gossip from {author} via {propagated_by}: {e}");
+                        let _ = self.client.ignore(id, propagated_by).await;
                     }
                     Err(e) => {
                         tracing::debug!("rejected gossip from {author} via {propagated_by}: {e}");
@@ -918,6 +937,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut conv = Convergence::new(&p2p);
     let restored = if p2p.checkpoint_every > 0 { ckpt.latest(numel as u64)? } else { None };
     let restored = match restored {
+        Some(r) if check_state(&r.header, r.opt.len(), opt.state_vectors()).is_err() => {
+            let why = check_state(&r.header, r.opt.len(), opt.state_vectors()).unwrap_err();
+            tracing::warn!("checkpoint of round {} does not fit this run ({why}); starting without it", r.header.round);
+            None
+        }
         Some(r) => {
             for (round, why) in &r.skipped {
                 tracing::warn!("checkpoint of round {round} is unusable ({why}); using an older one");
@@ -1007,6 +1031,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         planned_next: None,
         redialed: HashMap::new(),
         boot: started_unix_ms,
+        catch_up_failed: HashMap::new(),
+        ckpt: ckpt.clone(),
     };
     if let Some(r) = &restored {
         node.round = r.header.round + 1;
@@ -1305,8 +1331,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 match released {
                     Some(r) => r.into_iter().map(|p| (p, round)).collect(),
                     None => {
-                        let source = node.catch_up_source().expect("checked by the wait");
-                        tracing::warn!("round {round}: peer {source} is at round {}; catching up by state sync", node.views[&source].round);
+                        let Some(source) = node.catch_up_source() else { continue };
+                        let their = node.views.get(&source).map_or(0, |v| v.round);
+                        tracing::warn!("round {round}: peer {source} is at round {their}; catching up by state sync");
                         let t = trainer.take().expect("trainer present");
                         let (t_back, r) = node.sync_state(source, round + 1, t, &mut conv).await?;
                         trainer = Some(t_back);
@@ -1324,7 +1351,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                                     }
                                 }
                             }
-                            Err(e) => tracing::warn!("catching up from {source} failed: {e}"),
+                            Err(e) => {
+                                tracing::warn!("catching up from {source} failed: {e}");
+                                node.catch_up_failed.insert(source, Instant::now());
+                            }
                         }
                         continue;
                     }
@@ -1664,6 +1694,18 @@ fn ids(peers: &[PeerId]) -> Vec<serde_bytes::ByteBuf> {
 
 fn peer_ids(bytes: &[serde_bytes::ByteBuf]) -> Vec<PeerId> {
     bytes.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect()
+}
+
+/// A state's header must fit this run: the optimizer's vectors, a schedule that
+/// starts at or before the state's round, members named.
+fn check_state(h: &p2pml_proto::StateHeader, opt_vectors: usize, ours: usize) -> Result<(), String> {
+    if opt_vectors != ours && !(opt_vectors == 0 && h.opt_steps == 0) {
+        return Err(format!("state has {opt_vectors} optimizer vectors, this optimizer has {ours}"));
+    }
+    if h.epoch_start > h.round || h.epoch_members.is_empty() {
+        return Err(format!("state schedule is inconsistent (epoch start {}, round {}, {} members)", h.epoch_start, h.round, h.epoch_members.len()));
+    }
+    Ok(())
 }
 
 /// Loads parameters and optimizer state into a model and optimizer.
@@ -2044,6 +2086,9 @@ impl Node {
         };
         if h.round != round {
             return Ok((t, Err(format!("state header says round {}, chunks say {round}", h.round))));
+        }
+        if let Err(e) = check_state(&h, opt.len(), t.opt.state_vectors()) {
+            return Ok((t, Err(e)));
         }
         let (lr, steps) = (h.lr, h.opt_steps);
         let (t, digest) = self

@@ -484,14 +484,21 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
                     }
                     let mut args_p = args_for(p);
                     let others: Vec<usize> = (0..a.peers).filter(|j| *j != p && running[*j]).collect();
-                    match others.iter().find_map(|j| addrs[*j].clone()) {
-                        Some(b) => args_p.extend(["--bootstrap".into(), b]),
+                    let known: Vec<String> = others.iter().filter_map(|j| addrs[*j].clone()).collect();
+                    match known.is_empty() {
+                        // Every running peer's address: one of them may die before the
+                        // revived node is up, and one link to each side keeps the swarm whole.
+                        false => {
+                            for b in known {
+                                args_p.extend(["--bootstrap".into(), b]);
+                            }
+                        }
                         // Peers are starting but none listens yet (revived together): a moment later.
-                        None if !others.is_empty() => {
+                        true if !others.is_empty() => {
                             schedule.push((faults::Scheduled { at: faults::At::Secs(now + 0.2), action: ev.action.clone() }, spec));
                             continue;
                         }
-                        None => {}
+                        true => {}
                     }
                     generation[p] += 1;
                     let proc_p = spawn_node(p, &bin, &node_dir(p), &args_p, &env, tx.clone()).await?;
