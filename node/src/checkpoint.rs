@@ -135,20 +135,26 @@ impl Checkpoints {
 
     /// Takes this start's incarnation: one more than the last start's (1 at first).
     pub fn next_incarnation(&self) -> Result<u64, CheckpointError> {
-        let last = self.db.get(INCARNATION_KEY)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
-        let next = last + 1;
-        self.db.insert(INCARNATION_KEY, &next.to_be_bytes())?;
-        self.db.flush()?;
+        let next = self.stored_incarnation()? + 1;
+        self.store_incarnation(next)?;
         Ok(next)
+    }
+
+    fn stored_incarnation(&self) -> Result<u64, CheckpointError> {
+        Ok(self.db.get(INCARNATION_KEY)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    }
+
+    fn store_incarnation(&self, incarnation: u64) -> Result<(), CheckpointError> {
+        self.db.insert(INCARNATION_KEY, &incarnation.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Records that this start now runs at `incarnation` (a refuted rumour raised
     /// it), so that the next start takes a higher one.
     pub fn note_incarnation(&self, incarnation: u64) -> Result<(), CheckpointError> {
-        let last = self.db.get(INCARNATION_KEY)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
-        if incarnation > last {
-            self.db.insert(INCARNATION_KEY, &incarnation.to_be_bytes())?;
-            self.db.flush()?;
+        if incarnation > self.stored_incarnation()? {
+            self.store_incarnation(incarnation)?;
         }
         Ok(())
     }

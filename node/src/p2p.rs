@@ -936,13 +936,13 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut opt = opt;
     let mut conv = Convergence::new(&p2p);
     let restored = if p2p.checkpoint_every > 0 { ckpt.latest(numel as u64)? } else { None };
-    let restored = match restored {
-        Some(r) if check_state(&r.header, r.opt.len(), opt.state_vectors()).is_err() => {
-            let why = check_state(&r.header, r.opt.len(), opt.state_vectors()).unwrap_err();
+    let fits = |r: &crate::checkpoint::Restored| check_state(&r.header, r.opt.len(), opt.state_vectors());
+    let restored = match restored.map(|r| (fits(&r), r)) {
+        Some((Err(why), r)) => {
             tracing::warn!("checkpoint of round {} does not fit this run ({why}); starting without it", r.header.round);
             None
         }
-        Some(r) => {
+        Some((Ok(()), r)) => {
             for (round, why) in &r.skipped {
                 tracing::warn!("checkpoint of round {round} is unusable ({why}); using an older one");
             }
