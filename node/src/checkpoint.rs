@@ -41,6 +41,10 @@ pub struct MemberRecord {
     pub peer: Vec<u8>,
     pub incarnation: u64,
     pub alive: bool,
+    /// The addresses the peer last announced: a restarted node dials them, so
+    /// it finds the swarm again even if its bootstrap peer is gone.
+    #[serde(default)]
+    pub addrs: Vec<String>,
 }
 
 /// What a checkpoint says besides the state blob.
@@ -255,7 +259,7 @@ mod tests {
             epoch: h.epoch,
             incarnation: 1,
             written_unix_ms: 0,
-            members: vec![MemberRecord { peer: vec![7u8; 3], incarnation: 1, alive: true }],
+            members: vec![MemberRecord { peer: vec![7u8; 3], incarnation: 1, alive: true, addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()] }],
         };
         (meta, p2pml_proto::encode_state(&h, &[x; 4], &[vec![x / 2.0; 4]]))
     }

@@ -181,10 +181,45 @@ impl TrainConfig {
     }
 }
 
+/// What this process is in a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A peer of the decentralized run (no coordinator).
+    #[default]
+    P2p,
+    /// The parameter server of the baseline: holds parameters and optimizer state.
+    Ps,
+    /// A worker of the parameter server (`--ps`).
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::P2p => "p2p",
+            Role::Ps => "ps",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "p2p" => Ok(Role::P2p),
+        "ps" => Ok(Role::Ps),
+        "worker" => Ok(Role::Worker),
+        _ => Err(format!("unknown role '{s}': expected p2p, ps or worker")),
+    }
+}
+
 /// How this peer takes part in a decentralized run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct P2pConfig {
+    pub role: Role,
+    /// Worker: the parameter server's multiaddr, ending in /p2p/<peer id>.
+    pub ps: Option<String>,
     pub listen: Vec<String>,
     pub bootstrap: Vec<String>,
     /// Holds the peer key (and, later, checkpoints); keeps the peer id across restarts.
@@ -226,6 +261,8 @@ pub struct P2pConfig {
 impl Default for P2pConfig {
     fn default() -> Self {
         P2pConfig {
+            role: Role::P2p,
+            ps: None,
             listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
             bootstrap: vec![],
             state_dir: PathBuf::from("p2pml-state"),
@@ -276,6 +313,14 @@ fn parse_compression(s: &str) -> Result<String, String> {
 /// The command-line form of [`P2pConfig`].
 #[derive(Args, Clone, Debug)]
 pub struct P2pArgs {
+    /// p2p: a peer of the decentralized run; ps: the parameter server of the
+    /// baseline (--peers is then the number of workers); worker: a worker of --ps.
+    #[arg(long, env = "P2PML_ROLE", default_value = "p2p", value_parser = parse_role)]
+    pub role: Role,
+    /// With --role worker: the parameter server's multiaddr, ending in /p2p/<peer id>
+    /// (the server prints it at start).
+    #[arg(long, env = "P2PML_PS")]
+    pub ps: Option<String>,
     /// Multiaddr to listen on (repeatable).
     #[arg(long, env = "P2PML_LISTEN", default_value = "/ip4/0.0.0.0/tcp/0", value_delimiter = ',')]
     pub listen: Vec<String>,
@@ -349,6 +394,8 @@ impl P2pArgs {
     pub fn to_config(&self) -> P2pConfig {
         let d = P2pConfig::default();
         P2pConfig {
+            role: self.role,
+            ps: self.ps.clone(),
             listen: self.listen.clone(),
             bootstrap: self.bootstrap.clone(),
             state_dir: self.state_dir.clone(),
@@ -409,6 +456,11 @@ impl P2pConfig {
         }
         if self.min_peers == 0 || self.min_peers > self.peers {
             return Err(format!("--min-peers must be between 1 and --peers ({})", self.peers));
+        }
+        match (self.role, &self.ps) {
+            (Role::Worker, None) => return Err("--role worker needs --ps <multiaddr of the parameter server, ending in /p2p/<peer id>>".into()),
+            (Role::P2p | Role::Ps, Some(_)) => return Err("--ps is for --role worker only".into()),
+            _ => {}
         }
         if self.checkpoint_keep == 0 {
             return Err("--checkpoint-keep must be at least 1".into());

@@ -1,13 +1,15 @@
 //! The `p2pml-node` binary.
 
 use clap::{Args, Parser, Subcommand};
-use p2pml_node::config::{P2pArgs, TrainArgs};
+use p2pml_node::config::{P2pArgs, Role, TrainArgs};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// A peer of a decentralized deep-learning run. Without a subcommand it joins
 /// (or starts) a run: `p2pml-node --bootstrap /ip4/.../tcp/.../p2p/<id>`.
+/// The parameter-server baseline: `p2pml-node --role ps`, and workers
+/// `p2pml-node --role worker --ps /ip4/.../tcp/.../p2p/<server id>`.
 #[derive(Parser, Debug)]
 #[command(name = "p2pml-node", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -56,7 +58,14 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| {
-                let r = rt.block_on(p2pml_node::p2p::run(cli.join.train.to_config(), cli.join.p2p.to_config()));
+                let (train, p2p) = (cli.join.train.to_config(), cli.join.p2p.to_config());
+                let r = rt.block_on(async move {
+                    match p2p.role {
+                        Role::P2p => p2pml_node::p2p::run(train, p2p).await,
+                        Role::Ps => p2pml_node::ps::run_server(train, p2p).await,
+                        Role::Worker => p2pml_node::ps::run_worker(train, p2p).await,
+                    }
+                });
                 // Do not wait for blocking reads that never end (the control stdin).
                 rt.shutdown_timeout(std::time::Duration::from_secs(2));
                 r

@@ -206,9 +206,17 @@ pub struct EventLoop {
     blocked: std::collections::HashSet<PeerId>,
 }
 
+/// Bytes on the wire, roughly: the payload plus a small envelope.
 fn response_len(r: &Response) -> usize {
     match r {
-        Response::Chunk { data, .. } | Response::State { data, .. } => data.len() + 32,
+        Response::Chunk { data, .. } | Response::State { data, .. } | Response::Params { data, .. } => data.len() + 32,
+        _ => 64,
+    }
+}
+
+fn request_len(r: &Request) -> usize {
+    match r {
+        Request::PsPush(a) => a.inline.as_ref().map_or(0, |b| b.len()) + 160,
         _ => 64,
     }
 }
@@ -338,6 +346,7 @@ impl EventLoop {
                 b.gossipsub.report_message_validation_result(&id, &from, verdict);
             }
             Command::Request { peer, request, reply } => {
+                Traffic::add(&self.traffic.rr_bytes_sent, request_len(&request));
                 let id = b.rr.send_request(&peer, request);
                 self.pending.insert(id, reply);
             }
@@ -423,7 +432,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message { peer, message, .. })) => {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        Traffic::add(&self.traffic.rr_bytes_received, 64);
+                        Traffic::add(&self.traffic.rr_bytes_received, request_len(&request));
                         let _ = self.requests.send(InboundRequest { peer, request, channel }).await;
                     }
                     request_response::Message::Response { request_id, response } => {

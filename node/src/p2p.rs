@@ -141,11 +141,13 @@ pub struct NodeReport {
     pub catch_ups: u64,
     pub membership_log: Vec<MembershipEvent>,
     pub checkpoints: CheckpointStats,
+    /// Worker (parameter-server mode): seconds spent retrying an unreachable server.
+    pub server_unreachable_seconds: f64,
 }
 
 /// The seed of a peer's stochastic rounding in a round: distinct per peer and
 /// round, reproducible from the run seed.
-fn gradient_seed(run_seed: u64, round: u64, peer: &PeerId) -> u64 {
+pub(crate) fn gradient_seed(run_seed: u64, round: u64, peer: &PeerId) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(&run_seed.to_le_bytes());
     h.update(&round.to_le_bytes());
@@ -153,16 +155,16 @@ fn gradient_seed(run_seed: u64, round: u64, peer: &PeerId) -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-fn hex(d: &Digest) -> String {
+pub(crate) fn hex(d: &Digest) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// BLAKE3 of the parameters as little-endian f32 bytes.
-fn params_digest(model: &Model) -> Digest {
+pub(crate) fn params_digest(model: &Model) -> Digest {
     digest_of(&model.params_vec())
 }
 
-fn digest_of(v: &[f32]) -> Digest {
+pub(crate) fn digest_of(v: &[f32]) -> Digest {
     let mut bytes = Vec::with_capacity(v.len() * 4);
     for x in v {
         bytes.extend_from_slice(&x.to_le_bytes());
@@ -174,7 +176,7 @@ fn digest_of(v: &[f32]) -> Digest {
 /// stepped with the members' mean validation loss: the same inputs on every peer,
 /// so the same decisions at the same round.
 #[derive(Clone, Debug)]
-struct Convergence {
+pub(crate) struct Convergence {
     best: f64,
     bad_epochs: u64,
     best_for_stop: f64,
@@ -186,7 +188,7 @@ struct Convergence {
 }
 
 impl Convergence {
-    fn new(p: &P2pConfig) -> Self {
+    pub(crate) fn new(p: &P2pConfig) -> Self {
         Convergence {
             best: f64::INFINITY,
             bad_epochs: 0,
@@ -198,15 +200,15 @@ impl Convergence {
             stop_patience: p.early_stop_patience,
         }
     }
-    fn snapshot(&self) -> ((f64, u64), (f64, u64)) {
+    pub(crate) fn snapshot(&self) -> ((f64, u64), (f64, u64)) {
         ((self.best, self.bad_epochs), (self.best_for_stop, self.stop_bad))
     }
-    fn restore(&mut self, plateau: (f64, u64), stopping: (f64, u64)) {
+    pub(crate) fn restore(&mut self, plateau: (f64, u64), stopping: (f64, u64)) {
         (self.best, self.bad_epochs) = plateau;
         (self.best_for_stop, self.stop_bad) = stopping;
     }
     /// Returns (new lr, stop).
-    fn step(&mut self, val_loss: f64, lr: f64) -> (f64, bool) {
+    pub(crate) fn step(&mut self, val_loss: f64, lr: f64) -> (f64, bool) {
         let mut lr = lr;
         if val_loss < self.best * (1.0 - 1e-4) {
             self.best = val_loss;
@@ -269,6 +271,27 @@ struct Fetched {
     result: Result<Vec<u8>, String>,
 }
 
+/// Where to find peers at start: the --bootstrap addresses, and the addresses
+/// the restored checkpoint remembers for its members.
+fn known_addresses(bootstrap: &[(PeerId, Multiaddr)], meta: Option<&CheckpointMeta>, me: &PeerId) -> HashMap<PeerId, Vec<String>> {
+    let mut known: HashMap<PeerId, Vec<String>> = HashMap::new();
+    for m in meta.map(|m| m.members.as_slice()).unwrap_or_default() {
+        if let Ok(p) = PeerId::from_bytes(&m.peer) {
+            if &p != me && !m.addrs.is_empty() {
+                known.insert(p, m.addrs.clone());
+            }
+        }
+    }
+    for (p, a) in bootstrap {
+        let addrs = known.entry(*p).or_default();
+        let a = a.to_string();
+        if !addrs.contains(&a) {
+            addrs.insert(0, a);
+        }
+    }
+    known
+}
+
 struct PeerView {
     round: u64,
     epoch: u64,
@@ -276,7 +299,6 @@ struct PeerView {
     ready: bool,
     /// The sender's active members of its current epoch.
     active: Vec<PeerId>,
-    addrs: Vec<String>,
     boot: u64,
 }
 
@@ -347,6 +369,9 @@ struct Node {
     planned_next: Option<Vec<PeerId>>,
     /// When we last dialed a known peer we are not connected to.
     redialed: HashMap<PeerId, Instant>,
+    /// Every peer's last known addresses: from --bootstrap, the restored
+    /// checkpoint and heartbeats. Peers not connected are redialed.
+    known: HashMap<PeerId, Vec<String>>,
     /// This process start (heartbeats carry it).
     boot: u64,
     /// Catch-up sources whose state could not be had, and when (tried again after 10 s).
@@ -485,18 +510,18 @@ impl Node {
     }
 
     /// Dials known peers we are not connected to (after a partition heals, or a
-    /// peer restarted), each at most every two seconds.
+    /// peer restarted, or our bootstrap peer died), each at most every two seconds.
     async fn redial(&mut self) {
         let now = Instant::now();
         let mut dial = Vec::new();
-        for (p, v) in &self.views {
-            if self.connected.contains(p) || v.finished {
+        for (p, addrs) in &self.known {
+            if self.connected.contains(p) || self.views.get(p).is_some_and(|v| v.finished) {
                 continue;
             }
             if self.redialed.get(p).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(2)) {
                 continue;
             }
-            dial.push((*p, v.addrs.clone()));
+            dial.push((*p, addrs.clone()));
         }
         for (p, addrs) in dial {
             self.redialed.insert(p, now);
@@ -708,8 +733,11 @@ impl Node {
                     tracing::info!("peer {author} restarted; it follows until the next epoch");
                 }
                 let active = h.active.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect();
-                let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, addrs: h.addrs.clone(), boot: h.boot };
+                let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, boot: h.boot };
                 self.views.insert(author, view);
+                if !h.addrs.is_empty() {
+                    self.known.insert(author, h.addrs.clone());
+                }
                 if is_new {
                     for a in &h.addrs {
                         if let Ok(addr) = a.parse::<Multiaddr>() {
@@ -807,7 +835,7 @@ impl Node {
     }
 }
 
-async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
     let n = chunks(len);
     let reqs = (0..n).map(|index| {
         let client = client.clone();
@@ -830,7 +858,7 @@ async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len
 }
 
 /// Serves inbound requests from the shared store until the network stops.
-async fn responder(client: Client, store: SharedStore, spec: RunSpec, mut requests: mpsc::Receiver<InboundRequest>) {
+pub(crate) async fn responder(client: Client, store: SharedStore, spec: RunSpec, mut requests: mpsc::Receiver<InboundRequest>) {
     while let Some(r) = requests.recv().await {
         let response = store.lock().expect("store lock").answer(&spec, r.peer, r.request);
         if client.respond(r.channel, response).await.is_err() {
@@ -840,23 +868,110 @@ async fn responder(client: Client, store: SharedStore, spec: RunSpec, mut reques
 }
 
 /// The work of one round: this peer's gradient, summed over its batches.
-struct Computed {
-    grad: Vec<f32>,
-    loss_sum: f64,
-    samples: u64,
-    secs: f64,
+pub(crate) struct Computed {
+    pub(crate) grad: Vec<f32>,
+    pub(crate) loss_sum: f64,
+    pub(crate) samples: u64,
+    pub(crate) secs: f64,
 }
 
 /// Model, optimizer and data: moved onto a blocking thread for each heavy step.
-struct Trainer {
-    model: Model,
-    opt: Optimizer,
-    train: TensorData,
+pub(crate) struct Trainer {
+    pub(crate) model: Model,
+    pub(crate) opt: Optimizer,
+    pub(crate) train: TensorData,
+}
+
+/// Decodes and averages a round's gradients (in the order given: the same on
+/// every node), weighted by samples. Returns the mean, the samples and loss
+/// summed, and the seconds spent decoding and aggregating. An undecodable
+/// gradient is dropped with a warning.
+pub(crate) fn aggregate(inputs: &[(u64, f64, Arc<Vec<u8>>)], compression: &p2pml_proto::Compression, numel: usize) -> (Vec<f32>, u64, f64, f64, f64) {
+    let mut acc = vec![0f32; numel];
+    let (mut samples, mut loss) = (0u64, 0f64);
+    let (mut dec, mut agg) = (Duration::ZERO, Duration::ZERO);
+    for (s, l, blob) in inputs {
+        let t = Instant::now();
+        let decoded = p2pml_proto::decode_gradient(blob, compression, numel);
+        dec += t.elapsed();
+        match decoded {
+            Ok(v) => {
+                let t = Instant::now();
+                for (a, x) in acc.iter_mut().zip(&v) {
+                    *a += *x;
+                }
+                agg += t.elapsed();
+                samples += s;
+                loss += l;
+            }
+            Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
+        }
+    }
+    let t = Instant::now();
+    let scale = 1.0 / samples.max(1) as f32;
+    for a in acc.iter_mut() {
+        *a *= scale;
+    }
+    agg += t.elapsed();
+    (acc, samples, loss, dec.as_secs_f64(), agg.as_secs_f64())
+}
+
+/// One round's work for the function tier.
+pub(crate) struct Offload<'a> {
+    pub(crate) run: &'a str,
+    pub(crate) peer: &'a str,
+    pub(crate) round: u64,
+    pub(crate) epoch: u64,
+    pub(crate) cfg: &'a TrainConfig,
+    pub(crate) numel: usize,
+    pub(crate) train: &'a p2pml_lambda_grad::data::Split,
+    /// The whole epoch's batches of this peer (uploaded once per epoch).
+    pub(crate) epoch_batches: &'a [Vec<usize>],
+    /// Indices into `epoch_batches` of this round's batches.
+    pub(crate) batch_ids: Vec<usize>,
+    pub(crate) tasks: &'a [TaskPlan],
+    pub(crate) params: Arc<Vec<f32>>,
+    pub(crate) params_digest: String,
+}
+
+/// Runs a round's tasks in the function tier: puts the epoch's batches and the
+/// parameters in the object store, then invokes. Returns the outputs, the tasks
+/// to compute locally instead (all of them if the store is unreachable), and
+/// the seconds spent uploading.
+pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(usize, GradOutput)>, Vec<usize>, f64) {
+    let all: Vec<usize> = w.tasks.iter().map(|t| t.index).collect();
+    let t0 = Instant::now();
+    if let Err(e) = lx.upload_epoch(w.run, w.peer, w.epoch, w.train, w.epoch_batches).await {
+        tracing::warn!("cannot upload the epoch's batches ({e}); computing locally");
+        return (Vec::new(), all, t0.elapsed().as_secs_f64());
+    }
+    let up = lx.ensure_params(w.run, &w.params_digest, &w.params).await;
+    let upload = t0.elapsed().as_secs_f64();
+    if let Err(e) = up {
+        tracing::warn!("cannot upload the parameters ({e}); computing locally");
+        return (Vec::new(), all, upload);
+    }
+    let work = exec::RoundWork {
+        run: w.run,
+        peer: w.peer,
+        round: w.round,
+        epoch: w.epoch,
+        model: w.cfg.model,
+        dataset: w.cfg.dataset,
+        normalization: w.cfg.normalization,
+        seed: w.cfg.seed,
+        numel: w.numel,
+        params_digest: &w.params_digest,
+        batch_ids: &w.batch_ids,
+        tasks: w.tasks,
+    };
+    let out = lx.run_round(&work).await;
+    (out.outputs, out.failed, upload)
 }
 
 /// Computes `tasks` of a round locally, each seeded as the function tier seeds
 /// it: one summed gradient per task, in task order.
-fn compute_tasks(t: &mut Trainer, batches: &[Vec<usize>], tasks: &[TaskPlan]) -> Vec<(usize, GradOutput)> {
+pub(crate) fn compute_tasks(t: &mut Trainer, batches: &[Vec<usize>], tasks: &[TaskPlan]) -> Vec<(usize, GradOutput)> {
     tasks
         .iter()
         .map(|task| {
@@ -869,7 +984,7 @@ fn compute_tasks(t: &mut Trainer, batches: &[Vec<usize>], tasks: &[TaskPlan]) ->
 }
 
 /// Sums task outputs in task order (the same order wherever they were computed).
-fn sum_outputs(mut outputs: Vec<(usize, GradOutput)>, numel: usize, secs: f64) -> Computed {
+pub(crate) fn sum_outputs(mut outputs: Vec<(usize, GradOutput)>, numel: usize, secs: f64) -> Computed {
     outputs.sort_by_key(|(i, _)| *i);
     let mut grad = vec![0f32; numel];
     let (mut loss_sum, mut samples) = (0.0, 0u64);
@@ -935,33 +1050,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut model = model;
     let mut opt = opt;
     let mut conv = Convergence::new(&p2p);
-    let restored = if p2p.checkpoint_every > 0 { ckpt.latest(numel as u64)? } else { None };
-    let fits = |r: &crate::checkpoint::Restored| check_state(&r.header, r.opt.len(), opt.state_vectors());
-    let restored = match restored.map(|r| (fits(&r), r)) {
-        Some((Err(why), r)) => {
-            tracing::warn!("checkpoint of round {} does not fit this run ({why}); starting without it", r.header.round);
-            None
-        }
-        Some((Ok(()), r)) => {
-            for (round, why) in &r.skipped {
-                tracing::warn!("checkpoint of round {round} is unusable ({why}); using an older one");
-            }
-            apply_state(&mut model, &mut opt, &r.params, &r.opt, r.header.lr, r.header.opt_steps);
-            conv.restore(r.header.plateau, r.header.stopping);
-            println!(
-                "restored checkpoint round {} epoch {} digest {} in {:.3} s",
-                r.header.round,
-                r.header.epoch + 1,
-                &hex(&digest_of(&r.params))[..16],
-                r.load_secs
-            );
-            ckpt_stats.restored_round = Some(r.header.round);
-            ckpt_stats.restore_secs = Some(r.load_secs);
-            ckpt_stats.restore_skipped = r.skipped.clone();
-            Some(r)
-        }
-        None => None,
-    };
+    let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
     let (client, events, requests, event_loop) = net::new(key, &listen)?;
     tokio::spawn(event_loop.run());
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
@@ -1030,6 +1119,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         membership_log: Vec::new(),
         planned_next: None,
         redialed: HashMap::new(),
+        known: known_addresses(&bootstrap, restored.as_ref().map(|r| &r.meta), &me),
         boot: started_unix_ms,
         catch_up_failed: HashMap::new(),
         ckpt: ckpt.clone(),
@@ -1052,7 +1142,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     if !bootstrap.is_empty() {
         let deadline = Instant::now() + Duration::from_secs(30);
         let peers: Vec<PeerId> = bootstrap.iter().map(|(p, _)| *p).collect();
-        while !node.accepted.iter().any(|p| peers.contains(p)) {
+        // Any bootstrap peer will do, or a peer the checkpoint remembers.
+        while !node.accepted.iter().any(|p| peers.contains(p) || node.known.contains_key(p)) {
             if Instant::now() > deadline {
                 bail!(
                     "cannot reach any bootstrap peer ({}) within 30 s: check the address and that the peer runs",
@@ -1217,49 +1308,35 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let mut local_tasks = tasks.clone();
             let mut outputs = Vec::new();
             if let Some(lx) = lambda.as_mut() {
-                // The function tier: this epoch's batches and the parameters in the store, then the tasks.
-                let t0 = Instant::now();
-                if let Err(e) = node.while_pumping(lx.upload_epoch(&run_id, &me_s, epoch, &ds.train, &sched.batches)).await? {
-                    tracing::warn!("cannot upload the epoch's batches ({e}); computing locally");
-                } else {
-                    let digest = node.last_digest.map(|(_, d)| d);
-                    let params = match (&latest_params, digest) {
-                        (Some((d, p)), Some(cur)) if *d == cur => p.clone(),
-                        _ => {
-                            let t = trainer.as_ref().expect("trainer present");
-                            let p = Arc::new(t.model.params_vec());
-                            let d = digest_of(&p);
-                            latest_params = Some((d, p.clone()));
-                            p
-                        }
-                    };
-                    let digest_hex = hex(&latest_params.as_ref().expect("just set").0);
-                    let up = node.while_pumping(lx.ensure_params(&run_id, &digest_hex, &params)).await?;
-                    st.upload = t0.elapsed().as_secs_f64();
-                    match up {
-                        Err(e) => tracing::warn!("cannot upload the parameters ({e}); computing locally"),
-                        Ok(()) => {
-                            let batch_ids: Vec<usize> = (lo..hi).collect();
-                            let work = exec::RoundWork {
-                                run: &run_id,
-                                peer: &me_s,
-                                round,
-                                epoch,
-                                model: cfg.model,
-                                dataset: cfg.dataset,
-                                normalization: cfg.normalization,
-                                seed: cfg.seed,
-                                numel,
-                                params_digest: &digest_hex,
-                                batch_ids: &batch_ids,
-                                tasks: &tasks,
-                            };
-                            let out = node.while_pumping(lx.run_round(&work)).await?;
-                            outputs = out.outputs;
-                            local_tasks.retain(|t| out.failed.contains(&t.index));
-                        }
+                let digest = node.last_digest.map(|(_, d)| d);
+                let params = match (&latest_params, digest) {
+                    (Some((d, p)), Some(cur)) if *d == cur => p.clone(),
+                    _ => {
+                        let t = trainer.as_ref().expect("trainer present");
+                        let p = Arc::new(t.model.params_vec());
+                        latest_params = Some((digest_of(&p), p.clone()));
+                        p
                     }
-                }
+                };
+                let digest_hex = hex(&latest_params.as_ref().expect("just set").0);
+                let work = Offload {
+                    run: &run_id,
+                    peer: &me_s,
+                    round,
+                    epoch,
+                    cfg: &cfg,
+                    numel,
+                    train: &ds.train,
+                    epoch_batches: &sched.batches,
+                    batch_ids: (lo..hi).collect(),
+                    tasks: &tasks,
+                    params,
+                    params_digest: digest_hex,
+                };
+                let (out, failed, upload) = node.while_pumping(offload(lx, work)).await?;
+                outputs = out;
+                st.upload = upload;
+                local_tasks.retain(|t| failed.contains(&t.index));
             }
             // Local computation (all tasks, or those the function tier failed), off the async threads.
             if !local_tasks.is_empty() {
@@ -1408,37 +1485,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 inputs.push((a.samples, a.loss_sum, blob));
             }
         }
-        let compression_c = compression;
-        let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) = tokio::task::spawn_blocking(move || {
-            let mut acc = vec![0f32; numel];
-            let (mut samples, mut loss) = (0u64, 0f64);
-            let (mut dec, mut agg) = (Duration::ZERO, Duration::ZERO);
-            for (s, l, blob) in &inputs {
-                let t = Instant::now();
-                let decoded = p2pml_proto::decode_gradient(blob, &compression_c, numel);
-                dec += t.elapsed();
-                match decoded {
-                    Ok(v) => {
-                        let t = Instant::now();
-                        for (a, x) in acc.iter_mut().zip(&v) {
-                            *a += *x;
-                        }
-                        agg += t.elapsed();
-                        samples += s;
-                        loss += l;
-                    }
-                    Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
-                }
-            }
-            let t = Instant::now();
-            let scale = 1.0 / samples.max(1) as f32;
-            for a in acc.iter_mut() {
-                *a *= scale;
-            }
-            agg += t.elapsed();
-            (acc, samples, loss, dec.as_secs_f64(), agg.as_secs_f64())
-        })
-        .await?;
+        let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
+            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel)).await?;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 
@@ -1502,7 +1550,17 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 epoch,
                 incarnation: node.rs.incarnation(),
                 written_unix_ms: unix_ms(),
-                members: node.rs.members().iter().map(|(p, m)| MemberRecord { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive }).collect(),
+                members: node
+                    .rs
+                    .members()
+                    .iter()
+                    .map(|(p, m)| MemberRecord {
+                        peer: p.to_bytes(),
+                        incarnation: m.incarnation,
+                        alive: m.alive,
+                        addrs: node.known.get(p).cloned().unwrap_or_default(),
+                    })
+                    .collect(),
             };
             ckpt_writer.submit(meta, state);
         }
@@ -1610,6 +1668,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         catch_ups,
         membership_log: std::mem::take(&mut node.membership_log),
         checkpoints: ckpt_writer.finish(ckpt_stats),
+        server_unreachable_seconds: 0.0,
     };
     let path = report_path(&p2p);
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
@@ -1617,7 +1676,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     Ok(report)
 }
 
-fn report_path(p2p: &P2pConfig) -> std::path::PathBuf {
+pub(crate) fn report_path(p2p: &P2pConfig) -> std::path::PathBuf {
     p2p.report.clone().unwrap_or_else(|| p2p.state_dir.join("report.json"))
 }
 
@@ -1671,6 +1730,7 @@ async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std
         catch_ups: 0,
         membership_log: std::mem::take(&mut node.membership_log),
         checkpoints: CheckpointStats::default(),
+        server_unreachable_seconds: 0.0,
     };
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());
@@ -1678,27 +1738,59 @@ async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std
 }
 
 /// The epoch's schedule as a state records it.
-struct EpochInfo {
-    first_round: u64,
+pub(crate) struct EpochInfo {
+    pub(crate) first_round: u64,
     /// The epoch's members (shard i belongs to members[i]).
-    members: Vec<PeerId>,
+    pub(crate) members: Vec<PeerId>,
     /// Those not demoted.
-    active: Vec<PeerId>,
+    pub(crate) active: Vec<PeerId>,
     /// After the epoch's last round: the next epoch's members.
-    next: Vec<PeerId>,
+    pub(crate) next: Vec<PeerId>,
 }
 
-fn ids(peers: &[PeerId]) -> Vec<serde_bytes::ByteBuf> {
+pub(crate) fn ids(peers: &[PeerId]) -> Vec<serde_bytes::ByteBuf> {
     peers.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect()
 }
 
-fn peer_ids(bytes: &[serde_bytes::ByteBuf]) -> Vec<PeerId> {
+pub(crate) fn peer_ids(bytes: &[serde_bytes::ByteBuf]) -> Vec<PeerId> {
     bytes.iter().filter_map(|b| PeerId::from_bytes(b).ok()).collect()
 }
 
 /// A state's header must fit this run: the optimizer's vectors, a schedule that
 /// starts at or before the state's round, members named.
-fn check_state(h: &p2pml_proto::StateHeader, opt_vectors: usize, ours: usize) -> Result<(), String> {
+/// Loads the newest checkpoint that verifies and fits this run into the model,
+/// optimizer and convergence state (older ones stand in for damaged ones).
+pub(crate) fn restore_checkpoint(
+    ckpt: &Checkpoints,
+    model: &mut Model,
+    opt: &mut Optimizer,
+    conv: &mut Convergence,
+    stats: &mut CheckpointStats,
+) -> anyhow::Result<Option<crate::checkpoint::Restored>> {
+    let Some(r) = ckpt.latest(model.numel() as u64)? else { return Ok(None) };
+    if let Err(why) = check_state(&r.header, r.opt.len(), opt.state_vectors()) {
+        tracing::warn!("checkpoint of round {} does not fit this run ({why}); starting without it", r.header.round);
+        return Ok(None);
+    }
+    for (round, why) in &r.skipped {
+        tracing::warn!("checkpoint of round {round} is unusable ({why}); using an older one");
+    }
+    apply_state(model, opt, &r.params, &r.opt, r.header.lr, r.header.opt_steps);
+    conv.restore(r.header.plateau, r.header.stopping);
+    println!(
+        "restored checkpoint round {} epoch {} digest {} in {:.3} s",
+        r.header.round,
+        r.header.epoch + 1,
+        &hex(&digest_of(&r.params))[..16],
+        r.load_secs
+    );
+    stats.restored_round = Some(r.header.round);
+    stats.restore_secs = Some(r.load_secs);
+    stats.restore_skipped = r.skipped.clone();
+    Ok(Some(r))
+}
+
+pub(crate) fn check_state(h: &p2pml_proto::StateHeader, opt_vectors: usize, ours: usize) -> Result<(), String> {
     if opt_vectors != ours && !(opt_vectors == 0 && h.opt_steps == 0) {
         return Err(format!("state has {opt_vectors} optimizer vectors, this optimizer has {ours}"));
     }
@@ -1709,7 +1801,7 @@ fn check_state(h: &p2pml_proto::StateHeader, opt_vectors: usize, ours: usize) ->
 }
 
 /// Loads parameters and optimizer state into a model and optimizer.
-fn apply_state(model: &mut Model, opt: &mut Optimizer, params: &[f32], state: &[Vec<f32>], lr: f64, steps: u64) {
+pub(crate) fn apply_state(model: &mut Model, opt: &mut Optimizer, params: &[f32], state: &[Vec<f32>], lr: f64, steps: u64) {
     model.set_params(params).expect("length checked by decode_state");
     let device = model.device();
     let state = state.iter().map(|v| tch::Tensor::from_slice(v).to_device(device)).collect();
@@ -1718,14 +1810,14 @@ fn apply_state(model: &mut Model, opt: &mut Optimizer, params: &[f32], state: &[
 
 /// Writes checkpoints on a thread of its own, one at a time: a round never waits
 /// for the disk; when the previous write is still going, this one is skipped.
-struct CheckpointWriter {
+pub(crate) struct CheckpointWriter {
     tx: Option<std::sync::mpsc::SyncSender<(CheckpointMeta, Arc<Vec<u8>>)>>,
     stats: Arc<Mutex<CheckpointStats>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CheckpointWriter {
-    fn start(ckpt: Arc<Checkpoints>, stall: Option<(u64, u64)>) -> Self {
+    pub(crate) fn start(ckpt: Arc<Checkpoints>, stall: Option<(u64, u64)>) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(CheckpointMeta, Arc<Vec<u8>>)>(0);
         let stats = Arc::new(Mutex::new(CheckpointStats::default()));
         let st = stats.clone();
@@ -1756,7 +1848,7 @@ impl CheckpointWriter {
         CheckpointWriter { tx: Some(tx), stats, thread: Some(thread) }
     }
 
-    fn submit(&self, meta: CheckpointMeta, state: Arc<Vec<u8>>) {
+    pub(crate) fn submit(&self, meta: CheckpointMeta, state: Arc<Vec<u8>>) {
         if let Some(tx) = &self.tx {
             if let Err(std::sync::mpsc::TrySendError::Full(_)) = tx.try_send((meta, state)) {
                 self.stats.lock().expect("stats lock").skipped_busy += 1;
@@ -1765,7 +1857,7 @@ impl CheckpointWriter {
     }
 
     /// Waits for the write in progress; the stats, with the restore's.
-    fn finish(mut self, restore: CheckpointStats) -> CheckpointStats {
+    pub(crate) fn finish(mut self, restore: CheckpointStats) -> CheckpointStats {
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -1777,7 +1869,7 @@ impl CheckpointWriter {
 
 /// testnet's control commands on stdin: `block <peer id> ...` refuses those
 /// peers (a partition), `unblock` lifts every block.
-async fn control_stdin(client: Client) {
+pub(crate) async fn control_stdin(client: Client) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -1799,7 +1891,7 @@ async fn control_stdin(client: Client) {
 }
 
 /// The state blob of the trainer after `round`.
-fn state_blob(
+pub(crate) fn state_blob(
     t: &Trainer,
     params: &[f32],
     round: u64,
@@ -1832,20 +1924,20 @@ fn state_blob(
 }
 
 /// One epoch's plan, the same on every peer: who trains, on which shard, for how many rounds.
-struct Schedule {
-    epoch: u64,
-    first_round: u64,
-    rounds: u64,
+pub(crate) struct Schedule {
+    pub(crate) epoch: u64,
+    pub(crate) first_round: u64,
+    pub(crate) rounds: u64,
     /// Sorted peer ids; shard i belongs to members[i].
-    members: Vec<PeerId>,
-    my_index: Option<usize>,
+    pub(crate) members: Vec<PeerId>,
+    pub(crate) my_index: Option<usize>,
     /// This peer's batches (indices into the training split) when it is a member.
-    batches: Vec<Vec<usize>>,
+    pub(crate) batches: Vec<Vec<usize>>,
 }
 
 impl Schedule {
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(crate) fn new(
         cfg: &TrainConfig,
         p2p: &P2pConfig,
         n_train: usize,

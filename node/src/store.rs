@@ -23,6 +23,8 @@ pub struct Store {
     /// The latest states by round (a few, so that a peer fetching one state's
     /// chunks is not cut off when the next round's state replaces it).
     states: BTreeMap<u64, StateBlob>,
+    /// Parameter server: the parameters at the start of recent rounds (plain f32).
+    params: BTreeMap<u64, Arc<Vec<u8>>>,
     /// The round this peer is on (for Hello answers).
     pub round: u64,
     /// Peers whose Hello was refused: their gossip is rejected.
@@ -55,6 +57,15 @@ impl Store {
         self.states.insert(s.round, s);
         while self.states.len() > STATES_KEPT {
             self.states.pop_first();
+        }
+    }
+
+    /// Parameter server: the parameters workers fetch for `round`.
+    pub fn set_params(&mut self, round: u64, bytes: Arc<Vec<u8>>) {
+        self.params.retain(|r, _| *r < round);
+        self.params.insert(round, bytes);
+        while self.params.len() > STATES_KEPT {
+            self.params.pop_first();
         }
     }
 
@@ -97,6 +108,16 @@ impl Store {
                     .unwrap_or(Response::Missing),
                 _ => Response::Missing,
             },
+            Request::Params { round, index } => match self.params.get(&round) {
+                Some(p) => chunk(p, index)
+                    .map(|data| Response::Params { round, total_len: p.len() as u64, data })
+                    .unwrap_or(Response::Missing),
+                None => Response::Missing,
+            },
+            // Answered by the parameter server's own loop, never from a store.
+            Request::PsPoll { .. } | Request::PsHeartbeat { .. } | Request::PsPush(_) => {
+                Response::PsAck { accepted: false, reason: Some("this node is not a parameter server".into()) }
+            }
         }
     }
 }

@@ -223,6 +223,38 @@ pub enum Request {
         owner: Vec<u8>,
         round: u64,
     },
+    /// Parameter-server mode, worker to server: the work of `round` (or later).
+    /// The server answers once it has reached that round, or within two seconds
+    /// with where it is (a long poll).
+    PsPoll { round: u64, incarnation: u64 },
+    /// Worker to server: "I am alive" (every heartbeat, also while computing).
+    PsHeartbeat { incarnation: u64 },
+    /// Worker to server: my gradient for a round. The server fetches it in
+    /// chunks from the worker unless it rides inline.
+    PsPush(Box<Announce>),
+    /// One chunk of the server's parameters at the start of `round` (plain f32,
+    /// little-endian; the optimizer state stays on the server).
+    Params { round: u64, index: u32 },
+}
+
+/// The parameter server's answer to a poll: the round it is on and the epoch's plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PsWork {
+    pub round: u64,
+    pub epoch: u64,
+    /// The epoch's first round and its members (sorted peer ids; shard i is members[i]).
+    pub first_round: u64,
+    pub members: Vec<serde_bytes::ByteBuf>,
+    /// Whether the polling worker trains in this round (a member not demoted).
+    pub active: bool,
+    /// Byte length and BLAKE3 digest of the parameters at the start of `round`.
+    pub params_len: u64,
+    pub params_digest: Digest,
+    /// The run is over; `round` is the number of rounds it ran.
+    pub finished: bool,
+    /// The server is not taking gradients yet (starting, or evaluating between
+    /// epochs): poll the same round again.
+    pub waiting: bool,
 }
 
 /// Responses over request-response.
@@ -234,6 +266,12 @@ pub enum Response {
     State { round: u64, epoch: u64, total_len: u64, data: serde_bytes::ByteBuf },
     Announcement(Box<Announce>),
     Missing,
+    /// Parameter-server mode: the answer to a poll.
+    PsWork(Box<PsWork>),
+    /// Parameter-server mode: a push or heartbeat taken (or refused, and why).
+    PsAck { accepted: bool, reason: Option<String> },
+    /// One chunk of the parameters of `round`.
+    Params { round: u64, total_len: u64, data: serde_bytes::ByteBuf },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

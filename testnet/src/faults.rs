@@ -54,8 +54,26 @@ pub(crate) struct Scheduled {
     pub(crate) action: Action,
 }
 
-fn peer(s: &str, peers: usize, flag: &str) -> Result<usize, String> {
-    let i: usize = s.trim().parse().map_err(|_| format!("{flag}: '{s}' is not a peer index"))?;
+/// The nodes a schedule can name: peers (or workers) 0..peers, and in
+/// parameter-server mode the server as `ps` (index `peers`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Nodes {
+    pub(crate) peers: usize,
+    pub(crate) server: bool,
+}
+
+impl Nodes {
+    pub(crate) fn count(self) -> usize {
+        self.peers + usize::from(self.server)
+    }
+}
+
+fn peer(s: &str, nodes: Nodes, flag: &str) -> Result<usize, String> {
+    let peers = nodes.peers;
+    if s.trim() == "ps" {
+        return if nodes.server { Ok(peers) } else { Err(format!("{flag}: 'ps' names the parameter server: only with --role ps")) };
+    }
+    let i: usize = s.trim().parse().map_err(|_| format!("{flag}: '{s}' is not a peer index (or ps)"))?;
     if i >= peers {
         return Err(format!("{flag}: peer {i} does not exist (--peers {peers})"));
     }
@@ -63,13 +81,13 @@ fn peer(s: &str, peers: usize, flag: &str) -> Result<usize, String> {
 }
 
 /// `PEER@T`
-pub(crate) fn parse_peer_at(s: &str, peers: usize, flag: &str) -> Result<(usize, At), String> {
+pub(crate) fn parse_peer_at(s: &str, peers: Nodes, flag: &str) -> Result<(usize, At), String> {
     let (p, t) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected PEER@T, e.g. 2@12.5 or 2@r5"))?;
     Ok((peer(p, peers, flag)?, parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?))
 }
 
 /// `A,B|C,D@T+DUR`
-pub(crate) fn parse_partition(s: &str, peers: usize) -> Result<Vec<Scheduled>, String> {
+pub(crate) fn parse_partition(s: &str, peers: Nodes) -> Result<Vec<Scheduled>, String> {
     let flag = "--partition";
     let (sides, when) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
     let (t, dur) = when.split_once('+').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
@@ -90,7 +108,8 @@ pub(crate) fn parse_partition(s: &str, peers: usize) -> Result<Vec<Scheduled>, S
 }
 
 /// `--random-kills N --interval S --down D`: N kills, one every S seconds from S
-/// on, each of a peer that is up (seeded), revived D seconds later.
+/// on, each of a node that is up (seeded; in parameter-server mode the server is
+/// one of the `peers` nodes, as likely to be hit as any worker), revived D seconds later.
 pub(crate) fn random_kills(n: usize, interval: f64, down: f64, peers: usize, seed: u64) -> Vec<Scheduled> {
     let mut rng = p2pml_proto::Rng::new(seed);
     let mut out = Vec::new();
@@ -118,6 +137,8 @@ pub(crate) enum Obs {
     Died { t: f64, node: usize, peer: String },
     /// Node `i` holds the run's state (started, resumed or synced).
     Ready { t: f64, node: usize },
+    /// Worker `i` (parameter-server mode) pushed its gradient for a round.
+    Computed { t: f64, node: usize },
 }
 
 /// One fault event and its effect.
@@ -139,6 +160,10 @@ pub(crate) struct EventReport {
     /// it finished a round with the same digest as the other peers.
     pub(crate) rejoin_s: Option<f64>,
     pub(crate) digest_match_s: Option<f64>,
+    /// Revive: seconds from the restart until the node did its part again: a
+    /// P2P peer's digest matched, a worker pushed a gradient, the server
+    /// finished a round.
+    pub(crate) in_step_s: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -149,8 +174,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The effect of each event. `fired` is (seconds, spec, action); `ids` the peer id of each node.
-pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[String]) -> Vec<EventReport> {
+/// The effect of each event. `fired` is (seconds, spec, action); `ids` the peer
+/// id of each node; `server` the parameter server's index in PS mode.
+pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[String], server: Option<usize>) -> Vec<EventReport> {
     // Round finish times per node, and the digest of each round by node.
     let mut finishes: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut digests: BTreeMap<u64, Vec<(usize, String, f64)>> = BTreeMap::new();
@@ -175,6 +201,7 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
             rounds_stalled: None,
             rejoin_s: None,
             digest_match_s: None,
+            in_step_s: None,
         };
         let stall = |skip: &[usize], until: f64| -> Option<f64> {
             let mut worst: Option<f64> = None;
@@ -208,7 +235,13 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                     .collect();
                 e.detection_s = seen.iter().copied().reduce(f64::min);
                 e.detection_last_s = seen.iter().copied().reduce(f64::max);
-                e.stalled_s = stall(&[*peer], next_t.min(t + 60.0));
+                e.stalled_s = if server == Some(*peer) {
+                    // Only the server finishes rounds: its gap across its own death
+                    // (until it is back and has finished one) is everyone's stall.
+                    stall(&[], t + 300.0)
+                } else {
+                    stall(&[*peer], next_t.min(t + 60.0))
+                };
             }
             Action::Partition { sides, secs } => {
                 // The largest side holds the quorum and should train on: its stall.
@@ -226,6 +259,14 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                     let others: Vec<&String> = ds.iter().filter(|(n, _, _)| *n != *peer).map(|(_, d, _)| d).collect();
                     (!others.is_empty() && others.iter().all(|d| *d == mine)).then_some(at - t)
                 });
+                e.in_step_s = match server {
+                    None => e.digest_match_s,
+                    Some(s) if s == *peer => finishes.get(peer).and_then(|ts| ts.iter().find(|x| **x >= *t)).map(|x| x - t),
+                    Some(_) => obs.iter().find_map(|o| match o {
+                        Obs::Computed { t: c, node } if *node == *peer && *c >= *t => Some(c - t),
+                        _ => None,
+                    }),
+                };
             }
             Action::Heal => {}
         }
@@ -241,17 +282,27 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
 mod tests {
     use super::*;
 
+    const N4: Nodes = Nodes { peers: 4, server: false };
+
+    #[test]
+    fn ps_names_the_server_only_in_ps_mode() {
+        let ps = Nodes { peers: 4, server: true };
+        assert_eq!(parse_peer_at("ps@r3", ps, "--kill").unwrap(), (4, At::Round(3)));
+        assert!(parse_peer_at("ps@r3", N4, "--kill").unwrap_err().contains("--role ps"));
+        assert_eq!(ps.count(), 5);
+    }
+
     #[test]
     fn schedules_parse_and_bad_ones_say_why() {
-        assert_eq!(parse_peer_at("2@12.5", 4, "--kill").unwrap(), (2, At::Secs(12.5)));
-        assert_eq!(parse_peer_at("3@r5", 4, "--kill").unwrap(), (3, At::Round(5)));
-        assert!(parse_peer_at("4@1", 4, "--kill").unwrap_err().contains("does not exist"));
-        assert!(parse_peer_at("1", 4, "--kill").unwrap_err().contains("PEER@T"));
-        assert!(parse_peer_at("1@x", 4, "--kill").unwrap_err().contains("neither"));
-        let p = parse_partition("0,1|2,3@r4+30", 4).unwrap();
+        assert_eq!(parse_peer_at("2@12.5", N4, "--kill").unwrap(), (2, At::Secs(12.5)));
+        assert_eq!(parse_peer_at("3@r5", N4, "--kill").unwrap(), (3, At::Round(5)));
+        assert!(parse_peer_at("4@1", N4, "--kill").unwrap_err().contains("does not exist"));
+        assert!(parse_peer_at("1", N4, "--kill").unwrap_err().contains("PEER@T"));
+        assert!(parse_peer_at("1@x", N4, "--kill").unwrap_err().contains("neither"));
+        let p = parse_partition("0,1|2,3@r4+30", N4).unwrap();
         assert_eq!(p[0].action, Action::Partition { sides: vec![vec![0, 1], vec![2, 3]], secs: 30.0 });
-        assert!(parse_partition("0,1|1,2@3+4", 4).unwrap_err().contains("two sides"));
-        assert!(parse_partition("0,1@3+4", 4).unwrap_err().contains("two or more"));
+        assert!(parse_partition("0,1|1,2@3+4", N4).unwrap_err().contains("two sides"));
+        assert!(parse_partition("0,1@3+4", N4).unwrap_err().contains("two or more"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!
 //! serves a local S3-compatible object store until SIGTERM/SIGINT.
 
+mod compare;
 mod faults;
 mod report;
 mod s3;
@@ -35,6 +36,9 @@ struct Cli {
 enum Cmd {
     /// Start N peers on loopback, wait for the run to finish, write DIR/report.json.
     Run(RunArgs),
+    /// Run the same configuration and fault schedule in P2P mode and in
+    /// parameter-server mode; write DIR/compare.md, compare.json and plots.
+    Compare(CompareArgs),
     /// Serve a local S3-compatible object store (a directory) on loopback until SIGTERM/SIGINT.
     /// Prints `s3 listening on http://ADDR`. Credentials: --access-key/--secret-key, else
     /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, else p2pml-local/p2pml-local-secret.
@@ -110,9 +114,22 @@ struct RunArgs {
     /// SECONDS: "0,1|2,3@r5+30". Repeatable.
     #[arg(long, value_name = "A,B|C,D@T+SECONDS")]
     partition: Vec<String>,
+    /// p2p: --peers peers of a decentralized run; ps: a parameter server (named
+    /// `ps` in the fault schedule) and --peers workers.
+    #[arg(long, default_value = "p2p", value_parser = ["p2p", "ps"])]
+    role: String,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CompareArgs {
+    /// Test accuracy for the "time to target accuracy" column.
+    #[arg(long, default_value_t = 0.7)]
+    target_accuracy: f64,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +143,7 @@ fn main() -> ExitCode {
     };
     let r = match cli.command {
         Cmd::Run(a) => rt.block_on(run(a)),
+        Cmd::Compare(a) => rt.block_on(compare_modes(a)),
         Cmd::S3(a) => rt.block_on(s3::run(a)).map(|()| true),
     };
     match r {
@@ -153,6 +171,8 @@ fn node_bin(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// What a node's stdout told us.
 #[derive(Debug)]
 enum NodeLine {
+    /// A worker pushed a gradient (parameter-server mode).
+    Computed(usize),
     Listening(usize, String),
     PeerId(usize, String),
     Round(usize, u64, String),
@@ -254,6 +274,7 @@ async fn spawn_node(
                 (Some("listening"), Some(addr)) => Some(NodeLine::Listening(i, addr.to_string())),
                 (Some("peer"), Some(id)) => Some(NodeLine::PeerId(i, id.to_string())),
                 (Some("ready"), _) => Some(NodeLine::Ready(i)),
+                (Some("computed"), Some("round")) => Some(NodeLine::Computed(i)),
                 (Some("member"), Some("died")) => w.next().map(|p| NodeLine::Died(i, p.to_string())),
                 (Some("round"), Some(r)) => {
                     let digest = line.split(" digest ").nth(1).unwrap_or_default().trim().to_string();
@@ -278,19 +299,76 @@ async fn spawn_node(
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<bool> {
+    let report = run_report(a).await?;
+    Ok(report.ok)
+}
+
+/// `testnet compare`: P2P first, then the parameter server, same schedule.
+async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
+    if !(c.target_accuracy > 0.0 && c.target_accuracy <= 1.0) {
+        bail!("--target-accuracy must be a fraction in (0, 1], e.g. 0.7");
+    }
+    let out = c.run.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    // `ps` names the server; the P2P run loses peer 0 in its place.
+    let side = |s: &str| s.split(',').map(|p| if p.trim() == "ps" { "0" } else { p }).collect::<Vec<_>>().join(",");
+    let mut p2p = c.run.clone();
+    p2p.role = "p2p".into();
+    p2p.out = out.join("p2p");
+    p2p.kill = c.run.kill.iter().map(|k| k.replace("ps@", "0@")).collect();
+    p2p.revive = c.run.revive.iter().map(|k| k.replace("ps@", "0@")).collect();
+    p2p.partition = c
+        .run
+        .partition
+        .iter()
+        .map(|p| match p.split_once('@') {
+            Some((sides, when)) => format!("{}@{when}", sides.split('|').map(side).collect::<Vec<_>>().join("|")),
+            None => p.clone(),
+        })
+        .collect();
+    let mut ps = c.run.clone();
+    ps.role = "ps".into();
+    ps.out = out.join("ps");
+    eprintln!("== P2P: {} peers", c.run.peers);
+    let r1 = run_report(p2p).await?;
+    eprintln!("== parameter server: 1 server, {} workers", c.run.peers);
+    let r2 = run_report(ps).await?;
+    let cmp = compare::compare(c.run.peers, c.target_accuracy, &c.run.node_args, &r1, &r2);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    compare::write(&out, &cmp, &command, &r1, &r2)?;
+    println!("{}", compare::markdown(&cmp, &command));
+    eprintln!("comparison: {}", out.join("compare.md").display());
+    Ok(r1.ok && r2.ok)
+}
+
+/// A free TCP port on loopback (for the parameter server, which keeps its
+/// address across restarts so that workers find it again).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Runs the testnet and returns its report (also written to OUT/report.json).
+async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     if a.peers == 0 {
         bail!("--peers must be at least 1");
     }
+    let ps = a.role == "ps";
+    if ps && a.rogues > 0 {
+        bail!("--rogues is for --role p2p (rogues attack the gossip layer)");
+    }
+    let nodes = faults::Nodes { peers: a.peers, server: ps };
+    let n_nodes = nodes.count();
+    // In PS mode the server is the last node.
+    let server = ps.then_some(a.peers);
     let bin = node_bin(&a.node_bin)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = a.threads_per_node.unwrap_or((cores / a.peers).max(1));
+    let threads = a.threads_per_node.unwrap_or((cores / n_nodes).max(1));
     if a.out.join("nodes").exists() {
         std::fs::remove_dir_all(a.out.join("nodes")).with_context(|| format!("cannot clear {}", a.out.display()))?;
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let mut args: Vec<String> = vec![
-        "--listen".into(),
-        "/ip4/127.0.0.1/tcp/0".into(),
         "--peers".into(),
         a.peers.to_string(),
         "--threads".into(),
@@ -301,11 +379,11 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let mut schedule: Vec<(faults::Scheduled, String)> = Vec::new();
     let bad = |e: String| anyhow::anyhow!(e);
     for k in &a.kill {
-        let (peer, at) = faults::parse_peer_at(k, a.peers, "--kill").map_err(bad)?;
+        let (peer, at) = faults::parse_peer_at(k, nodes, "--kill").map_err(bad)?;
         schedule.push((faults::Scheduled { at, action: faults::Action::Kill { peer } }, format!("kill {k}")));
     }
     for k in &a.revive {
-        let (peer, at) = faults::parse_peer_at(k, a.peers, "--revive").map_err(bad)?;
+        let (peer, at) = faults::parse_peer_at(k, nodes, "--revive").map_err(bad)?;
         schedule.push((faults::Scheduled { at, action: faults::Action::Revive { peer } }, format!("revive {k}")));
     }
     if a.random_kills > 0 {
@@ -313,7 +391,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             bail!("--interval must be more than 0 seconds");
         }
         let down = a.down.unwrap_or(a.interval / 2.0);
-        for ev in faults::random_kills(a.random_kills, a.interval, down, a.peers, a.fault_seed) {
+        for ev in faults::random_kills(a.random_kills, a.interval, down, n_nodes, a.fault_seed) {
             let spec = match &ev.action {
                 faults::Action::Kill { peer } => format!("random kill {peer}@{}", ev.at),
                 faults::Action::Revive { peer } => format!("random revive {peer}@{}", ev.at),
@@ -323,7 +401,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
     }
     for p in &a.partition {
-        for ev in faults::parse_partition(p, a.peers).map_err(bad)? {
+        for ev in faults::parse_partition(p, nodes).map_err(bad)? {
             schedule.push((ev, format!("partition {p}")));
         }
     }
@@ -351,14 +429,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let (tx, mut rx) = mpsc::channel(1024);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.timeout);
-    let node_dir = |i: usize| a.out.join("nodes").join(format!("n{i}"));
-    let mut extra: Vec<Vec<String>> = vec![Vec::new(); a.peers];
+    let node_dir = |i: usize| a.out.join("nodes").join(if Some(i) == server { "ps".to_string() } else { format!("n{i}") });
+    let mut extra: Vec<Vec<String>> = vec![Vec::new(); n_nodes];
     for pa in &a.peer_args {
         let Some((i, rest)) = pa.split_once('=') else { bail!("--peer-args {pa}: expected INDEX=ARGS") };
         let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--peer-args {pa}: {i} is not a peer index"))?;
         if i >= a.peers {
             bail!("--peer-args {pa}: peer {i} does not exist (--peers {})", a.peers);
         }
+        // (the server takes no --peer-args)
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
     // Peer ids derived from the node index make a run reproducible: shards,
@@ -371,19 +450,39 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             vec!["--identity-seed".into(), (a.identity_base + i as u64).to_string()]
         }
     };
-    let args_for = |i: usize| -> Vec<String> {
-        args.iter().cloned().chain(extra[i].iter().cloned()).chain(identity(i)).collect()
+    // The server listens on a fixed port: a revived server keeps its address.
+    let server_listen = match ps {
+        true => format!("/ip4/127.0.0.1/tcp/{}", free_port()?),
+        false => String::new(),
     };
-    let procs = vec![spawn_node(0, &bin, &node_dir(0), &args_for(0), &env, tx.clone()).await?];
-    // The first node's address is everyone's bootstrap.
+    // Every node's own arguments (without the bootstrap, which a revival picks anew).
+    let args_for = |i: usize| -> Vec<String> {
+        let role: Vec<String> = match (ps, Some(i) == server) {
+            (false, _) => vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+            (true, true) => vec!["--role".into(), "ps".into(), "--listen".into(), server_listen.clone()],
+            (true, false) => vec!["--role".into(), "worker".into(), "--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+        };
+        args.iter().cloned().chain(role).chain(extra[i].iter().cloned()).chain(identity(i)).collect()
+    };
+    // The first node (peer 0, or the server) gives everyone's bootstrap address.
+    let first = server.unwrap_or(0);
+    let first_proc = spawn_node(first, &bin, &node_dir(first), &args_for(first), &env, tx.clone()).await?;
     let boot = loop {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(NodeLine::Listening(0, addr))) => break addr,
+            Ok(Some(NodeLine::Listening(i, addr))) if i == first => break addr,
             Ok(Some(_)) => continue,
             _ => {
-                let log = std::fs::read_to_string(node_dir(0).join("stderr.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(node_dir(first).join("stderr.log")).unwrap_or_default();
                 bail!("the first node did not start listening: {}", log.lines().last().unwrap_or("(no output)"));
             }
+        }
+    };
+    // How a node (other than the first) finds the run.
+    let join_args = |boot: &str| -> Vec<String> {
+        if ps {
+            vec!["--ps".into(), boot.to_string()]
+        } else {
+            vec!["--bootstrap".into(), boot.to_string()]
         }
     };
     let mut delays = vec![0f64; a.peers];
@@ -394,14 +493,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             _ => bail!("--start-delay {d}: expected INDEX=SECONDS with 0 < INDEX < --peers"),
         }
     }
-    let mut order: Vec<usize> = (1..a.peers).collect();
+    let mut order: Vec<usize> = (0..a.peers).filter(|i| *i != first).collect();
     order.sort_by(|x, y| delays[*x].total_cmp(&delays[*y]));
-    let mut procs: Vec<Option<NodeProc>> = procs.into_iter().map(Some).chain((1..a.peers).map(|_| None)).collect();
+    let mut procs: Vec<Option<NodeProc>> = (0..n_nodes).map(|_| None).collect();
+    procs[first] = Some(first_proc);
     for i in order {
         let at = started + Duration::from_secs_f64(delays[i]);
         tokio::time::sleep_until(at.into()).await;
         let mut args_i = args_for(i);
-        args_i.extend(["--bootstrap".into(), boot.clone()]);
+        args_i.extend(join_args(&boot));
         procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
     }
     let procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
@@ -409,7 +509,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     for (i, p) in procs.into_iter().enumerate() {
         ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
     }
-    for i in a.peers..a.peers + a.rogues {
+    for i in n_nodes..n_nodes + a.rogues {
         let mut args_i = args.clone();
         args_i.extend(identity(i));
         args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
@@ -434,15 +534,17 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
     };
     let t0 = Instant::now();
-    let n = a.peers + a.rogues;
-    let mut rounds = vec![0u64; a.peers];
+    let n = n_nodes + a.rogues;
+    let mut rounds = vec![0u64; n_nodes];
     let mut exits: Vec<Option<Option<i32>>> = vec![None; n];
     let mut generation = vec![0u32; n];
     let mut running = vec![true; n];
-    let mut killed = vec![false; a.peers];
+    let mut killed = vec![false; n_nodes];
     let mut addrs: Vec<Option<String>> = vec![None; n];
-    addrs[0] = Some(boot.clone());
-    let mut ids: Vec<String> = vec![String::new(); a.peers];
+    addrs[first] = Some(boot.clone());
+    let mut ids: Vec<String> = vec![String::new(); n_nodes];
+    let mut progress: Vec<(f64, u64)> = Vec::new();
+    let mut accuracy_timeline: Vec<(f64, u64, f64)> = Vec::new();
     let mut obs: Vec<faults::Obs> = Vec::new();
     let mut fired: Vec<(f64, String, faults::Action)> = Vec::new();
     let mut last_acc = None;
@@ -486,6 +588,12 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
                     let others: Vec<usize> = (0..a.peers).filter(|j| *j != p && running[*j]).collect();
                     let known: Vec<String> = others.iter().filter_map(|j| addrs[*j].clone()).collect();
                     match known.is_empty() {
+                        // PS mode: the server keeps its address; a worker needs nothing else.
+                        _ if ps => {
+                            if Some(p) != server {
+                                args_p.extend(join_args(&boot));
+                            }
+                        }
                         // Every running peer's address: one of them may die before the
                         // revived node is up, and one link to each side keeps the swarm whole.
                         false => {
@@ -531,8 +639,11 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
             fired.push((now, spec, ev.action.clone()));
         }
         // Done when no peer runs and nothing is left to revive (or the run is over).
-        let any_running = (0..a.peers).any(|i| running[i]);
-        let run_over = (0..a.peers).any(|i| exits[i] == Some(Some(0)));
+        let any_running = (0..n_nodes).any(|i| running[i]);
+        let run_over = match server {
+            Some(s) => exits[s] == Some(Some(0)),
+            None => (0..a.peers).any(|i| exits[i] == Some(Some(0))),
+        };
         let revive_pending = schedule.iter().any(|(ev, _)| matches!(ev.action, faults::Action::Revive { .. }));
         if !any_running && (run_over || !revive_pending) {
             break;
@@ -549,13 +660,18 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         let t = t0.elapsed().as_secs_f64();
         match m {
             NodeLine::Round(i, r, digest) => {
-                if i < a.peers {
+                if i < n_nodes {
+                    if r + 1 > rounds.iter().copied().max().unwrap_or(0) {
+                        progress.push((t, r + 1));
+                    }
                     rounds[i] = r + 1;
                     obs.push(faults::Obs::Round { t, node: i, round: r, digest });
                 }
             }
+            NodeLine::Computed(i) => obs.push(faults::Obs::Computed { t, node: i }),
             NodeLine::Epoch(e, acc) => {
                 if last_acc.is_none_or(|(le, _)| e > le) {
+                    accuracy_timeline.push((t, e, acc / 100.0));
                     say(&bar, format!("epoch {e}: test accuracy {acc:.2}%"));
                     last_acc = Some((e, acc));
                 }
@@ -572,19 +688,21 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
                 }
             }
             NodeLine::PeerId(i, id) => {
-                if i < a.peers {
+                if i < n_nodes {
                     ids[i] = id;
                 }
             }
             NodeLine::Died(i, peer) => obs.push(faults::Obs::Died { t, node: i, peer }),
             NodeLine::Ready(i) => obs.push(faults::Obs::Ready { t, node: i }),
         }
-        let min = rounds.iter().min().copied().unwrap_or(0);
-        let max = rounds.iter().max().copied().unwrap_or(0);
+        let shown = if ps { &rounds[a.peers..] } else { &rounds[..] };
+        let min = shown.iter().min().copied().unwrap_or(0);
+        let max = shown.iter().max().copied().unwrap_or(0);
         bar.set_message(format!(
-            "rounds {min}..{max}, {} of {} peers running{}",
-            running[..a.peers].iter().filter(|r| **r).count(),
-            a.peers,
+            "rounds {min}..{max}, {} of {} {} running{}",
+            running[..n_nodes].iter().filter(|r| **r).count(),
+            n_nodes,
+            if ps { "nodes" } else { "peers" },
             last_acc.map(|(e, acc)| format!(", epoch {e} test accuracy {acc:.2}%")).unwrap_or_default()
         ));
     }
@@ -611,7 +729,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     }
     drop(tx);
     let down_at_end: Vec<bool> = killed.clone();
-    let fault_reports = faults::effects(&fired, &obs, &ids);
+    let fault_reports = faults::effects(&fired, &obs, &ids, server);
     let host_stats = match tier {
         Some(t) => {
             let s = t.stats().await;
@@ -620,11 +738,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         }
         None => None,
     };
-    let mut report = report::collect(&a.out, a.peers, a.rogues, &args, started.elapsed(), &exits, &down_at_end, host_stats)?;
+    let mut report = report::collect(&a.out, n_nodes, a.rogues, &args, started.elapsed(), &exits, &down_at_end, host_stats, server)?;
     report.faults = fault_reports;
+    report.role = a.role.clone();
+    report.stalled_seconds = report::stalled_seconds(&progress);
+    report.progress = progress;
+    report.accuracy_timeline = accuracy_timeline;
     let path = a.out.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);
     eprintln!("report: {}", path.display());
-    Ok(report.ok)
+    Ok(report)
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 #[derive(Debug, Serialize)]
 pub(crate) struct PeerSummary {
     pub(crate) index: usize,
+    /// "peer", "ps" or "worker".
+    pub(crate) role: String,
     pub(crate) peer_id: String,
     pub(crate) exit_code: Option<i32>,
     pub(crate) final_digest: String,
@@ -80,6 +82,15 @@ pub(crate) struct Report {
     pub(crate) down_at_end: Vec<usize>,
     /// The fault schedule as it fired, with each event's measured effect.
     pub(crate) faults: Vec<crate::faults::EventReport>,
+    /// "p2p", or "ps" (a parameter server and --peers workers).
+    pub(crate) role: String,
+    /// Progress as testnet saw it: (seconds, rounds finished by the furthest node).
+    pub(crate) progress: Vec<(f64, u64)>,
+    /// Test accuracy as it was printed: (seconds, epoch, accuracy).
+    pub(crate) accuracy_timeline: Vec<(f64, u64, f64)>,
+    /// Seconds without progress: the sum over gaps between new rounds longer
+    /// than twice the median round, less one median round each.
+    pub(crate) stalled_seconds: f64,
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -96,7 +107,9 @@ pub(crate) fn collect(
     exits: &[Option<Option<i32>>],
     down_at_end: &[bool],
     host_stats: Option<Value>,
+    server: Option<usize>,
 ) -> anyhow::Result<Report> {
+    let dir = |i: usize| out.join("nodes").join(if Some(i) == server { "ps".to_string() } else { format!("n{i}") });
     let mut problems = Vec::new();
     let mut summaries = Vec::new();
     let mut digests_by_round: BTreeMap<u64, Vec<String>> = BTreeMap::new();
@@ -105,12 +118,12 @@ pub(crate) fn collect(
         if down_at_end.get(i).copied().unwrap_or(false) {
             continue;
         }
-        let path = out.join("nodes").join(format!("n{i}")).join("report.json");
+        let path = dir(i).join("report.json");
         let exit_code: Option<i32> = exits.get(i).copied().flatten().flatten();
         let v: Value = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
             Some(v) => v,
             None => {
-                let err = std::fs::read_to_string(out.join("nodes").join(format!("n{i}")).join("stderr.log")).unwrap_or_default();
+                let err = std::fs::read_to_string(dir(i).join("stderr.log")).unwrap_or_default();
                 problems.push(format!(
                     "peer {i} wrote no report (exit {exit_code:?}): {}",
                     err.lines().rev().find(|l| l.contains("error")).unwrap_or("no error line")
@@ -127,8 +140,10 @@ pub(crate) fn collect(
         let rounds_log = v["rounds_log"].clone();
         let mut stage_sum: BTreeMap<String, f64> = BTreeMap::new();
         let n_rounds = rounds_log.as_array().map_or(0, Vec::len);
+        // A worker's round digests are those of the parameters it trained from.
+        let worker = v["role"].as_str() == Some("worker");
         for r in rounds_log.as_array().into_iter().flatten() {
-            if let (Some(round), Some(d)) = (r["round"].as_u64(), r["digest"].as_str()) {
+            if let (Some(round), Some(d), false) = (r["round"].as_u64(), r["digest"].as_str(), worker) {
                 digests_by_round.entry(round).or_default().push(d.to_string());
             }
             if let Some(st) = r["stages"].as_object() {
@@ -140,6 +155,7 @@ pub(crate) fn collect(
         let mean_stage_seconds = stage_sum.into_iter().map(|(k, s)| (k, s / n_rounds.max(1) as f64)).collect();
         summaries.push(PeerSummary {
             index: i,
+            role: v["role"].as_str().unwrap_or_default().to_string(),
             peer_id: v["peer_id"].as_str().unwrap_or_default().to_string(),
             exit_code,
             final_digest: v["final_digest"].as_str().unwrap_or_default().to_string(),
@@ -172,7 +188,8 @@ pub(crate) fn collect(
     }
     // Asynchronous runs are not expected to agree bit for bit.
     let sync = first_spec_sync.as_deref() != Some("async");
-    let common: Vec<(&u64, &Vec<String>)> = digests_by_round.iter().filter(|(_, d)| d.len() == summaries.len()).collect();
+    let with_digests = summaries.iter().filter(|s| s.role != "worker").count();
+    let common: Vec<(&u64, &Vec<String>)> = digests_by_round.iter().filter(|(_, d)| d.len() == with_digests).collect();
     let equal = common.iter().filter(|(_, d)| d.windows(2).all(|w| w[0] == w[1])).count() as u64;
     if sync && equal < common.len() as u64 {
         problems.push(format!("digests differ in {} of {} rounds", common.len() as u64 - equal, common.len()));
@@ -185,8 +202,10 @@ pub(crate) fn collect(
     if summaries.len() < expected {
         problems.push(format!("{} of {expected} peers reported", summaries.len()));
     }
+    // The node that evaluated the most epochs (a restarted peer evaluated fewer; a worker none).
     let accuracy_by_epoch = summaries
-        .first()
+        .iter()
+        .max_by_key(|s| (s.epochs_log.as_array().map_or(0, Vec::len), std::cmp::Reverse(s.index)))
         .and_then(|s| s.epochs_log.as_array())
         .map(|es| es.iter().filter_map(|e| e["test_accuracy"].as_f64()).collect())
         .unwrap_or_default();
@@ -225,15 +244,33 @@ pub(crate) fn collect(
         rogues: rogue_summaries,
         down_at_end: down_at_end.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| i).collect(),
         faults: Vec::new(),
+        role: String::new(),
+        progress: Vec::new(),
+        accuracy_timeline: Vec::new(),
+        stalled_seconds: 0.0,
     })
 }
 
+/// Seconds without progress in a (seconds, rounds) timeline: each gap between
+/// new rounds longer than twice the median gap counts, less one median gap.
+pub(crate) fn stalled_seconds(progress: &[(f64, u64)]) -> f64 {
+    let mut gaps: Vec<f64> = progress.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    if gaps.is_empty() {
+        return 0.0;
+    }
+    let all = gaps.clone();
+    gaps.sort_by(f64::total_cmp);
+    let median = gaps[gaps.len() / 2];
+    all.iter().filter(|g| **g > 2.0 * median).map(|g| g - median).sum()
+}
+
 pub(crate) fn print_summary(r: &Report) {
-    println!("{:<5} {:<54} {:>6} {:>7} {:>9} {:>12} {:>12}", "peer", "id", "rounds", "epochs", "test acc", "sent", "received");
+    println!("{:<5} {:<6} {:<54} {:>6} {:>7} {:>9} {:>12} {:>12}", "node", "role", "id", "rounds", "epochs", "test acc", "sent", "received");
     for p in &r.peer_reports {
         println!(
-            "{:<5} {:<54} {:>6} {:>7} {:>8.2}% {:>12} {:>12}",
+            "{:<5} {:<6} {:<54} {:>6} {:>7} {:>8.2}% {:>12} {:>12}",
             p.index,
+            p.role,
             p.peer_id,
             p.rounds,
             p.epochs,

@@ -1,0 +1,1066 @@
+//! The parameter-server baseline: `--role ps` holds the parameters and the
+//! optimizer state and checkpoints them to sled; `--role worker --ps ADDR`
+//! computes gradients (locally or in the function tier) and pushes them over
+//! request-response. Synchronous: the server waits at a barrier over the live
+//! workers (the same failure detector as the P2P mode: heartbeats, connection
+//! events, a timeout, incarnations), averages, updates, and serves the new
+//! parameters to the workers' long polls. While the server is down the workers
+//! retry with backoff and stall; a restarted server resumes from its checkpoint.
+//!
+//! Same models, data, shards, compression, seeds and executors as P2P mode, so
+//! a comparison between the two measures only the architecture.
+
+use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
+use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::exec::{self, ExecutorKind, LambdaExecutor};
+use crate::net::{self, Client, Event, InboundRequest};
+use crate::p2p::{
+    aggregate, compute_tasks, digest_of, fetch_blob, gradient_seed, hex, ids, offload, peer_ids, report_path,
+    responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
+    EpochRecord, MembershipEvent, NodeReport, Offload, RoundRecord, Schedule, StageTimes, Trainer, unix_ms,
+};
+use crate::round::{Barrier, Change, RoundState};
+use crate::store::{chunks, SharedStore, Store};
+use anyhow::{anyhow, bail, Context};
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+use p2pml_lambda_grad::data::Partition;
+use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_proto::wire::{self, Announce, Digest, PsWork, Request, Response, RunSpec};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long the server holds a poll for a round it has not reached.
+const POLL_HOLD: Duration = Duration::from_secs(2);
+/// A worker gives up when the server has been unreachable this long.
+const SERVER_PATIENCE: Duration = Duration::from_secs(600);
+
+/// What both roles set up the same way: the network and the printed addresses.
+struct Net {
+    client: Client,
+    events: mpsc::Receiver<Event>,
+    requests: mpsc::Receiver<InboundRequest>,
+    me: PeerId,
+}
+
+async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<Net> {
+    let mut listen = Vec::new();
+    for a in &p2p.listen {
+        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
+    }
+    std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
+    let key = match p2p.identity_seed {
+        Some(seed) => net::key_from_seed(seed),
+        None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
+    };
+    let (client, events, requests, event_loop) = net::new(key, &listen)?;
+    tokio::spawn(event_loop.run());
+    if p2p.control_stdin {
+        tokio::spawn(crate::p2p::control_stdin(client.clone()));
+    }
+    let me = client.peer_id;
+    let started = Instant::now();
+    let addrs = loop {
+        let a = client.listen_addrs().await?;
+        let concrete: Vec<_> = a.into_iter().filter(|a| !a.to_string().contains("/tcp/0")).collect();
+        if !concrete.is_empty() || started.elapsed() > Duration::from_secs(5) {
+            break concrete;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for a in &addrs {
+        println!("listening {a}/p2p/{me}");
+    }
+    println!("peer {me} run {run_id} role {}", p2p.role.as_str());
+    Ok(Net { client, events, requests, me })
+}
+
+/// A poll the server holds until its round advances (or `until`).
+struct HeldPoll {
+    peer: PeerId,
+    round: u64,
+    until: Instant,
+    channel: ResponseChannel<Response>,
+}
+
+struct Server {
+    p2p: P2pConfig,
+    spec: RunSpec,
+    run_id: String,
+    client: Client,
+    events: mpsc::Receiver<Event>,
+    requests: mpsc::Receiver<InboundRequest>,
+    store: SharedStore,
+    rs: RoundState<PeerId>,
+    /// Workers whose Hello (same run configuration) was accepted.
+    accepted: HashSet<PeerId>,
+    round: u64,
+    epoch: u64,
+    first_round: u64,
+    members: Vec<PeerId>,
+    params_len: u64,
+    params_digest: Digest,
+    finished: bool,
+    /// Taking gradients for `round` (not starting, not between epochs).
+    open: bool,
+    /// Workers told the run is over.
+    told_finished: HashSet<PeerId>,
+    polls: Vec<HeldPoll>,
+    /// This round's accepted pushes, by worker.
+    pushes: HashMap<PeerId, Announce>,
+    fetch_tx: mpsc::Sender<(u64, PeerId, Result<Vec<u8>, String>)>,
+    fetch_rx: mpsc::Receiver<(u64, PeerId, Result<Vec<u8>, String>)>,
+    fetch_attempts: HashMap<PeerId, u32>,
+    compression: p2pml_proto::Compression,
+    numel: usize,
+    membership_log: Vec<MembershipEvent>,
+    start: Instant,
+    invalid_pushes: u64,
+}
+
+impl Server {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn workers_live(&self) -> Vec<PeerId> {
+        let me = self.client.peer_id;
+        self.rs.live().into_iter().filter(|p| *p != me).collect()
+    }
+
+    fn on_change(&mut self, c: Change<PeerId>) {
+        let (peer, event, incarnation) = match &c {
+            Change::Joined(p) => (*p, "joined", self.rs.members().get(p).map_or(0, |m| m.incarnation)),
+            Change::Rejoined { peer, incarnation } => {
+                tracing::info!("worker {peer} is back (incarnation {incarnation}); it trains again from the next epoch");
+                (*peer, "rejoined", *incarnation)
+            }
+            Change::Died(p) => {
+                tracing::warn!("worker {p} declared dead (connection closed, or silent for {} ms)", self.p2p.failure_timeout_ms);
+                (*p, "died", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+            }
+            Change::Refuted { .. } => return,
+        };
+        println!("member {event} {peer} incarnation {incarnation}");
+        self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
+    }
+
+    /// First-hand word from a worker. The server is the only judge of its
+    /// workers' liveness, so a worker it buried that speaks again (it was slow,
+    /// not dead) is back, as a new incarnation of the server's own numbering.
+    fn heard(&mut self, peer: PeerId, incarnation: u64, now: u64) {
+        let incarnation = match self.rs.members().get(&peer) {
+            Some(m) if !m.alive && m.incarnation >= incarnation => m.incarnation + 1,
+            Some(m) => incarnation.max(m.incarnation),
+            None => incarnation,
+        };
+        if let Some(c) = self.rs.heard(peer, incarnation, now) {
+            self.on_change(c);
+        }
+    }
+
+    fn work_for(&self, peer: &PeerId) -> PsWork {
+        PsWork {
+            round: self.round,
+            epoch: self.epoch,
+            first_round: self.first_round,
+            members: ids(&self.members),
+            active: self.rs.is_active(peer) && self.rs.is_alive(peer),
+            params_len: self.params_len,
+            params_digest: self.params_digest,
+            finished: self.finished,
+            waiting: !self.open && !self.finished,
+        }
+    }
+
+    /// Publishes the parameters of the round about to start.
+    fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
+        let bytes = p2pml_proto::encode_f32(params).map_err(|e| anyhow!("the parameters are not finite ({e}); the run diverged: lower --lr"))?;
+        self.params_len = bytes.len() as u64;
+        self.params_digest = *blake3::hash(&bytes).as_bytes();
+        self.store.lock().expect("store lock").set_params(self.round, Arc::new(bytes));
+        Ok(())
+    }
+
+    async fn respond(&self, channel: ResponseChannel<Response>, r: Response) {
+        let _ = self.client.respond(channel, r).await;
+    }
+
+    async fn on_request(&mut self, r: InboundRequest) {
+        let InboundRequest { peer, request, channel } = r;
+        let now = self.now_ms();
+        let refuse = |why: &str| Response::PsAck { accepted: false, reason: Some(why.to_string()) };
+        match request {
+            Request::Hello { .. } => {
+                let answer = self.store.lock().expect("store lock").answer(&self.spec, peer, request);
+                if matches!(answer, Response::Hello { accepted: true, .. }) {
+                    self.accepted.insert(peer);
+                }
+                self.respond(channel, answer).await;
+            }
+            Request::PsHeartbeat { .. } | Request::PsPoll { .. } | Request::PsPush(_) if !self.accepted.contains(&peer) => {
+                self.respond(channel, refuse("hello first: this server does not know you (it may have restarted)")).await;
+            }
+            Request::PsHeartbeat { incarnation } => {
+                self.heard(peer, incarnation, now);
+                self.respond(channel, Response::PsAck { accepted: true, reason: None }).await;
+            }
+            Request::PsPoll { round, incarnation } => {
+                self.heard(peer, incarnation, now);
+                if self.finished || (self.open && self.round >= round) {
+                    if self.finished {
+                        self.told_finished.insert(peer);
+                    }
+                    let w = self.work_for(&peer);
+                    self.respond(channel, Response::PsWork(Box::new(w))).await;
+                } else {
+                    self.polls.push(HeldPoll { peer, round, until: Instant::now() + POLL_HOLD, channel });
+                }
+            }
+            Request::PsPush(a) => {
+                let verdict = self.check_push(&peer, &a);
+                match verdict {
+                    Err(why) => {
+                        self.invalid_pushes += 1;
+                        tracing::debug!("push from {peer} refused: {why}");
+                        self.respond(channel, refuse(&why)).await;
+                    }
+                    Ok(()) => {
+                        self.respond(channel, Response::PsAck { accepted: true, reason: None }).await;
+                        self.take_push(peer, *a);
+                    }
+                }
+            }
+            other => {
+                let answer = self.store.lock().expect("store lock").answer(&self.spec, peer, other);
+                self.respond(channel, answer).await;
+            }
+        }
+    }
+
+    fn check_push(&self, peer: &PeerId, a: &Announce) -> Result<(), String> {
+        if a.run_id != self.run_id {
+            return Err("another run".into());
+        }
+        if a.round != self.round || !self.open {
+            return Err(format!("the server is at round {}, not {}", self.round, a.round));
+        }
+        if !(self.rs.is_active(peer) && self.rs.is_alive(peer)) {
+            return Err("not a worker of this epoch's rounds (you join at the next epoch)".into());
+        }
+        if self.pushes.contains_key(peer) {
+            return Err("already pushed for this round".into());
+        }
+        if a.len > wire::MAX_BLOB_BYTES {
+            return Err(format!("gradient of {} bytes is too large", a.len));
+        }
+        if let Some(b) = &a.inline {
+            if b.len() as u64 != a.len || *blake3::hash(b).as_bytes() != a.digest {
+                return Err("inline gradient does not match its length and digest".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds an accepted push: at once when inline, else after fetching it from the worker.
+    fn take_push(&mut self, peer: PeerId, a: Announce) {
+        let round = a.round;
+        let inline = a.inline.clone();
+        let len = a.len;
+        self.pushes.insert(peer, a);
+        match inline {
+            Some(b) => self.hold(round, peer, b.into_vec()),
+            None => self.start_fetch(round, peer, len),
+        }
+    }
+
+    fn start_fetch(&mut self, round: u64, peer: PeerId, len: u64) {
+        *self.fetch_attempts.entry(peer).or_default() += 1;
+        let (client, tx) = (self.client.clone(), self.fetch_tx.clone());
+        tokio::spawn(async move {
+            let r = fetch_blob(&client, peer, peer, round, len).await;
+            let _ = tx.send((round, peer, r)).await;
+        });
+    }
+
+    fn on_fetched(&mut self, round: u64, peer: PeerId, r: Result<Vec<u8>, String>) {
+        if round != self.round {
+            return;
+        }
+        let Some(a) = self.pushes.get(&peer) else { return };
+        match r {
+            Ok(blob) if *blake3::hash(&blob).as_bytes() == a.digest => self.hold(round, peer, blob),
+            Ok(_) => {
+                self.invalid_pushes += 1;
+                tracing::warn!("gradient from {peer} does not match its digest; dropped");
+                self.pushes.remove(&peer);
+            }
+            Err(e) => {
+                let len = a.len;
+                if self.fetch_attempts.get(&peer).copied().unwrap_or(0) < 3 && self.rs.is_alive(&peer) {
+                    tracing::debug!("fetching {peer}'s gradient failed ({e}); again");
+                    self.start_fetch(round, peer, len);
+                } else {
+                    tracing::warn!("cannot fetch {peer}'s gradient for round {round}: {e}");
+                    self.pushes.remove(&peer);
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, round: u64, peer: PeerId, blob: Vec<u8>) {
+        // The length must decode with the run's compression before it counts.
+        if let Err(e) = p2pml_proto::decode_gradient(&blob, &self.compression, self.numel) {
+            self.invalid_pushes += 1;
+            tracing::warn!("gradient from {peer} does not decode ({e}); dropped");
+            self.pushes.remove(&peer);
+            return;
+        }
+        self.store.lock().expect("store lock").insert(round, &peer, Arc::new(blob));
+        self.rs.hold(round, peer);
+    }
+
+    /// Answers the polls that are due: the round they wait for has come, the
+    /// run is over, or they have been held long enough.
+    async fn answer_polls(&mut self) {
+        let now = Instant::now();
+        let (due, keep): (Vec<HeldPoll>, Vec<HeldPoll>) =
+            std::mem::take(&mut self.polls).into_iter().partition(|p| self.finished || (self.open && self.round >= p.round) || now >= p.until);
+        self.polls = keep;
+        for p in due {
+            if self.finished {
+                self.told_finished.insert(p.peer);
+            }
+            let w = self.work_for(&p.peer);
+            self.respond(p.channel, Response::PsWork(Box::new(w))).await;
+        }
+    }
+
+    async fn pump(&mut self) -> anyhow::Result<()> {
+        let tick = tokio::time::sleep(Duration::from_millis(self.p2p.heartbeat_ms));
+        tokio::select! {
+            ev = self.events.recv() => match ev {
+                Some(Event::Connected(p)) => self.rs.unsuspect(&p),
+                Some(Event::Disconnected(p)) => {
+                    let now = self.now_ms();
+                    self.rs.suspect(&p, now);
+                }
+                // The server subscribes to nothing; drop without forwarding.
+                Some(Event::Gossip { id, propagated_by, .. }) => {
+                    let _ = self.client.ignore(id, propagated_by).await;
+                }
+                None => bail!("the network task stopped"),
+            },
+            r = self.requests.recv() => match r {
+                Some(r) => self.on_request(r).await,
+                None => bail!("the network task stopped"),
+            },
+            Some((round, peer, r)) = self.fetch_rx.recv() => self.on_fetched(round, peer, r),
+            _ = tick => {}
+        }
+        let now = self.now_ms();
+        for c in self.rs.tick(now) {
+            self.on_change(c);
+        }
+        self.answer_polls().await;
+        Ok(())
+    }
+
+    async fn wait_until(&mut self, what: &str, mut ready: impl FnMut(&mut Server) -> bool) -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let mut said = false;
+        while !ready(self) {
+            if !said && t0.elapsed() > Duration::from_secs(5) {
+                tracing::info!("waiting for {what}");
+                said = true;
+            }
+            self.pump().await?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Runs `fut` (a blocking job) while serving the workers.
+    async fn while_pumping<T>(&mut self, fut: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                r = self.pump() => r?,
+            }
+        }
+    }
+}
+
+/// `--role ps`: the parameter server.
+pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
+    cfg.validate()?;
+    p2p.validate().map_err(|e| anyhow!(e))?;
+    if cfg.threads > 0 {
+        p2pml_lambda_grad::set_torch_threads(cfg.threads);
+    }
+    let device = cfg.device.resolve()?;
+    let spec = run_spec(&cfg, &p2p);
+    let run_id = spec.run_id();
+    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let ds = cfg.load_dataset()?;
+    let n_train = ds.train.len();
+    let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
+    let val = TensorData::new(&ds.train.select(&val_all), cfg.dataset, cfg.normalization, device);
+    let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
+    // The server computes no gradients: an empty training set stands in.
+    let train = TensorData::new(&ds.train.select(&[]), cfg.dataset, cfg.normalization, device);
+    let mut model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
+    let mut opt = Optimizer::new(cfg.optimizer);
+    let numel = model.numel();
+    std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
+    let ckpt = Arc::new(Checkpoints::open(&p2p.state_dir, &run_id, p2p.checkpoint_keep)?);
+    let incarnation = ckpt.next_incarnation()?;
+    let started_unix_ms = unix_ms();
+    let mut ckpt_stats = CheckpointStats::default();
+    let mut conv = Convergence::new(&p2p);
+    let restored =
+        if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
+
+    let net = start_net(&p2p, &run_id).await?;
+    let me = net.me;
+    let store: SharedStore = Arc::new(Mutex::new(Store::default()));
+    let (fetch_tx, fetch_rx) = mpsc::channel(256);
+    let mut s = Server {
+        p2p: p2p.clone(),
+        spec: spec.clone(),
+        run_id: run_id.clone(),
+        client: net.client.clone(),
+        events: net.events,
+        requests: net.requests,
+        store: store.clone(),
+        // The quorum counts the server too.
+        rs: RoundState::new(me, incarnation, p2p.min_peers + 1, p2p.failure_timeout_ms),
+        accepted: HashSet::new(),
+        round: 0,
+        epoch: 0,
+        first_round: 0,
+        members: Vec::new(),
+        params_len: 0,
+        params_digest: [0; 32],
+        finished: false,
+        open: false,
+        told_finished: HashSet::new(),
+        polls: Vec::new(),
+        pushes: HashMap::new(),
+        fetch_tx,
+        fetch_rx,
+        fetch_attempts: HashMap::new(),
+        compression,
+        numel,
+        membership_log: Vec::new(),
+        start: Instant::now(),
+        invalid_pushes: 0,
+    };
+
+    // Start once --peers workers are live, or --min-peers and the grace has passed
+    // (a restarted server waits the same way for its workers to find it again).
+    tracing::info!("waiting for {} workers ({} at least)", p2p.peers, p2p.min_peers);
+    let (all, min, grace) = (p2p.peers, p2p.min_peers, Duration::from_millis(p2p.start_grace_ms));
+    let mut quorum_since: Option<Instant> = None;
+    s.wait_until("workers to join", |s| {
+        let live = s.workers_live().len();
+        quorum_since = if live >= min { quorum_since.or(Some(Instant::now())) } else { None };
+        live >= all || quorum_since.is_some_and(|t| t.elapsed() >= grace)
+    })
+    .await?;
+
+    let mut sched = match &restored {
+        Some(r) => {
+            let h = &r.header;
+            tracing::info!("resuming the run from checkpoint round {}", h.round);
+            s.round = h.round + 1;
+            let members = peer_ids(&h.epoch_members);
+            let sched = Schedule::new(&cfg, &p2p, n_train, &val_all, h.epoch, h.epoch_start, members, me)?;
+            s.rs.set_epoch_members(sched.members.clone());
+            let active = peer_ids(&h.active);
+            for m in &sched.members {
+                if !active.contains(m) {
+                    s.rs.demote(m);
+                }
+            }
+            sched
+        }
+        None => {
+            let sched = Schedule::new(&cfg, &p2p, n_train, &val_all, 0, 0, s.workers_live(), me)?;
+            s.rs.set_epoch_members(sched.members.clone());
+            sched
+        }
+    };
+    drop(restored);
+    s.epoch = sched.epoch;
+    s.first_round = sched.first_round;
+    s.members = sched.members.clone();
+    s.set_params(&model.params_vec())?;
+    let ready_unix_ms = Some(unix_ms());
+    println!("ready round {} epoch {} incarnation {incarnation}", s.round, sched.epoch + 1);
+    s.open = true;
+    s.answer_polls().await;
+
+    let mut trainer = Some(Trainer { model, opt, train });
+    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
+    let mut rounds_log = Vec::new();
+    let mut epochs_log: Vec<EpochRecord> = Vec::new();
+    let wall = Instant::now();
+    let mut last_digest: Digest = digest_of(&trainer.as_ref().expect("trainer").model.params_vec());
+
+    let stopped_early = loop {
+        if s.round >= sched.first_round + sched.rounds {
+            // End of the epoch: the server evaluates (validation for the lr
+            // schedule and early stopping, then the test set).
+            s.open = false;
+            let t = trainer.take().expect("trainer present");
+            let (vx, vy, tx, ty) = (val.x.shallow_clone(), val.y.shallow_clone(), test.x.shallow_clone(), test.y.shallow_clone());
+            let bs = cfg.eval_batch_size;
+            let (t_back, v, te) = s
+                .while_pumping(tokio::task::spawn_blocking(move || {
+                    let v = t.model.evaluate(&vx, &vy, bs);
+                    let te = t.model.evaluate(&tx, &ty, bs);
+                    (t, v, te)
+                }))
+                .await??;
+            let mut t = t_back;
+            let (lr, stop) = conv.step(v.loss, t.opt.lr());
+            if lr != t.opt.lr() {
+                tracing::info!("validation loss {:.4} has not improved: lr {} -> {lr}", v.loss, t.opt.lr());
+                t.opt.set_lr(lr);
+            }
+            println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
+            epochs_log.push(EpochRecord {
+                epoch: sched.epoch + 1,
+                val_loss: Some(v.loss),
+                val_accuracy: Some(v.accuracy),
+                test_accuracy: te.accuracy,
+                test_loss: te.loss,
+                lr: t.opt.lr(),
+            });
+            trainer = Some(t);
+            if sched.epoch + 1 >= cfg.epochs || stop {
+                if stop {
+                    tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
+                }
+                break stop;
+            }
+            // The next epoch is cut over the workers live now.
+            sched = Schedule::new(&cfg, &p2p, n_train, &val_all, sched.epoch + 1, s.round, s.workers_live(), me)?;
+            s.rs.set_epoch_members(sched.members.clone());
+            s.epoch = sched.epoch;
+            s.first_round = sched.first_round;
+            s.members = sched.members.clone();
+            s.open = true;
+            s.answer_polls().await;
+            continue;
+        }
+        let round = s.round;
+        let epoch = sched.epoch;
+        let mut st = StageTimes::default();
+
+        // Barrier over the live workers of the epoch.
+        let t0 = Instant::now();
+        let mut released = Vec::new();
+        s.wait_until(&format!("round {round} gradients"), |s| match s.rs.barrier(round) {
+            Barrier::Release(c) => {
+                released = c;
+                true
+            }
+            _ => false,
+        })
+        .await?;
+        st.barrier_wait = t0.elapsed().as_secs_f64();
+        let contributors: Vec<PeerId> = released.into_iter().filter(|p| *p != me).collect();
+        let inputs: Vec<(u64, f64, Arc<Vec<u8>>)> = contributors
+            .iter()
+            .filter_map(|p| {
+                let a = s.pushes.get(p)?;
+                let blob = store.lock().expect("store lock").get(round, p)?;
+                Some((a.samples, a.loss_sum, blob))
+            })
+            .collect();
+        let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
+            s.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel))).await??;
+        st.decode = decode_secs;
+        st.aggregate = aggregate_secs;
+
+        // Update, state, checkpoint.
+        let t0 = Instant::now();
+        let mut t = trainer.take().expect("trainer present");
+        let lr = t.opt.lr();
+        let (plateau, stopping) = conv.snapshot();
+        let sched_info =
+            EpochInfo { first_round: sched.first_round, members: sched.members.clone(), active: s.rs.active_members(), next: Vec::new() };
+        let (t_back, params, digest, state) = s
+            .while_pumping(tokio::task::spawn_blocking(move || {
+                if total_samples > 0 {
+                    let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
+                    let Trainer { model, opt, .. } = &mut t;
+                    opt.step(model.flat_params_mut(), &g);
+                }
+                let params = t.model.params_vec();
+                let d = digest_of(&params);
+                let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
+                (t, params, d, state)
+            }))
+            .await??;
+        trainer = Some(t_back);
+        last_digest = digest;
+        if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
+            let meta = CheckpointMeta {
+                run_id: run_id.clone(),
+                round,
+                epoch,
+                incarnation: s.rs.incarnation(),
+                written_unix_ms: unix_ms(),
+                members: s
+                    .rs
+                    .members()
+                    .iter()
+                    .map(|(p, m)| MemberRecord { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive, addrs: Vec::new() })
+                    .collect(),
+            };
+            ckpt_writer.submit(meta, Arc::new(state));
+        }
+        st.update = t0.elapsed().as_secs_f64();
+        let train_loss = loss_total / total_samples.max(1) as f64;
+        println!(
+            "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
+            epoch + 1,
+            contributors.len(),
+            st.barrier_wait * 1000.0,
+            &hex(&digest)[..16]
+        );
+        rounds_log.push(RoundRecord {
+            round,
+            epoch,
+            contributors: contributors.len(),
+            samples: total_samples,
+            train_loss,
+            lr,
+            digest: hex(&digest),
+            finished_at: wall.elapsed().as_secs_f64(),
+            unix_ms: unix_ms(),
+            stages: st,
+        });
+        s.rs.prune(round.saturating_sub(4));
+        store.lock().expect("store lock").prune(round.saturating_sub(4));
+        s.pushes.clear();
+        s.fetch_attempts.clear();
+        s.round += 1;
+        s.set_params(&params)?;
+        s.answer_polls().await;
+    };
+
+    // Tell every live worker that the run is over (bounded).
+    s.finished = true;
+    s.open = false;
+    s.answer_polls().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !s.workers_live().iter().all(|p| s.told_finished.contains(p)) {
+        s.pump().await?;
+    }
+
+    let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
+    let tr = &s.client.traffic;
+    let wall_secs = wall.elapsed().as_secs_f64();
+    let report = NodeReport {
+        role: "ps".into(),
+        peer_id: me.to_string(),
+        run_id,
+        spec,
+        device: device_name(device),
+        threads: tch::get_num_threads(),
+        rounds: s.round,
+        epochs: epochs_log.len() as u64,
+        final_digest: hex(&last_digest),
+        final_test_accuracy: final_eval.0,
+        final_test_loss: final_eval.1,
+        stopped_early,
+        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+        gradient_bytes_sent: 0,
+        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed) + s.invalid_pushes,
+        digest_mismatches: 0,
+        state_syncs: 0,
+        wall_seconds: wall_secs,
+        rounds_log,
+        epochs_log,
+        peer_scores: BTreeMap::new(),
+        garbage_sent: 0,
+        function_tier: None,
+        cost: exec::cost(&p2p.exec, &Default::default(), wall_secs, p2p.batches_per_round),
+        incarnation,
+        started_unix_ms,
+        ready_unix_ms,
+        catch_ups: 0,
+        membership_log: std::mem::take(&mut s.membership_log),
+        checkpoints: ckpt_writer.finish(ckpt_stats),
+        server_unreachable_seconds: 0.0,
+    };
+    write_report(&p2p, &report)?;
+    Ok(report)
+}
+
+fn write_report(p2p: &P2pConfig, report: &NodeReport) -> anyhow::Result<()> {
+    let path = report_path(p2p);
+    std::fs::write(&path, serde_json::to_string_pretty(report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "done rounds {} test_acc {:.2}% digest {} report {}",
+        report.rounds,
+        100.0 * report.final_test_accuracy,
+        report.final_digest.get(..16).unwrap_or(""),
+        path.display()
+    );
+    Ok(())
+}
+
+/// The worker's link to the server: requests that retry with backoff (and
+/// redial) while the server is unreachable, and the time spent so.
+struct Link {
+    client: Client,
+    server: PeerId,
+    addr: Multiaddr,
+    spec: RunSpec,
+    /// Seconds spent waiting for an unreachable server.
+    stalled: f64,
+    /// Whether we believe the server is up (for the printed membership lines).
+    server_up: bool,
+    failures: u64,
+}
+
+impl Link {
+    /// Sends `req` until the server answers it, greeting the server again when it
+    /// does not know us (it restarted). Backoff 100 ms doubling to 2 s.
+    async fn call(&mut self, req: Request) -> anyhow::Result<Response> {
+        let mut backoff = Duration::from_millis(100);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            match self.client.request(self.server, req.clone()).await {
+                Ok(Response::PsAck { accepted: false, reason: Some(r) }) if r.starts_with("hello first") => {
+                    self.hello().await?;
+                }
+                Ok(r) => {
+                    if let Some(t) = down_since {
+                        self.stalled += t.elapsed().as_secs_f64();
+                    }
+                    if !self.server_up {
+                        self.server_up = true;
+                        println!("member rejoined {} incarnation 0", self.server);
+                    }
+                    return Ok(r);
+                }
+                Err(e) => {
+                    self.failures += 1;
+                    let since = *down_since.get_or_insert_with(Instant::now);
+                    if self.server_up && since.elapsed() >= Duration::from_millis(100) {
+                        self.server_up = false;
+                        tracing::warn!("the parameter server is unreachable ({e}); retrying");
+                        println!("member died {} incarnation 0", self.server);
+                    }
+                    if since.elapsed() > SERVER_PATIENCE {
+                        self.stalled += since.elapsed().as_secs_f64();
+                        bail!("the parameter server {} has been unreachable for {} s: check that it runs", self.addr, SERVER_PATIENCE.as_secs());
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    let _ = self.client.dial(Some(self.server), self.addr.clone()).await;
+                }
+            }
+        }
+    }
+
+    async fn hello(&mut self) -> anyhow::Result<()> {
+        let r = Box::pin(self.call(Request::Hello { spec: self.spec.clone() })).await?;
+        match r {
+            Response::Hello { accepted: true, .. } => Ok(()),
+            Response::Hello { accepted: false, reason, .. } => {
+                bail!("the parameter server refused this worker: {}", reason.unwrap_or_default())
+            }
+            other => bail!("unexpected answer to hello: {other:?}"),
+        }
+    }
+}
+
+/// Fetches the parameters of `round` from the server, checked against the poll's length and digest.
+async fn fetch_params(client: &Client, server: PeerId, w: &PsWork, numel: usize) -> Result<Vec<f32>, String> {
+    let n = chunks(w.params_len);
+    let reqs = (0..n).map(|index| {
+        let client = client.clone();
+        let round = w.round;
+        async move { client.request(server, Request::Params { round, index }).await }
+    });
+    let mut bytes = Vec::with_capacity(w.params_len as usize);
+    for p in futures::future::join_all(reqs).await {
+        match p.map_err(|e| e.to_string())? {
+            Response::Params { total_len, data, .. } if total_len == w.params_len => bytes.extend_from_slice(&data),
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+    }
+    if *blake3::hash(&bytes).as_bytes() != w.params_digest {
+        return Err("the parameters do not match their digest".into());
+    }
+    p2pml_proto::decode_f32(&bytes, numel).map_err(|e| e.to_string())
+}
+
+/// `--role worker --ps ADDR`: computes gradients for the server.
+pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
+    cfg.validate()?;
+    p2p.validate().map_err(|e| anyhow!(e))?;
+    if cfg.threads > 0 {
+        p2pml_lambda_grad::set_torch_threads(cfg.threads);
+    }
+    let ps = p2p.ps.clone().unwrap_or_default();
+    let addr: Multiaddr =
+        ps.parse().map_err(|e| anyhow!("--ps {ps} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
+    let Some(libp2p::multiaddr::Protocol::P2p(server)) = addr.iter().last() else {
+        bail!("--ps {ps} must end in /p2p/<peer id> (the id the server prints at start)");
+    };
+    let device = cfg.device.resolve()?;
+    let spec = run_spec(&cfg, &p2p);
+    let run_id = spec.run_id();
+    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let ds = cfg.load_dataset()?;
+    let n_train = ds.train.len();
+    let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
+    let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
+    let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
+    let numel = model.numel();
+    let opt = Optimizer::new(cfg.optimizer);
+    let started_unix_ms = unix_ms();
+    // A restarted worker is a new incarnation: the start time orders them.
+    let incarnation = started_unix_ms;
+
+    let net = start_net(&p2p, &run_id).await?;
+    let me = net.me;
+    let me_s = me.to_string();
+    let store: SharedStore = Arc::new(Mutex::new(Store::default()));
+    tokio::spawn(responder(net.client.clone(), store.clone(), spec.clone(), net.requests));
+    // Connection events and gossip are of no use to a worker: drain them.
+    let mut events = net.events;
+    let drain_client = net.client.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Gossip { id, propagated_by, .. } = ev {
+                let _ = drain_client.ignore(id, propagated_by).await;
+            }
+        }
+    });
+    let client = net.client.clone();
+    client.dial(Some(server), addr.clone()).await?;
+    let mut link = Link { client: client.clone(), server, addr: addr.clone(), spec: spec.clone(), stalled: 0.0, server_up: true, failures: 0 };
+    link.hello().await?;
+    // Heartbeats keep the server's failure detector fed while we compute.
+    let hb_client = client.clone();
+    let hb_every = Duration::from_millis(p2p.heartbeat_ms);
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(hb_every).await;
+            let _ = hb_client.request(server, Request::PsHeartbeat { incarnation }).await;
+        }
+    });
+
+    let mut lambda = match p2p.exec.executor {
+        ExecutorKind::Local => None,
+        ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
+    };
+    let mut trainer = Some(Trainer { model, opt, train });
+    let mut sched: Option<Schedule> = None;
+    let mut next = 0u64;
+    let mut rounds_log = Vec::new();
+    let mut computed = 0u64;
+    let mut gradient_bytes_sent = 0u64;
+    let mut ready_unix_ms = None;
+    let wall = Instant::now();
+    let bpr = p2p.batches_per_round;
+    let final_digest = loop {
+        let work = match link.call(Request::PsPoll { round: next, incarnation }).await? {
+            Response::PsWork(w) => *w,
+            other => bail!("unexpected answer to a poll: {other:?}"),
+        };
+        if work.finished {
+            break hex(&work.params_digest);
+        }
+        if work.waiting {
+            continue;
+        }
+        if work.round < next {
+            tracing::warn!("the server is back at round {} (it restarted from a checkpoint)", work.round);
+        } else if work.round > next + 1 && computed > 0 {
+            tracing::info!("the server went on without us from round {next} to {}", work.round);
+        }
+        if !work.active {
+            next = work.round + 1;
+            continue;
+        }
+        let members = peer_ids(&work.members);
+        let fresh = sched.as_ref().is_none_or(|s| s.epoch != work.epoch || s.first_round != work.first_round || s.members != members);
+        if fresh {
+            sched = Some(Schedule::new(&cfg, &p2p, n_train, &val_all, work.epoch, work.first_round, members, me)?);
+        }
+        let sc = sched.as_ref().expect("just set");
+        if sc.my_index.is_none() {
+            next = work.round + 1;
+            continue;
+        }
+        if ready_unix_ms.is_none() {
+            ready_unix_ms = Some(unix_ms());
+            println!("ready round {} epoch {} incarnation {incarnation}", work.round, work.epoch + 1);
+        }
+        let round = work.round;
+        let mut st = StageTimes::default();
+        let t0 = Instant::now();
+        let params = match fetch_params(&client, server, &work, numel).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::debug!("cannot fetch round {round}'s parameters ({e}); polling again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        st.upload = t0.elapsed().as_secs_f64();
+
+        // Compute: the same tasks, seeds and order as a P2P peer.
+        let k = round - sc.first_round;
+        let lo = (k as usize * bpr).min(sc.batches.len());
+        let hi = ((k as usize + 1) * bpr).min(sc.batches.len());
+        let batches = sc.batches[lo..hi].to_vec();
+        let tasks = exec::plan_round(batches.len(), p2p.exec.batches_per_invocation, cfg.seed, round, &me.to_bytes());
+        let t_compute = Instant::now();
+        let mut local_tasks = tasks.clone();
+        let mut outputs = Vec::new();
+        if let Some(lx) = lambda.as_mut() {
+            let w = Offload {
+                run: &run_id,
+                peer: &me_s,
+                round,
+                epoch: work.epoch,
+                cfg: &cfg,
+                numel,
+                train: &ds.train,
+                epoch_batches: &sc.batches,
+                batch_ids: (lo..hi).collect(),
+                tasks: &tasks,
+                params: params.clone(),
+                params_digest: hex(&work.params_digest),
+            };
+            let (out, failed, _) = offload(lx, w).await;
+            outputs = out;
+            local_tasks.retain(|t| failed.contains(&t.index));
+        }
+        let mut t = trainer.take().expect("trainer present");
+        let (t_back, local) = tokio::task::spawn_blocking(move || {
+            if !local_tasks.is_empty() {
+                t.model.set_params(&params).expect("the server's parameters have the model's length");
+            }
+            let o = compute_tasks(&mut t, &batches, &local_tasks);
+            (t, o)
+        })
+        .await?;
+        trainer = Some(t_back);
+        outputs.extend(local);
+        let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
+        st.compute = c.secs;
+
+        // Encode and push.
+        let t0 = Instant::now();
+        let blob = p2pml_proto::encode_gradient(&c.grad, &compression, gradient_seed(cfg.seed, round, &me))
+            .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
+        st.encode = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let len = blob.len() as u64;
+        let a = Announce {
+            run_id: run_id.clone(),
+            round,
+            epoch: work.epoch,
+            samples: c.samples,
+            loss_sum: c.loss_sum,
+            val: None,
+            len,
+            digest: *blake3::hash(&blob).as_bytes(),
+            inline: (blob.len() <= wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.clone())),
+            joiners: Vec::new(),
+        };
+        {
+            let mut s = store.lock().expect("store lock");
+            s.insert(round, &me, Arc::new(blob));
+            s.prune(round.saturating_sub(4));
+        }
+        match link.call(Request::PsPush(Box::new(a))).await? {
+            Response::PsAck { accepted: true, .. } => {
+                gradient_bytes_sent += len;
+                computed += 1;
+            }
+            Response::PsAck { accepted: false, reason } => {
+                tracing::info!("round {round}: push refused ({})", reason.unwrap_or_default());
+            }
+            other => bail!("unexpected answer to a push: {other:?}"),
+        }
+        st.send = t0.elapsed().as_secs_f64();
+        println!("computed round {round} epoch {} samples {} loss {:.4}", work.epoch + 1, c.samples, c.loss_sum / c.samples.max(1) as f64);
+        rounds_log.push(RoundRecord {
+            round,
+            epoch: work.epoch,
+            contributors: 1,
+            samples: c.samples,
+            train_loss: c.loss_sum / c.samples.max(1) as f64,
+            lr: 0.0,
+            digest: hex(&work.params_digest),
+            finished_at: wall.elapsed().as_secs_f64(),
+            unix_ms: unix_ms(),
+            stages: st,
+        });
+        next = round + 1;
+    };
+    heartbeats.abort();
+
+    let tr = &client.traffic;
+    let wall_secs = wall.elapsed().as_secs_f64();
+    if link.stalled > 0.0 {
+        tracing::info!("stalled {:.1} s waiting for the parameter server", link.stalled);
+    }
+    let report = NodeReport {
+        role: "worker".into(),
+        peer_id: me.to_string(),
+        run_id,
+        spec,
+        device: device_name(device),
+        threads: tch::get_num_threads(),
+        rounds: computed,
+        epochs: 0,
+        final_digest,
+        final_test_accuracy: 0.0,
+        final_test_loss: 0.0,
+        stopped_early: false,
+        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+        gradient_bytes_sent,
+        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
+        digest_mismatches: 0,
+        state_syncs: 0,
+        wall_seconds: wall_secs,
+        rounds_log,
+        epochs_log: Vec::new(),
+        peer_scores: BTreeMap::new(),
+        garbage_sent: 0,
+        function_tier: lambda.as_ref().map(|l| l.stats.clone()),
+        cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
+        incarnation,
+        started_unix_ms,
+        ready_unix_ms,
+        catch_ups: 0,
+        membership_log: Vec::new(),
+        checkpoints: CheckpointStats::default(),
+        server_unreachable_seconds: link.stalled,
+    };
+    write_report(&p2p, &report)?;
+    Ok(report)
+}
