@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 pub(crate) enum At {
     Secs(f64),
     Round(u64),
+    /// Seconds after the node's last kill fired (`+10`: down for ten seconds).
+    AfterKill(f64),
 }
 
 impl std::fmt::Display for At {
@@ -23,6 +25,7 @@ impl std::fmt::Display for At {
         match self {
             At::Secs(s) => write!(f, "{s}s"),
             At::Round(r) => write!(f, "r{r}"),
+            At::AfterKill(s) => write!(f, "+{s}s"),
         }
     }
 }
@@ -32,11 +35,16 @@ fn parse_at(s: &str) -> Result<At, String> {
     if let Some(r) = s.strip_prefix('r') {
         return r.parse().map(At::Round).map_err(|_| format!("'{s}' is not a round (r5)"));
     }
-    let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is neither seconds (12.5) nor a round (r5)"))?;
+    let (after_kill, rest) = match s.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let secs: f64 =
+        rest.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is neither seconds (12.5), a round (r5) nor seconds after the kill (+10)"))?;
     if !(secs >= 0.0 && secs.is_finite()) {
         return Err(format!("'{s}': seconds must be 0 or more"));
     }
-    Ok(At::Secs(secs))
+    Ok(if after_kill { At::AfterKill(secs) } else { At::Secs(secs) })
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -296,6 +304,7 @@ mod tests {
     fn schedules_parse_and_bad_ones_say_why() {
         assert_eq!(parse_peer_at("2@12.5", N4, "--kill").unwrap(), (2, At::Secs(12.5)));
         assert_eq!(parse_peer_at("3@r5", N4, "--kill").unwrap(), (3, At::Round(5)));
+        assert_eq!(parse_peer_at("3@+10", N4, "--revive").unwrap(), (3, At::AfterKill(10.0)));
         assert!(parse_peer_at("4@1", N4, "--kill").unwrap_err().contains("does not exist"));
         assert!(parse_peer_at("1", N4, "--kill").unwrap_err().contains("PEER@T"));
         assert!(parse_peer_at("1@x", N4, "--kill").unwrap_err().contains("neither"));
@@ -338,7 +347,7 @@ mod tests {
         obs.push(Obs::Ready { t: 9.0, node: 2 });
         obs.push(Obs::Round { t: 9.5, node: 2, round: 15, digest: "d15".into() });
         let fired = vec![(4.6, "kill 2@4.6".into(), Action::Kill { peer: 2 }), (8.0, "revive 2@8".into(), Action::Revive { peer: 2 })];
-        let e = effects(&fired, &obs, &ids);
+        let e = effects(&fired, &obs, &ids, None);
         assert!((e[0].detection_s.unwrap() - 0.2).abs() < 1e-9);
         assert!((e[0].detection_last_s.unwrap() - 0.5).abs() < 1e-9);
         assert!((e[0].stalled_s.unwrap() - 2.0).abs() < 1e-9, "{:?}", e[0]);

@@ -93,10 +93,12 @@ struct RunArgs {
     #[arg(long, default_value_t = 1769)]
     fn_memory_mb: u64,
     /// SIGKILL peer PEER at T: seconds after all peers started (12.5) or when the
-    /// furthest peer reaches a round (r5). Repeatable.
+    /// furthest peer reaches a round (r5). PEER is an index, or `ps` for the
+    /// parameter server (--role ps). Repeatable.
     #[arg(long, value_name = "PEER@T")]
     kill: Vec<String>,
-    /// Restart peer PEER at T (same state directory: key and checkpoints). Repeatable.
+    /// Restart peer PEER at T (same state directory: key and checkpoints); T may
+    /// also be +SECONDS after its kill (2@+10). Repeatable.
     #[arg(long, value_name = "PEER@T")]
     revive: Vec<String>,
     /// Kill this many random peers (seeded by --fault-seed), one every --interval
@@ -380,6 +382,9 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     let bad = |e: String| anyhow::anyhow!(e);
     for k in &a.kill {
         let (peer, at) = faults::parse_peer_at(k, nodes, "--kill").map_err(bad)?;
+        if matches!(at, faults::At::AfterKill(_)) {
+            bail!("--kill {k}: +SECONDS (after the kill) is for --revive; give seconds (12.5) or a round (r5)");
+        }
         schedule.push((faults::Scheduled { at, action: faults::Action::Kill { peer } }, format!("kill {k}")));
     }
     for k in &a.revive {
@@ -540,6 +545,7 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     let mut generation = vec![0u32; n];
     let mut running = vec![true; n];
     let mut killed = vec![false; n_nodes];
+    let mut killed_at: Vec<Option<f64>> = vec![None; n_nodes];
     let mut addrs: Vec<Option<String>> = vec![None; n];
     addrs[first] = Some(boot.clone());
     let mut ids: Vec<String> = vec![String::new(); n_nodes];
@@ -558,6 +564,10 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             let is_due = match ev.at {
                 faults::At::Secs(t) => now >= t,
                 faults::At::Round(r) => furthest > r,
+                faults::At::AfterKill(d) => match &ev.action {
+                    faults::Action::Revive { peer } => killed_at[*peer].is_some_and(|k| now >= k + d),
+                    _ => false,
+                },
             };
             if is_due {
                 due.push((ev.clone(), spec.clone()));
@@ -574,6 +584,7 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                     };
                     let _ = ctl.send(Ctl::Kill).await;
                     killed[p] = true;
+                    killed_at[p] = Some(now);
                     running[p] = false;
                     addrs[p] = None; // its next life listens elsewhere
                     say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));

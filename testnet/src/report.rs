@@ -289,10 +289,13 @@ pub(crate) fn print_summary(r: &Report) {
     );
     if !r.faults.is_empty() {
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
-        println!("{:<8} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13}", "at s", "event", "detect s", "(last)", "stall s", "rounds", "rejoin s", "digest ok s");
+        println!(
+            "{:<8} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13} {:>10}",
+            "at s", "event", "detect s", "(last)", "stall s", "rounds", "rejoin s", "digest ok s", "in step s"
+        );
         for e in &r.faults {
             println!(
-                "{:<8.1} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13}",
+                "{:<8.1} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>13} {:>10}",
                 e.at_s,
                 e.spec,
                 f(e.detection_s),
@@ -300,7 +303,8 @@ pub(crate) fn print_summary(r: &Report) {
                 f(e.stalled_s),
                 e.rounds_stalled.map_or("-".into(), |v| v.to_string()),
                 f(e.rejoin_s),
-                f(e.digest_match_s)
+                f(e.digest_match_s),
+                f(e.in_step_s)
             );
         }
     }
