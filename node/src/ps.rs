@@ -153,7 +153,7 @@ impl Server {
     /// not dead) is back, as a new incarnation of the server's own numbering.
     fn heard(&mut self, peer: PeerId, incarnation: u64, now: u64) {
         let incarnation = match self.rs.members().get(&peer) {
-            Some(m) if !m.alive && m.incarnation >= incarnation => m.incarnation + 1,
+            Some(m) if !m.alive && m.incarnation >= incarnation => m.incarnation.saturating_add(1),
             Some(m) => incarnation.max(m.incarnation),
             None => incarnation,
         };
@@ -162,7 +162,20 @@ impl Server {
         }
     }
 
-    fn work_for(&self, peer: &PeerId) -> PsWork {
+    /// Whether a poll for `round` from `peer` has its answer now: the run is
+    /// over, or the server takes gradients for that round, or for an earlier one
+    /// that this worker has not pushed (it must compute it: the server restarted,
+    /// or its push was lost).
+    fn poll_ready(&self, peer: &PeerId, round: u64) -> bool {
+        self.finished
+            || (self.open
+                && (self.round >= round
+                    || (self.rs.is_active(peer) && self.rs.is_alive(peer) && !self.pushes.contains_key(peer))))
+    }
+
+    /// The answer to a poll; `ready` is [`Server::poll_ready`]: if not, the worker
+    /// is told to wait and ask again.
+    fn work_for(&self, peer: &PeerId, ready: bool) -> PsWork {
         PsWork {
             round: self.round,
             epoch: self.epoch,
@@ -172,7 +185,7 @@ impl Server {
             params_len: self.params_len,
             params_digest: self.params_digest,
             finished: self.finished,
-            waiting: !self.open && !self.finished,
+            waiting: !ready,
         }
     }
 
@@ -210,11 +223,11 @@ impl Server {
             }
             Request::PsPoll { round, incarnation } => {
                 self.heard(peer, incarnation, now);
-                if self.finished || (self.open && self.round >= round) {
+                if self.poll_ready(&peer, round) {
                     if self.finished {
                         self.told_finished.insert(peer);
                     }
-                    let w = self.work_for(&peer);
+                    let w = self.work_for(&peer, true);
                     self.respond(channel, Response::PsWork(Box::new(w))).await;
                 } else {
                     self.polls.push(HeldPoll { peer, round, until: Instant::now() + POLL_HOLD, channel });
@@ -244,6 +257,13 @@ impl Server {
     fn check_push(&self, peer: &PeerId, a: &Announce) -> Result<(), String> {
         if a.run_id != self.run_id {
             return Err("another run".into());
+        }
+        if a.epoch != self.epoch || !a.loss_sum.is_finite() || a.loss_sum < 0.0 {
+            return Err("epoch or loss out of range".into());
+        }
+        // A round covers at most --batches-per-round batches of --batch-size.
+        if a.samples > (self.spec.batches_per_round * self.spec.batch_size) as u64 {
+            return Err(format!("{} samples in one round", a.samples));
         }
         if a.round != self.round || !self.open {
             return Err(format!("the server is at round {}, not {}", self.round, a.round));
@@ -293,11 +313,7 @@ impl Server {
         let Some(a) = self.pushes.get(&peer) else { return };
         match r {
             Ok(blob) if *blake3::hash(&blob).as_bytes() == a.digest => self.hold(round, peer, blob),
-            Ok(_) => {
-                self.invalid_pushes += 1;
-                tracing::warn!("gradient from {peer} does not match its digest; dropped");
-                self.pushes.remove(&peer);
-            }
+            Ok(_) => self.refuse_gradient(peer, "does not match its digest".into()),
             Err(e) => {
                 let len = a.len;
                 if self.fetch_attempts.get(&peer).copied().unwrap_or(0) < 3 && self.rs.is_alive(&peer) {
@@ -311,12 +327,19 @@ impl Server {
         }
     }
 
+    /// A worker whose gradient is invalid is not waited for again this epoch (a
+    /// deterministic fault would otherwise repeat forever and stall the barrier).
+    fn refuse_gradient(&mut self, peer: PeerId, why: String) {
+        self.invalid_pushes += 1;
+        tracing::warn!("gradient from {peer} {why}: dropped; the worker sits out the rest of the epoch");
+        self.pushes.remove(&peer);
+        self.rs.demote(&peer);
+    }
+
     fn hold(&mut self, round: u64, peer: PeerId, blob: Vec<u8>) {
         // The length must decode with the run's compression before it counts.
         if let Err(e) = p2pml_proto::decode_gradient(&blob, &self.compression, self.numel) {
-            self.invalid_pushes += 1;
-            tracing::warn!("gradient from {peer} does not decode ({e}); dropped");
-            self.pushes.remove(&peer);
+            self.refuse_gradient(peer, format!("does not decode ({e})"));
             return;
         }
         self.store.lock().expect("store lock").insert(round, &peer, Arc::new(blob));
@@ -328,13 +351,14 @@ impl Server {
     async fn answer_polls(&mut self) {
         let now = Instant::now();
         let (due, keep): (Vec<HeldPoll>, Vec<HeldPoll>) =
-            std::mem::take(&mut self.polls).into_iter().partition(|p| self.finished || (self.open && self.round >= p.round) || now >= p.until);
+            std::mem::take(&mut self.polls).into_iter().partition(|p| self.poll_ready(&p.peer, p.round) || now >= p.until);
         self.polls = keep;
         for p in due {
             if self.finished {
                 self.told_finished.insert(p.peer);
             }
-            let w = self.work_for(&p.peer);
+            let ready = self.poll_ready(&p.peer, p.round);
+            let w = self.work_for(&p.peer, ready);
             self.respond(p.channel, Response::PsWork(Box::new(w))).await;
         }
     }
@@ -653,6 +677,10 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         s.fetch_attempts.clear();
         s.round += 1;
         s.set_params(&params)?;
+        // After an epoch's last round the workers wait for the evaluation.
+        if s.round >= sched.first_round + sched.rounds {
+            s.open = false;
+        }
         s.answer_polls().await;
     };
 
@@ -890,6 +918,9 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         if work.waiting {
             continue;
         }
+        if work.params_len != 4 * numel as u64 || work.round < work.first_round {
+            bail!("the parameter server answered with {} bytes of parameters for round {} of an epoch from round {}: not this model's run", work.params_len, work.round, work.first_round);
+        }
         if work.round < next {
             tracing::warn!("the server is back at round {} (it restarted from a checkpoint)", work.round);
         } else if work.round > next + 1 && computed > 0 {
@@ -992,17 +1023,22 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             s.insert(round, &me, Arc::new(blob));
             s.prune(round.saturating_sub(4));
         }
-        match link.call(Request::PsPush(Box::new(a))).await? {
-            Response::PsAck { accepted: true, .. } => {
-                gradient_bytes_sent += len;
-                computed += 1;
-            }
+        let accepted = match link.call(Request::PsPush(Box::new(a))).await? {
+            Response::PsAck { accepted: true, .. } => true,
             Response::PsAck { accepted: false, reason } => {
                 tracing::info!("round {round}: push refused ({})", reason.unwrap_or_default());
+                false
             }
             other => bail!("unexpected answer to a push: {other:?}"),
-        }
+        };
         st.send = t0.elapsed().as_secs_f64();
+        next = round + 1;
+        if !accepted {
+            continue;
+        }
+        gradient_bytes_sent += len;
+        computed += 1;
+        // testnet reads this line: the worker contributes again.
         println!("computed round {round} epoch {} samples {} loss {:.4}", work.epoch + 1, c.samples, c.loss_sum / c.samples.max(1) as f64);
         rounds_log.push(RoundRecord {
             round,
@@ -1016,7 +1052,6 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             unix_ms: unix_ms(),
             stages: st,
         });
-        next = round + 1;
     };
     heartbeats.abort();
 

@@ -28,8 +28,12 @@ pub(crate) struct ModeSummary {
     pub(crate) mean_stall_after_kill_s: Option<f64>,
     /// Mean over revivals of the time until the node did its part again.
     pub(crate) mean_back_in_step_s: Option<f64>,
-    /// Bytes sent by every node's last life, per completed round.
+    /// Bytes the whole system sends per round: for each role (peer, worker,
+    /// server), the mean over its nodes of bytes sent per round in their last
+    /// life (a killed life writes no report), times the number of such nodes.
     pub(crate) bytes_per_round: f64,
+    /// Every node provisioned for the whole run: for each role, the mean cost
+    /// per second of its nodes' last lives, times nodes, times the run's wall time.
     pub(crate) cost_usd: f64,
     pub(crate) problems: Vec<String>,
 }
@@ -62,8 +66,24 @@ pub(crate) fn summarize(mode: &str, r: &Report, target: f64) -> ModeSummary {
     let rounds = r.progress.last().map_or(0, |p| p.1);
     let kills: Vec<f64> = r.faults.iter().filter(|e| e.spec.contains("kill")).filter_map(|e| e.stalled_s).collect();
     let back: Vec<f64> = r.faults.iter().filter_map(|e| e.in_step_s).collect();
-    let bytes: u64 = r.peer_reports.iter().map(|p| p.bytes_sent).sum();
-    let cost: f64 = r.cost_table.iter().map(|c| c["total_usd"].as_f64().unwrap_or(0.0)).sum();
+    // Per role: (nodes of that role in the run, per-round byte rates, per-second cost rates).
+    let workers = if r.role == "ps" { r.peers - 1 } else { r.peers };
+    let mut bytes = 0.0;
+    let mut cost = 0.0;
+    for (role, count) in [("peer", workers), ("worker", workers), ("ps", 1)] {
+        let nodes: Vec<_> = r.peer_reports.iter().filter(|p| p.role == role).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let per_round: Vec<f64> =
+            nodes.iter().map(|p| p.bytes_sent as f64 / p.rounds_log.as_array().map_or(0, Vec::len).max(1) as f64).collect();
+        let per_s: Vec<f64> = nodes
+            .iter()
+            .map(|p| p.cost["total_usd"].as_f64().unwrap_or(0.0) / p.cost["wall_seconds"].as_f64().unwrap_or(1.0).max(1e-9))
+            .collect();
+        bytes += mean(&per_round).unwrap_or(0.0) * count as f64;
+        cost += mean(&per_s).unwrap_or(0.0) * count as f64 * r.wall_seconds;
+    }
     ModeSummary {
         mode: mode.into(),
         ok: r.ok,
@@ -74,7 +94,7 @@ pub(crate) fn summarize(mode: &str, r: &Report, target: f64) -> ModeSummary {
         final_accuracy: r.accuracy_by_epoch.last().copied().unwrap_or(0.0),
         mean_stall_after_kill_s: mean(&kills),
         mean_back_in_step_s: mean(&back),
-        bytes_per_round: bytes as f64 / rounds.max(1) as f64,
+        bytes_per_round: bytes,
         cost_usd: cost,
         problems: r.problems.clone(),
     }
@@ -211,7 +231,14 @@ fn chart(path: &Path, title: &str, y_desc: &str, series: [&[(f64, f64)]; 2], fau
 pub(crate) fn write(out: &Path, c: &Comparison, command: &str, p2p: &Report, ps: &Report) -> anyhow::Result<()> {
     std::fs::write(out.join("compare.json"), serde_json::to_string_pretty(c)?).with_context(|| format!("cannot write into {}", out.display()))?;
     std::fs::write(out.join("compare.md"), markdown(c, command))?;
-    let faults: Vec<(f64, bool)> = p2p.faults.iter().map(|e| (e.at_s, e.spec.contains("kill"))).collect();
+    // Kills red, other events grey; the PS run's own times where they differ.
+    let mut faults: Vec<(f64, bool)> = Vec::new();
+    for e in p2p.faults.iter().chain(&ps.faults) {
+        let m = (e.at_s, e.spec.contains("kill"));
+        if !faults.iter().any(|f| (f.0 - m.0).abs() < 0.5 && f.1 == m.1) {
+            faults.push(m);
+        }
+    }
     let acc = |r: &Report| -> Vec<(f64, f64)> { r.accuracy_timeline.iter().map(|(t, _, a)| (*t, 100.0 * a)).collect() };
     chart(&out.join("accuracy.svg"), "Test accuracy after each epoch (red: kills)", "test accuracy %", [&acc(p2p), &acc(ps)], &faults)?;
     let (r1, r2) = (rate(&p2p.progress, 5.0), rate(&ps.progress, 5.0));

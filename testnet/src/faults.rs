@@ -246,7 +246,8 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                 e.stalled_s = if server == Some(*peer) {
                     // Only the server finishes rounds: its gap across its own death
                     // (until it is back and has finished one) is everyone's stall.
-                    stall(&[], t + 300.0)
+                    let until = finishes.get(peer).and_then(|ts| ts.iter().find(|x| **x >= back)).copied().unwrap_or(t + 300.0);
+                    stall(&[], until)
                 } else {
                     stall(&[*peer], next_t.min(t + 60.0))
                 };
@@ -269,7 +270,15 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                 });
                 e.in_step_s = match server {
                     None => e.digest_match_s,
-                    Some(s) if s == *peer => finishes.get(peer).and_then(|ts| ts.iter().find(|x| **x >= *t)).map(|x| x - t),
+                    // The server: until it finished a round past the last one before its
+                    // death (rounds it replayed from its checkpoint are no progress).
+                    Some(s) if s == *peer => {
+                        let before = digests.iter().filter(|(_, ds)| ds.iter().any(|(n, _, at)| *n == *peer && *at <= *t)).map(|(r, _)| *r).max();
+                        digests
+                            .iter()
+                            .filter(|(r, _)| before.is_none_or(|b| **r > b))
+                            .find_map(|(_, ds)| ds.iter().find(|(n, _, at)| *n == *peer && *at >= *t).map(|(_, _, at)| at - t))
+                    }
                     Some(_) => obs.iter().find_map(|o| match o {
                         Obs::Computed { t: c, node } if *node == *peer && *c >= *t => Some(c - t),
                         _ => None,

@@ -120,6 +120,10 @@ struct RunArgs {
     /// `ps` in the fault schedule) and --peers workers.
     #[arg(long, default_value = "p2p", value_parser = ["p2p", "ps"])]
     role: String,
+    /// Draw random kills among this many slots (`testnet compare` pairs the two
+    /// modes this way: slot --peers is the server, and peer 0 in P2P mode).
+    #[arg(long, hide = true)]
+    random_kill_slots: Option<usize>,
     /// Arguments passed to every node (after `--`).
     #[arg(last = true)]
     node_args: Vec<String>,
@@ -365,7 +369,8 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     let server = ps.then_some(a.peers);
     let bin = node_bin(&a.node_bin)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = a.threads_per_node.unwrap_or((cores / n_nodes).max(1));
+    // The same threads per peer and per worker (the server computes no gradients).
+    let threads = a.threads_per_node.unwrap_or((cores / a.peers).max(1));
     if a.out.join("nodes").exists() {
         std::fs::remove_dir_all(a.out.join("nodes")).with_context(|| format!("cannot clear {}", a.out.display()))?;
     }
@@ -396,7 +401,14 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             bail!("--interval must be more than 0 seconds");
         }
         let down = a.down.unwrap_or(a.interval / 2.0);
-        for ev in faults::random_kills(a.random_kills, a.interval, down, n_nodes, a.fault_seed) {
+        let slots = a.random_kill_slots.unwrap_or(n_nodes);
+        for mut ev in faults::random_kills(a.random_kills, a.interval, down, slots, a.fault_seed) {
+            // A slot past the nodes that exist stands for the server: peer 0 in P2P mode.
+            if let faults::Action::Kill { peer } | faults::Action::Revive { peer } = &mut ev.action {
+                if *peer >= n_nodes {
+                    *peer = 0;
+                }
+            }
             let spec = match &ev.action {
                 faults::Action::Kill { peer } => format!("random kill {peer}@{}", ev.at),
                 faults::Action::Revive { peer } => format!("random revive {peer}@{}", ev.at),
@@ -656,7 +668,9 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             None => (0..a.peers).any(|i| exits[i] == Some(Some(0))),
         };
         let revive_pending = schedule.iter().any(|(ev, _)| matches!(ev.action, faults::Action::Revive { .. }));
-        if !any_running && (run_over || !revive_pending) {
+        // In PS mode the run ends with the server: workers still retrying (revived
+        // late) are stopped below.
+        if (ps && run_over) || (!any_running && (run_over || !revive_pending)) {
             break;
         }
         if Instant::now() > deadline {
