@@ -321,6 +321,9 @@ async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
     let mut p2p = c.run.clone();
     p2p.role = "p2p".into();
     p2p.out = out.join("p2p");
+    // Random kills draw among peers + 1 slots in both runs (the last is the server,
+    // peer 0 in P2P mode): the same times, the same victims.
+    p2p.random_kill_slots = Some(c.run.peers + 1);
     p2p.kill = c.run.kill.iter().map(|k| k.replace("ps@", "0@")).collect();
     p2p.revive = c.run.revive.iter().map(|k| k.replace("ps@", "0@")).collect();
     p2p.partition = c
