@@ -75,8 +75,14 @@ pub(crate) fn summarize(mode: &str, r: &Report, target: f64) -> ModeSummary {
         if nodes.is_empty() {
             continue;
         }
-        let per_round: Vec<f64> =
-            nodes.iter().map(|p| p.bytes_sent as f64 / p.rounds_log.as_array().map_or(0, Vec::len).max(1) as f64).collect();
+        // A last life that ran no round (revived at the very end) says nothing of the rate.
+        let per_round: Vec<f64> = nodes
+            .iter()
+            .filter_map(|p| {
+                let n = p.rounds_log.as_array().map_or(0, Vec::len);
+                (n > 0).then(|| p.bytes_sent as f64 / n as f64)
+            })
+            .collect();
         let per_s: Vec<f64> = nodes
             .iter()
             .map(|p| p.cost["total_usd"].as_f64().unwrap_or(0.0) / p.cost["wall_seconds"].as_f64().unwrap_or(1.0).max(1e-9))
@@ -192,23 +198,27 @@ const P2P_COLOR: RGBColor = RGBColor(31, 119, 180);
 const PS_COLOR: RGBColor = RGBColor(255, 127, 14);
 
 /// A line chart of both modes with the fault times marked.
-fn chart(path: &Path, title: &str, y_desc: &str, series: [&[(f64, f64)]; 2], faults: &[(f64, bool)]) -> anyhow::Result<()> {
+fn chart(path: &Path, title: &str, y_desc: &str, series: [&[(f64, f64)]; 2], faults: &[(f64, bool)], from_zero: bool) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let x_max = series.iter().flat_map(|s| s.iter().map(|p| p.0)).fold(1.0, f64::max);
     let y_max = series.iter().flat_map(|s| s.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let y_min = match from_zero {
+        true => 0.0,
+        false => (series.iter().flat_map(|s| s.iter().map(|p| p.1)).fold(f64::INFINITY, f64::min) - 5.0).clamp(0.0, y_max * 0.9),
+    };
     let mut c = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .build_cartesian_2d(0f64..x_max, y_min..y_max)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     c.configure_mesh().x_desc("seconds since start").y_desc(y_desc).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     // Fault markers: kills red, everything else (revivals, partitions) grey.
     for (t, kill) in faults {
         let color = if *kill { RED.mix(0.35) } else { BLACK.mix(0.15) };
-        c.draw_series(LineSeries::new(vec![(*t, 0.0), (*t, y_max)], color)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.draw_series(LineSeries::new(vec![(*t, y_min), (*t, y_max)], color)).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     for (pts, (name, color)) in series.iter().zip([("P2P", P2P_COLOR), ("parameter server", PS_COLOR)]) {
         c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
@@ -240,9 +250,9 @@ pub(crate) fn write(out: &Path, c: &Comparison, command: &str, p2p: &Report, ps:
         }
     }
     let acc = |r: &Report| -> Vec<(f64, f64)> { r.accuracy_timeline.iter().map(|(t, _, a)| (*t, 100.0 * a)).collect() };
-    chart(&out.join("accuracy.svg"), "Test accuracy after each epoch (red: kills)", "test accuracy %", [&acc(p2p), &acc(ps)], &faults)?;
+    chart(&out.join("accuracy.svg"), "Test accuracy after each epoch (red: kills)", "test accuracy %", [&acc(p2p), &acc(ps)], &faults, false)?;
     let (r1, r2) = (rate(&p2p.progress, 5.0), rate(&ps.progress, 5.0));
-    chart(&out.join("progress.svg"), "Progress: rounds per second over 5 s (red: kills)", "rounds / s", [&r1, &r2], &faults)?;
+    chart(&out.join("progress.svg"), "Progress: rounds per second over 5 s (red: kills)", "rounds / s", [&r1, &r2], &faults, true)?;
     Ok(())
 }
 

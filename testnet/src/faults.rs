@@ -8,7 +8,7 @@
 //! connections (libp2p block lists driven over the nodes' stdin; this machine's
 //! kernel has no netem, and the block list works without privileges).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// When an event fires.
@@ -47,7 +47,7 @@ fn parse_at(s: &str) -> Result<At, String> {
     Ok(if after_kill { At::AfterKill(secs) } else { At::Secs(secs) })
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(crate) enum Action {
     Kill { peer: usize },
@@ -150,7 +150,7 @@ pub(crate) enum Obs {
 }
 
 /// One fault event and its effect.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct EventReport {
     pub(crate) at_s: f64,
     pub(crate) spec: String,

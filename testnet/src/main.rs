@@ -134,6 +134,10 @@ struct CompareArgs {
     /// Test accuracy for the "time to target accuracy" column.
     #[arg(long, default_value_t = 0.7)]
     target_accuracy: f64,
+    /// Run nothing: rebuild the table and plots from OUT/p2p/report.json and
+    /// OUT/ps/report.json of an earlier comparison.
+    #[arg(long)]
+    from_reports: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -338,12 +342,22 @@ async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
     let mut ps = c.run.clone();
     ps.role = "ps".into();
     ps.out = out.join("ps");
-    eprintln!("== P2P: {} peers", c.run.peers);
-    let r1 = run_report(p2p).await?;
-    eprintln!("== parameter server: 1 server, {} workers", c.run.peers);
-    let r2 = run_report(ps).await?;
+    let load = |dir: &Path| -> anyhow::Result<report::Report> {
+        let path = dir.join("report.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}: run the comparison first", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a testnet report", path.display()))
+    };
+    let (r1, r2) = if c.from_reports {
+        (load(&p2p.out)?, load(&ps.out)?)
+    } else {
+        eprintln!("== P2P: {} peers", c.run.peers);
+        let r1 = run_report(p2p).await?;
+        eprintln!("== parameter server: 1 server, {} workers", c.run.peers);
+        (r1, run_report(ps).await?)
+    };
     let cmp = compare::compare(c.run.peers, c.target_accuracy, &c.run.node_args, &r1, &r2);
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // The command that ran the experiment (a rebuild from its reports names it too).
+    let command = std::env::args().filter(|a| a != "--from-reports").collect::<Vec<_>>().join(" ");
     compare::write(&out, &cmp, &command, &r1, &r2)?;
     println!("{}", compare::markdown(&cmp, &command));
     eprintln!("comparison: {}", out.join("compare.md").display());

@@ -1,12 +1,12 @@
 //! The testnet's report: every node's own report, and the checks across them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct PeerSummary {
     pub(crate) index: usize,
     /// "peer", "ps" or "worker".
@@ -35,7 +35,7 @@ pub(crate) struct PeerSummary {
 }
 
 /// The function tier across the run (`--executor lambda`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct TierSummary {
     /// The function host's own counters: invocations, errors, timeouts, cold starts, GB-seconds.
     pub(crate) host: Value,
@@ -48,7 +48,7 @@ pub(crate) struct TierSummary {
 }
 
 /// A rogue node (--rogues) and what the peers thought of it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct RogueSummary {
     pub(crate) index: usize,
     pub(crate) peer_id: String,
@@ -58,7 +58,7 @@ pub(crate) struct RogueSummary {
     pub(crate) scores_at_peers: BTreeMap<usize, Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Report {
     pub(crate) ok: bool,
     /// "sync" or "async": only synchronous runs must agree bit for bit.
