@@ -1,12 +1,20 @@
-//! Checkpoints in sled, in the node's state directory.
+//! Checkpoints: a sled index in the node's state directory, the records beside it.
 //!
 //! One sled tree per run (`run/<run id>`), one key per checkpoint (the round,
-//! big-endian, so that the newest sorts last). A checkpoint is written by a
-//! single insert followed by a flush: sled makes the insert atomic and its log
-//! recovery drops a torn write, so a node killed mid-write finds either the new
-//! checkpoint or none of it. Every record also carries a BLAKE3 checksum of its
-//! contents, checked on load: a record damaged on disk is reported and the one
-//! before it is used. The last `keep` checkpoints are kept.
+//! big-endian, so that the newest sorts last), whose value is the length and
+//! BLAKE3 hash of the record. The record itself is a file,
+//! `checkpoints/<run id>/<round>.ckpt`: written to a temporary name, synced,
+//! renamed and its directory synced, and only then entered in the index (one
+//! insert and a flush). A node killed mid-write finds the new checkpoint
+//! complete and indexed, or not indexed at all (a stray file is removed at the
+//! next open). Every record also carries a BLAKE3 checksum of its contents,
+//! checked on load: a record damaged on disk is reported and the one before it
+//! is used. The last `keep` checkpoints are kept, files and index entries.
+//!
+//! Why not the records in sled itself: sled 0.34 keeps large values as blob
+//! files that it does not delete when the value is removed or replaced (sled
+//! issue 786), so a checkpoint every round filled the disk (2.9 GB per node in a
+//! 200-round `cnn` run). The files are deleted with their index entries.
 //!
 //! Record: `PCK1`, BLAKE3 of the rest (32 bytes), the CBOR metadata's length
 //! (u32 LE), the metadata, then the state blob of [`p2pml_proto::encode_state`]
@@ -32,6 +40,12 @@ pub enum CheckpointError {
     Open { path: PathBuf, msg: String },
     #[error("checkpoint store: {0}")]
     Store(#[from] sled::Error),
+    #[error("checkpoint file {path}: {err}")]
+    File { path: PathBuf, err: std::io::Error },
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |err| CheckpointError::File { path: path.to_path_buf(), err }
 }
 
 /// A membership entry as the checkpointing node saw it.
@@ -86,7 +100,16 @@ pub struct WriteStats {
 pub struct Checkpoints {
     db: sled::Db,
     tree: sled::Tree,
+    /// Where the records are.
+    dir: PathBuf,
     keep: usize,
+}
+
+/// Index value: the record's length and BLAKE3 hash.
+fn index_value(record: &[u8]) -> Vec<u8> {
+    let mut v = (record.len() as u64).to_be_bytes().to_vec();
+    v.extend_from_slice(blake3::hash(record).as_bytes());
+    v
 }
 
 /// Encodes a checkpoint record.
@@ -134,7 +157,45 @@ impl Checkpoints {
             .open()
             .map_err(|e| CheckpointError::Open { path: path.clone(), msg: e.to_string() })?;
         let tree = db.open_tree(format!("run/{run_id}"))?;
-        Ok(Checkpoints { db, tree, keep: keep.max(1) })
+        // Run ids are hex digests; anything else cannot name a directory.
+        let safe: String = run_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        let files = dir.join("checkpoints").join(safe);
+        std::fs::create_dir_all(&files).map_err(file_err(&files))?;
+        let c = Checkpoints { db, tree, dir: files, keep: keep.max(1) };
+        c.remove_strays()?;
+        Ok(c)
+    }
+
+    fn path(&self, round: u64) -> PathBuf {
+        self.dir.join(format!("{round:020}.ckpt"))
+    }
+
+    /// Removes files the index does not name: a write cut short before it was
+    /// indexed, or a prune cut short after the index entry went.
+    fn remove_strays(&self) -> Result<(), CheckpointError> {
+        let indexed: std::collections::HashSet<PathBuf> = self.rounds()?.into_iter().map(|r| self.path(r)).collect();
+        for entry in std::fs::read_dir(&self.dir).map_err(file_err(&self.dir))? {
+            let path = entry.map_err(file_err(&self.dir))?.path();
+            if !indexed.contains(&path) {
+                tracing::info!("removing {} (a checkpoint write or prune that did not finish)", path.display());
+                std::fs::remove_file(&path).map_err(file_err(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to `path` durably and atomically (temporary file, sync,
+    /// rename, directory sync).
+    fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(file_err(&tmp))?;
+        f.write_all(bytes).map_err(file_err(&tmp))?;
+        f.sync_all().map_err(file_err(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(file_err(path))?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(file_err(&self.dir))?;
+        Ok(())
     }
 
     /// Takes this start's incarnation: one more than the last start's (1 at first).
@@ -169,20 +230,29 @@ impl Checkpoints {
         let record = encode_record(meta, state);
         let encode_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        self.tree.insert(meta.round.to_be_bytes(), record.as_slice())?;
+        let path = self.path(meta.round);
+        self.write_file(&path, &record)?;
         if let Some(d) = stall_before_flush {
             // Fault injection (--fault-checkpoint-stall): a window in which the
             // write is in progress, for the crash test to kill the node in.
             println!("checkpoint writing round {}", meta.round);
             std::thread::sleep(d);
         }
+        self.tree.insert(meta.round.to_be_bytes(), index_value(&record))?;
         self.tree.flush()?;
         let rounds = self.rounds()?;
         if rounds.len() > self.keep {
-            for r in &rounds[..rounds.len() - self.keep] {
+            let old = &rounds[..rounds.len() - self.keep];
+            for r in old {
                 self.tree.remove(r.to_be_bytes())?;
             }
             self.tree.flush()?;
+            for r in old {
+                let p = self.path(*r);
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!("cannot remove the old checkpoint {}: {e}", p.display());
+                }
+            }
         }
         Ok(WriteStats { bytes: record.len() as u64, encode_secs, write_secs: t1.elapsed().as_secs_f64() })
     }
@@ -204,9 +274,17 @@ impl Checkpoints {
         let t0 = Instant::now();
         let mut skipped = Vec::new();
         for kv in self.tree.iter().rev() {
-            let (k, v) = kv?;
+            let (k, _) = kv?;
             let round = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(u64::MAX);
-            match decode_record(&v, numel) {
+            let path = self.path(round);
+            let record = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    skipped.push((round, format!("cannot read {}: {e}", path.display())));
+                    continue;
+                }
+            };
+            match decode_record(&record, numel) {
                 Ok(mut r) => {
                     r.skipped = skipped;
                     r.load_secs = t0.elapsed().as_secs_f64();
@@ -223,14 +301,30 @@ impl Checkpoints {
 
     /// Test and benchmark access: the raw record of `round`.
     pub fn raw(&self, round: u64) -> Result<Option<Vec<u8>>, CheckpointError> {
-        Ok(self.tree.get(round.to_be_bytes())?.map(|v| v.to_vec()))
+        if self.tree.get(round.to_be_bytes())?.is_none() {
+            return Ok(None);
+        }
+        let p = self.path(round);
+        std::fs::read(&p).map(Some).map_err(file_err(&p))
     }
 
-    /// Test access: overwrites the raw record of `round` (to simulate damage).
+    /// Test access: overwrites the record of `round` on disk (to simulate damage).
     pub fn put_raw(&self, round: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
-        self.tree.insert(round.to_be_bytes(), bytes)?;
-        self.tree.flush()?;
-        Ok(())
+        let p = self.path(round);
+        std::fs::write(&p, bytes).map_err(file_err(&p))
+    }
+
+    /// Bytes the checkpoints take on disk: the records and sled's files.
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(p).map_or(0, |d| d.flatten().map(|e| walk(&e.path())).sum()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        let sled_dir = self.dir.parent().and_then(Path::parent).map(|d| d.join("checkpoints.sled"));
+        walk(&self.dir) + sled_dir.map_or(0, |d| walk(&d))
     }
 }
 
@@ -275,6 +369,9 @@ mod tests {
             assert!(w.bytes > s.len() as u64);
         }
         assert_eq!(c.rounds().unwrap(), vec![3, 4, 5]);
+        // Only the kept records stay on disk.
+        let files = std::fs::read_dir(dir.path().join("checkpoints/r")).unwrap().count();
+        assert_eq!(files, 3);
         let l = c.latest(4).unwrap().unwrap();
         assert_eq!((l.meta.round, l.header.round, l.params.clone(), l.opt.clone()), (5, 5, vec![5.0; 4], vec![vec![2.5; 4]]));
         assert!(l.skipped.is_empty());
@@ -284,6 +381,38 @@ mod tests {
         assert_eq!(c.latest(4).unwrap().unwrap().meta.round, 5);
         // Another run's tree is separate.
         assert!(Checkpoints::open(dir.path(), "other", 3).is_err(), "sled allows one opener");
+        drop(c);
+        // A write cut short before it was indexed leaves a stray file: removed at open.
+        std::fs::write(dir.path().join("checkpoints/r/00000000000000000006.ckpt"), b"partial").unwrap();
+        std::fs::write(dir.path().join("checkpoints/r/00000000000000000007.tmp"), b"partial").unwrap();
+        let c = Checkpoints::open(dir.path(), "r", 3).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("checkpoints/r")).unwrap().count(), 3);
+        assert_eq!(c.latest(4).unwrap().unwrap().meta.round, 5);
+    }
+
+    #[test]
+    fn disk_use_stays_bounded_over_many_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Checkpoints::open(dir.path(), "r", 3).unwrap();
+        let big = |r: u64| {
+            let (m, _) = state(r, 0.0);
+            let h = p2pml_proto::decode_state(&state(r, 0.0).1, 4).unwrap().0;
+            let h = StateHeader { numel: 250_000, ..h };
+            (m, p2pml_proto::encode_state(&h, &vec![r as f32; 250_000], &[vec![0.5; 250_000]]))
+        };
+        for r in 0..10 {
+            let (m, s) = big(r);
+            c.write(&m, &s, None).unwrap();
+        }
+        let after_10 = c.disk_bytes();
+        for r in 10..60 {
+            let (m, s) = big(r);
+            c.write(&m, &s, None).unwrap();
+        }
+        let after_60 = c.disk_bytes();
+        // Three 2 MB records and sled's small index: no growth with the count.
+        assert!(after_60 < 8 << 20, "{after_60} bytes on disk after 60 checkpoints");
+        assert!(after_60 <= after_10 + (1 << 20), "grew from {after_10} to {after_60} bytes");
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct CheckpointStats {
     pub failed: u64,
     pub last_round: Option<u64>,
     pub last_bytes: u64,
+    /// The checkpoints' size on disk after the last write (records and index).
+    pub disk_bytes: u64,
     pub write_secs_mean: f64,
     pub write_secs_max: f64,
     /// The checkpoint this start resumed from, how long loading it took, and the
@@ -1836,6 +1838,7 @@ impl CheckpointWriter {
                         s.write_secs_max = s.write_secs_max.max(secs);
                         s.last_round = Some(meta.round);
                         s.last_bytes = w.bytes;
+                        s.disk_bytes = ckpt.disk_bytes();
                         tracing::debug!("checkpoint round {} written: {} bytes in {:.3} s", meta.round, w.bytes, secs);
                     }
                     Err(e) => {
