@@ -4,8 +4,9 @@
 //!
 //!     cargo bench -p p2pml-node --bench checkpoint
 //!
-//! Write: encoding the record (checksum included), the sled insert, the flush to
-//! disk and pruning to the last 3. Restore: reading the newest record, verifying
+//! Write: encoding the record (checksum included), writing it to its file
+//! (temporary name, sync, rename, directory sync), the sled index insert and
+//! flush, and pruning to the last 3. It also prints the store's size on disk. Restore: reading the newest record, verifying
 //! its checksum, decoding the state and loading the parameters into the model.
 //! Environment: BENCH_REPS (default 5; the median is printed), BENCH_DIR (where
 //! the store goes; default a temporary directory under target/).
@@ -27,7 +28,10 @@ fn main() -> anyhow::Result<()> {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-checkpoint")
     });
     std::fs::create_dir_all(&base)?;
-    println!("{:<10} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9}", "model", "params", "MB", "write s", "restore s", "file w s", "file r s", "w ratio", "r ratio");
+    println!(
+        "{:<10} {:>11} {:>9} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>11}",
+        "model", "params", "MB", "write s", "restore s", "file w s", "file r s", "w ratio", "r ratio", "on disk MB"
+    );
     for kind in [ModelKind::Cnn, ModelKind::Resnet18] {
         let dir = tempfile::tempdir_in(&base)?;
         let mut model = Model::new(ModelSpec::for_dataset(kind, DatasetKind::FashionMnist), tch::Device::Cpu, 1)?;
@@ -38,7 +42,8 @@ fn main() -> anyhow::Result<()> {
         let store = Checkpoints::open(dir.path(), "bench", 3)?;
         let (mut writes, mut restores, mut fwrites, mut freads) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut bytes = 0;
-        for round in 0..reps as u64 {
+        // More writes than kept: the size on disk must stay at about 3 records.
+        for round in 0..reps.max(5) as u64 {
             let h = StateHeader {
                 round,
                 epoch: 0,
@@ -81,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         }
         let (w, r, fw, fr) = (median(writes), median(restores), median(fwrites), median(freads));
         println!(
-            "{:<10} {:>11} {:>9.1} {:>10.3} {:>10.3} {:>11.3} {:>11.3} {:>9.2} {:>9.2}",
+            "{:<10} {:>11} {:>9.1} {:>10.3} {:>10.3} {:>11.3} {:>11.3} {:>9.2} {:>9.2} {:>11.1}",
             kind.to_string(),
             numel,
             bytes as f64 / 1e6,
@@ -90,7 +95,8 @@ fn main() -> anyhow::Result<()> {
             fw,
             fr,
             w / fw,
-            r / fr
+            r / fr,
+            store.disk_bytes() as f64 / 1e6
         );
     }
     println!("(medians of {reps}; ratios: checkpoint time / plain file time)");
