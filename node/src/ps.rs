@@ -108,6 +108,8 @@ struct Server {
     open: bool,
     /// Workers told the run is over.
     told_finished: HashSet<PeerId>,
+    /// Peers with an open connection.
+    connected: HashSet<PeerId>,
     polls: Vec<HeldPoll>,
     /// This round's accepted pushes, by worker.
     pushes: HashMap<PeerId, Announce>,
@@ -367,8 +369,12 @@ impl Server {
         let tick = tokio::time::sleep(Duration::from_millis(self.p2p.heartbeat_ms));
         tokio::select! {
             ev = self.events.recv() => match ev {
-                Some(Event::Connected(p)) => self.rs.unsuspect(&p),
+                Some(Event::Connected(p)) => {
+                    self.connected.insert(p);
+                    self.rs.unsuspect(&p);
+                }
                 Some(Event::Disconnected(p)) => {
+                    self.connected.remove(&p);
                     let now = self.now_ms();
                     self.rs.suspect(&p, now);
                 }
@@ -472,6 +478,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         finished: false,
         open: false,
         told_finished: HashSet::new(),
+        connected: HashSet::new(),
         polls: Vec::new(),
         pushes: HashMap::new(),
         fetch_tx,
@@ -684,12 +691,15 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         s.answer_polls().await;
     };
 
-    // Tell every live worker that the run is over (bounded).
+    // Tell every live worker that the run is over, and stay until they have
+    // hung up (so that the answers are on the wire before we exit; bounded).
     s.finished = true;
     s.open = false;
     s.answer_polls().await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !s.workers_live().iter().all(|p| s.told_finished.contains(p)) {
+    while Instant::now() < deadline
+        && (!s.workers_live().iter().all(|p| s.told_finished.contains(p)) || s.told_finished.iter().any(|p| s.connected.contains(p)))
+    {
         s.pump().await?;
     }
 
