@@ -273,6 +273,9 @@ struct Fetched {
     result: Result<Vec<u8>, String>,
 }
 
+/// Addresses kept (and dialed) per peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+
 /// Where to find peers at start: the --bootstrap addresses, and the addresses
 /// the restored checkpoint remembers for its members.
 fn known_addresses(bootstrap: &[(PeerId, Multiaddr)], meta: Option<&CheckpointMeta>, me: &PeerId) -> HashMap<PeerId, Vec<String>> {
@@ -280,7 +283,7 @@ fn known_addresses(bootstrap: &[(PeerId, Multiaddr)], meta: Option<&CheckpointMe
     for m in meta.map(|m| m.members.as_slice()).unwrap_or_default() {
         if let Ok(p) = PeerId::from_bytes(&m.peer) {
             if &p != me && !m.addrs.is_empty() {
-                known.insert(p, m.addrs.clone());
+                known.insert(p, m.addrs.iter().take(MAX_ADDRS_PER_PEER).cloned().collect());
             }
         }
     }
@@ -738,7 +741,8 @@ impl Node {
                 let view = PeerView { round: h.round, epoch: h.epoch, finished: h.finished, ready: h.ready, active, boot: h.boot };
                 self.views.insert(author, view);
                 if !h.addrs.is_empty() {
-                    self.known.insert(author, h.addrs.clone());
+                    // A few addresses per peer: a heartbeat cannot make us dial a long list.
+                    self.known.insert(author, h.addrs.iter().take(MAX_ADDRS_PER_PEER).cloned().collect());
                 }
                 if is_new {
                     for a in &h.addrs {
