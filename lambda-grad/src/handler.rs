@@ -107,6 +107,8 @@ impl Cached {
 pub struct Handler {
     store: ObjectStore,
     cache: Option<Cached>,
+    /// Tasks this environment has run (the first one was a cold start).
+    handled: u64,
 }
 
 impl std::fmt::Debug for Handler {
@@ -143,11 +145,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Handler {
     pub fn new(store: ObjectStore) -> Self {
-        Handler { store, cache: None }
+        Handler { store, cache: None, handled: 0 }
     }
 
     /// Runs one task. A [`Fault::Panic`] panics, as asked.
     pub async fn handle(&mut self, task: Task) -> Result<TaskResult, HandlerError> {
+        let cold = self.handled == 0;
+        self.handled += 1;
+        self.run(task).await.map(|r| TaskResult { cold, ..r })
+    }
+
+    async fn run(&mut self, task: Task) -> Result<TaskResult, HandlerError> {
         match task {
             Task::Grad(t) => {
                 match t.fault {

@@ -256,6 +256,8 @@ pub struct P2pConfig {
     pub checkpoint_stall: Option<(u64, u64)>,
     /// Read control commands (block/unblock peers) from stdin: testnet's partitions.
     pub control_stdin: bool,
+    /// Serve Prometheus metrics here (None: off).
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for P2pConfig {
@@ -287,6 +289,7 @@ impl Default for P2pConfig {
             start_grace_ms: 5000,
             checkpoint_stall: None,
             control_stdin: false,
+            metrics_addr: Some("127.0.0.1:0".into()),
         }
     }
 }
@@ -386,6 +389,10 @@ pub struct P2pArgs {
     /// Read control commands from stdin ("block <peer id>...", "unblock"): testnet's partitions.
     #[arg(long, hide = true)]
     pub control_stdin: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port; the
+    /// node prints where). Loopback by default; `none` turns it off.
+    #[arg(long, env = "P2PML_METRICS_ADDR", default_value = "127.0.0.1:0")]
+    pub metrics_addr: String,
     #[command(flatten)]
     pub exec: crate::exec::ExecArgs,
 }
@@ -419,6 +426,7 @@ impl P2pArgs {
             start_grace_ms: self.start_grace_ms,
             checkpoint_stall: self.fault_checkpoint_stall,
             control_stdin: self.control_stdin,
+            metrics_addr: (self.metrics_addr != "none").then(|| self.metrics_addr.clone()),
             ..d
         }
     }

@@ -292,6 +292,8 @@ pub struct ExecStats {
     /// Billed milliseconds (each invocation's duration rounded up to 1 ms).
     pub billed_ms: u64,
     pub grad_tasks_ok: u64,
+    /// Invocations that started a new function environment.
+    pub cold_starts: u64,
 }
 
 /// The cost of one peer's run, measured and by the paper's formula.
@@ -397,6 +399,8 @@ pub struct LambdaExecutor {
     params_present: HashSet<String>,
     uploaded_epochs: HashSet<u64>,
     durations_ms: Vec<f64>,
+    /// Round trips of gradient invocations since the metrics last took them.
+    pub recent_ms: Vec<f64>,
     pub stats: ExecStats,
     /// Rounds in which the tier could not be reached at all.
     unreachable_since: Option<Instant>,
@@ -414,6 +418,7 @@ impl LambdaExecutor {
             params_present: HashSet::new(),
             uploaded_epochs: HashSet::new(),
             durations_ms: Vec::new(),
+            recent_ms: Vec::new(),
             stats: ExecStats::default(),
             unreachable_since: None,
         })
@@ -600,9 +605,13 @@ impl LambdaExecutor {
             s.fn_write_ms += r.write_ms;
             s.invoke_overhead_ms += (rtt_ms - own).max(0.0);
             s.params_cache_hits += u64::from(r.params_cached);
+            s.cold_starts += u64::from(r.cold);
             if grad {
                 s.grad_tasks_ok += 1;
                 self.durations_ms.push(*rtt_ms);
+                if self.recent_ms.len() < 4096 {
+                    self.recent_ms.push(*rtt_ms);
+                }
                 if self.durations_ms.len() > 256 {
                     self.durations_ms.drain(..128);
                 }

@@ -44,6 +44,8 @@ pub struct Traffic {
     pub gossip_messages_received: AtomicU64,
     pub rr_bytes_sent: AtomicU64,
     pub rr_bytes_received: AtomicU64,
+    pub rr_messages_sent: AtomicU64,
+    pub rr_messages_received: AtomicU64,
     pub invalid_messages: AtomicU64,
 }
 
@@ -347,11 +349,13 @@ impl EventLoop {
             }
             Command::Request { peer, request, reply } => {
                 Traffic::add(&self.traffic.rr_bytes_sent, request_len(&request));
+                Traffic::add(&self.traffic.rr_messages_sent, 1);
                 let id = b.rr.send_request(&peer, request);
                 self.pending.insert(id, reply);
             }
             Command::Respond { channel, response } => {
                 Traffic::add(&self.traffic.rr_bytes_sent, response_len(&response));
+                Traffic::add(&self.traffic.rr_messages_sent, 1);
                 let _ = b.rr.send_response(channel, response);
             }
             Command::Dial { peer, addr } => {
@@ -433,10 +437,12 @@ impl EventLoop {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
                         Traffic::add(&self.traffic.rr_bytes_received, request_len(&request));
+                        Traffic::add(&self.traffic.rr_messages_received, 1);
                         let _ = self.requests.send(InboundRequest { peer, request, channel }).await;
                     }
                     request_response::Message::Response { request_id, response } => {
                         Traffic::add(&self.traffic.rr_bytes_received, response_len(&response));
+                        Traffic::add(&self.traffic.rr_messages_received, 1);
                         if let Some(tx) = self.pending.remove(&request_id) {
                             let _ = tx.send(Ok(response));
                         }

@@ -276,6 +276,61 @@ struct Fetched {
 /// Addresses kept (and dialed) per peer.
 const MAX_ADDRS_PER_PEER: usize = 8;
 
+/// Serves this node's metrics (unless `--metrics-addr none`) and prints where:
+/// testnet reads the line.
+pub(crate) async fn start_metrics(p2p: &P2pConfig, role: &str, me: &PeerId, client: &Client) -> anyhow::Result<()> {
+    if let Some(addr) = &p2p.metrics_addr {
+        let a = crate::metrics::serve(addr, role, &me.to_string(), client.traffic.clone()).await?;
+        println!("metrics listening on http://{a}/metrics");
+    }
+    Ok(())
+}
+
+/// A round's figures into the metrics (if they are on).
+pub(crate) fn record_round(round: u64, epoch: u64, st: &StageTimes, train_loss: f64, lr: f64) {
+    let Some(m) = crate::metrics::get() else { return };
+    for (name, secs) in [
+        ("compute", st.compute),
+        ("encode", st.encode),
+        ("send", st.send),
+        ("barrier_wait", st.barrier_wait),
+        ("decode", st.decode),
+        ("aggregate", st.aggregate),
+        ("update", st.update),
+    ] {
+        m.stage_seconds.with_label_values(&[name]).observe(secs);
+    }
+    m.round.set(round as i64 + 1);
+    m.epoch.set(epoch as i64 + 1);
+    m.rounds.inc();
+    m.train_loss.set(train_loss);
+    m.learning_rate.set(lr);
+}
+
+/// The function tier's counters (from `seen` to now), state syncs and the cost
+/// estimate into the metrics.
+pub(crate) fn record_costs(lambda: Option<&mut LambdaExecutor>, seen: &mut exec::ExecStats, cfg: &ExecConfig, wall_secs: f64, bpr: usize, state_syncs: u64) {
+    let Some(m) = crate::metrics::get() else { return };
+    m.state_syncs.inc_by(state_syncs.saturating_sub(m.state_syncs.get()));
+    let stats = match lambda {
+        Some(lx) => {
+            m.function_stats(seen, &lx.stats, cfg.pricing.memory_mb, &std::mem::take(&mut lx.recent_ms));
+            *seen = lx.stats.clone();
+            lx.stats.clone()
+        }
+        None => exec::ExecStats::default(),
+    };
+    m.cost_usd.set(exec::cost(cfg, &stats, wall_secs, bpr).total_usd);
+}
+
+/// An epoch's evaluation into the metrics.
+pub(crate) fn record_epoch(test_accuracy: f64, test_loss: f64) {
+    if let Some(m) = crate::metrics::get() {
+        m.test_accuracy.set(test_accuracy);
+        m.test_loss.set(test_loss);
+    }
+}
+
 /// Where to find peers at start: the --bootstrap addresses, and the addresses
 /// the restored checkpoint remembers for its members.
 fn known_addresses(bootstrap: &[(PeerId, Multiaddr)], meta: Option<&CheckpointMeta>, me: &PeerId) -> HashMap<PeerId, Vec<String>> {
@@ -451,6 +506,7 @@ impl Node {
         for change in self.rs.tick(now) {
             self.on_change(change);
         }
+        crate::metrics::membership(self.connected.len(), self.rs.live().len());
         let members = self
             .rs
             .members()
@@ -511,6 +567,7 @@ impl Node {
         };
         // testnet reads this line to time failure detection.
         println!("member {event} {peer} incarnation {incarnation}");
+        crate::metrics::membership_event(event);
         self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
     }
 
@@ -842,6 +899,15 @@ impl Node {
 }
 
 pub(crate) async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
+    let t0 = Instant::now();
+    let r = fetch_chunks(client, src, owner, round, len).await;
+    if r.is_ok() {
+        crate::metrics::stage("receive", t0.elapsed().as_secs_f64());
+    }
+    r
+}
+
+async fn fetch_chunks(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
     let n = chunks(len);
     let reqs = (0..n).map(|index| {
         let client = client.clone();
@@ -1077,6 +1143,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         println!("listening {a}/p2p/{me}");
     }
     println!("peer {me} run {run_id}");
+    start_metrics(&p2p, "p2p", &me, &client).await?;
 
     let (fetch_tx, fetch_rx) = mpsc::channel(256);
     let (hello_tx, hello_rx) = mpsc::channel(64);
@@ -1233,6 +1300,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut stopped_early = false;
     let wall = Instant::now();
     let bpr = p2p.batches_per_round;
+    let mut fn_seen = exec::ExecStats::default();
 
     loop {
         if node.round >= sched.first_round + sched.rounds {
@@ -1247,6 +1315,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 let eval_bs = cfg.eval_batch_size;
                 let test_x = test.x.shallow_clone();
                 let test_y = test.y.shallow_clone();
+                let t_eval = Instant::now();
                 let (t_back, v, te) = node
                     .while_pumping(tokio::task::spawn_blocking(move || {
                         let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
@@ -1254,6 +1323,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                         (t, v, te)
                     }))
                     .await??;
+                crate::metrics::stage("evaluate", t_eval.elapsed().as_secs_f64());
                 trainer = Some(t_back);
                 pending_val = v.map(|v| ValStats {
                     epoch: sched.epoch,
@@ -1262,6 +1332,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     count: v.samples as u64,
                 });
                 println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
+                record_epoch(te.accuracy, te.loss);
                 epochs_log.push(EpochRecord {
                     epoch: sched.epoch + 1,
                     val_loss: None,
@@ -1500,7 +1571,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let mut t = trainer.take().expect("trainer present");
         if any_val && val_sum.2 > 0 {
             let val_loss = val_sum.0 / val_sum.2 as f64;
+            let t_conv = Instant::now();
             let (lr, stop) = conv.step(val_loss, t.opt.lr());
+            crate::metrics::stage("convergence_check", t_conv.elapsed().as_secs_f64());
+            if let Some(m) = crate::metrics::get() {
+                m.validation_loss.set(val_loss);
+            }
             if lr != t.opt.lr() {
                 tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
                 t.opt.set_lr(lr);
@@ -1581,6 +1657,19 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             st.barrier_wait * 1000.0,
             &hex(&digest)[..16]
         );
+        record_round(round, epoch, &st, train_loss, lr);
+        tracing::info!(
+            round,
+            epoch = epoch + 1,
+            contributors = sorted.len(),
+            samples = total_samples,
+            loss = format!("{train_loss:.4}"),
+            lr,
+            compute_s = format!("{:.3}", st.compute),
+            barrier_s = format!("{:.3}", st.barrier_wait),
+            update_s = format!("{:.3}", st.update),
+            "round done"
+        );
         rounds_log.push(RoundRecord {
             round,
             epoch,
@@ -1608,6 +1697,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
             }
         }
+        record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, state_syncs);
         let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
         node.rs.prune(round.saturating_sub(keep));
         store.lock().expect("store lock").prune(round.saturating_sub(keep));
@@ -1843,6 +1933,7 @@ impl CheckpointWriter {
                         s.last_round = Some(meta.round);
                         s.last_bytes = w.bytes;
                         s.disk_bytes = ckpt.disk_bytes();
+                        crate::metrics::stage("checkpoint", secs);
                         tracing::debug!("checkpoint round {} written: {} bytes in {:.3} s", meta.round, w.bytes, secs);
                     }
                     Err(e) => {

@@ -16,7 +16,7 @@ use crate::exec::{self, ExecutorKind, LambdaExecutor};
 use crate::net::{self, Client, Event, InboundRequest};
 use crate::p2p::{
     aggregate, compute_tasks, digest_of, fetch_blob, gradient_seed, hex, ids, offload, peer_ids, report_path,
-    responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
+    record_costs, record_epoch, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
     EpochRecord, MembershipEvent, NodeReport, Offload, RoundRecord, Schedule, StageTimes, Trainer, unix_ms,
 };
 use crate::round::{Barrier, Change, RoundState};
@@ -75,6 +75,7 @@ async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<Net> {
         println!("listening {a}/p2p/{me}");
     }
     println!("peer {me} run {run_id} role {}", p2p.role.as_str());
+    crate::p2p::start_metrics(p2p, p2p.role.as_str(), &me, &client).await?;
     Ok(Net { client, events, requests, me })
 }
 
@@ -147,6 +148,7 @@ impl Server {
             Change::Refuted { .. } => return,
         };
         println!("member {event} {peer} incarnation {incarnation}");
+        crate::metrics::membership_event(event);
         self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
     }
 
@@ -240,6 +242,7 @@ impl Server {
                 match verdict {
                     Err(why) => {
                         self.invalid_pushes += 1;
+                        crate::metrics::invalid_push();
                         tracing::debug!("push from {peer} refused: {why}");
                         self.respond(channel, refuse(&why)).await;
                     }
@@ -333,6 +336,7 @@ impl Server {
     /// deterministic fault would otherwise repeat forever and stall the barrier).
     fn refuse_gradient(&mut self, peer: PeerId, why: String) {
         self.invalid_pushes += 1;
+        crate::metrics::invalid_push();
         tracing::warn!("gradient from {peer} {why}: dropped; the worker sits out the rest of the epoch");
         self.pushes.remove(&peer);
         self.rs.demote(&peer);
@@ -395,6 +399,7 @@ impl Server {
         for c in self.rs.tick(now) {
             self.on_change(c);
         }
+        crate::metrics::membership(self.connected.len(), self.rs.live().len());
         self.answer_polls().await;
         Ok(())
     }
@@ -548,6 +553,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             // schedule and early stopping, then the test set).
             s.open = false;
             let t = trainer.take().expect("trainer present");
+            let t_eval = Instant::now();
             let (vx, vy, tx, ty) = (val.x.shallow_clone(), val.y.shallow_clone(), test.x.shallow_clone(), test.y.shallow_clone());
             let bs = cfg.eval_batch_size;
             let (t_back, v, te) = s
@@ -558,12 +564,19 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 }))
                 .await??;
             let mut t = t_back;
+            crate::metrics::stage("evaluate", t_eval.elapsed().as_secs_f64());
+            let t_conv = Instant::now();
             let (lr, stop) = conv.step(v.loss, t.opt.lr());
+            crate::metrics::stage("convergence_check", t_conv.elapsed().as_secs_f64());
+            if let Some(m) = crate::metrics::get() {
+                m.validation_loss.set(v.loss);
+            }
             if lr != t.opt.lr() {
                 tracing::info!("validation loss {:.4} has not improved: lr {} -> {lr}", v.loss, t.opt.lr());
                 t.opt.set_lr(lr);
             }
             println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
+            record_epoch(te.accuracy, te.loss);
             epochs_log.push(EpochRecord {
                 epoch: sched.epoch + 1,
                 val_loss: Some(v.loss),
@@ -666,6 +679,20 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             st.barrier_wait * 1000.0,
             &hex(&digest)[..16]
         );
+        record_round(round, epoch, &st, train_loss, lr);
+        tracing::info!(
+            round,
+            epoch = epoch + 1,
+            contributors = contributors.len(),
+            samples = total_samples,
+            loss = format!("{train_loss:.4}"),
+            lr,
+            compute_s = format!("{:.3}", st.compute),
+            barrier_s = format!("{:.3}", st.barrier_wait),
+            update_s = format!("{:.3}", st.update),
+            "round done"
+        );
+        record_costs(None, &mut Default::default(), &p2p.exec, wall.elapsed().as_secs_f64(), p2p.batches_per_round, 0);
         rounds_log.push(RoundRecord {
             round,
             epoch,
@@ -917,6 +944,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let mut ready_unix_ms = None;
     let wall = Instant::now();
     let bpr = p2p.batches_per_round;
+    let mut fn_seen = exec::ExecStats::default();
     let final_digest = loop {
         let work = match link.call(Request::PsPoll { round: next, incarnation }).await? {
             Response::PsWork(w) => *w,
@@ -1048,6 +1076,17 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         }
         gradient_bytes_sent += len;
         computed += 1;
+        if let Some(m) = crate::metrics::get() {
+            for (name, secs) in [("receive", st.upload), ("compute", st.compute), ("encode", st.encode), ("send", st.send)] {
+                m.stage_seconds.with_label_values(&[name]).observe(secs);
+            }
+            m.round.set(round as i64 + 1);
+            m.epoch.set(work.epoch as i64 + 1);
+            m.rounds.inc();
+            m.train_loss.set(c.loss_sum / c.samples.max(1) as f64);
+        }
+        record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, 0);
+        tracing::info!(round, epoch = work.epoch + 1, samples = c.samples, compute_s = format!("{:.3}", st.compute), "gradient pushed");
         // testnet reads this line: the worker contributes again.
         println!("computed round {round} epoch {} samples {} loss {:.4}", work.epoch + 1, c.samples, c.loss_sum / c.samples.max(1) as f64);
         rounds_log.push(RoundRecord {

@@ -89,6 +89,9 @@ pub struct TaskResult {
     pub write_ms: f64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The first task of a new function environment (a cold start).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 /// A task's output object: summed gradient, summed loss, sample count.

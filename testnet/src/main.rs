@@ -11,6 +11,7 @@
 
 mod compare;
 mod faults;
+mod promcfg;
 mod report;
 mod s3;
 mod tier;
@@ -120,6 +121,17 @@ struct RunArgs {
     /// `ps` in the fault schedule) and --peers workers.
     #[arg(long, default_value = "p2p", value_parser = ["p2p", "ps"])]
     role: String,
+    /// Start a local Prometheus (the `prometheus` binary, Debian package
+    /// `prometheus`) that scrapes every node's /metrics each second; its URL goes
+    /// to OUT/prometheus.url. OUT/prometheus.yml is written either way.
+    #[arg(long)]
+    prometheus: bool,
+    /// The Prometheus binary for --prometheus.
+    #[arg(long, default_value = "prometheus")]
+    prometheus_bin: PathBuf,
+    /// Keep Prometheus (and its data) up this many seconds after the run, to look around.
+    #[arg(long, default_value_t = 0.0)]
+    prometheus_linger: f64,
     /// Draw random kills among this many slots (`testnet compare` pairs the two
     /// modes this way: slot --peers is the server, and peer 0 in P2P mode).
     #[arg(long, hide = true)]
@@ -183,6 +195,8 @@ fn node_bin(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 enum NodeLine {
     /// A worker pushed a gradient (parameter-server mode).
     Computed(usize),
+    /// Where the node serves its metrics.
+    Metrics(usize, String),
     Listening(usize, String),
     PeerId(usize, String),
     Round(usize, u64, String),
@@ -285,6 +299,9 @@ async fn spawn_node(
                 (Some("peer"), Some(id)) => Some(NodeLine::PeerId(i, id.to_string())),
                 (Some("ready"), _) => Some(NodeLine::Ready(i)),
                 (Some("computed"), Some("round")) => Some(NodeLine::Computed(i)),
+                (Some("metrics"), Some("listening")) => {
+                    line.split_whitespace().nth(3).map(|u| NodeLine::Metrics(i, u.to_string()))
+                }
                 (Some("member"), Some("died")) => w.next().map(|p| NodeLine::Died(i, p.to_string())),
                 (Some("round"), Some(r)) => {
                     let digest = line.split(" digest ").nth(1).unwrap_or_default().trim().to_string();
@@ -460,6 +477,13 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     };
     let env = tier.as_ref().map(|t| t.env()).unwrap_or_default();
 
+    // Prometheus: a configuration naming the nodes' endpoints (a file that
+    // follows them as they start and restart), and optionally the server itself.
+    let prom = promcfg::PromFiles::write(&a.out).context("cannot write the Prometheus configuration")?;
+    let _prometheus = match a.prometheus {
+        true => Some(promcfg::start(&a.prometheus_bin, &a.out, &prom).await?),
+        false => None,
+    };
     let (tx, mut rx) = mpsc::channel(1024);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.timeout);
@@ -579,6 +603,7 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     addrs[first] = Some(boot.clone());
     let mut ids: Vec<String> = vec![String::new(); n_nodes];
     let mut progress: Vec<(f64, u64)> = Vec::new();
+    let mut metric_urls: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     let mut accuracy_timeline: Vec<(f64, u64, f64)> = Vec::new();
     let mut obs: Vec<faults::Obs> = Vec::new();
     let mut fired: Vec<(f64, String, faults::Action)> = Vec::new();
@@ -711,6 +736,13 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                 }
             }
             NodeLine::Computed(i) => obs.push(faults::Obs::Computed { t, node: i }),
+            NodeLine::Metrics(i, url) => {
+                let name = if Some(i) == server { "ps".to_string() } else { format!("n{i}") };
+                metric_urls.insert(name, url);
+                if let Err(e) = prom.set_targets(&metric_urls) {
+                    say(&bar, format!("testnet: cannot update the Prometheus targets: {e}"));
+                }
+            }
             NodeLine::Epoch(e, acc) => {
                 if last_acc.is_none_or(|(le, _)| e > le) {
                     accuracy_timeline.push((t, e, acc / 100.0));
@@ -790,5 +822,9 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);
     eprintln!("report: {}", path.display());
+    if let (Some(p), true) = (&_prometheus, a.prometheus_linger > 0.0) {
+        eprintln!("testnet: Prometheus stays up at {} for {} s", p.url, a.prometheus_linger);
+        tokio::time::sleep(Duration::from_secs_f64(a.prometheus_linger)).await;
+    }
     Ok(report)
 }
