@@ -286,8 +286,20 @@ pub(crate) async fn start_metrics(p2p: &P2pConfig, role: &str, me: &PeerId, clie
     Ok(())
 }
 
-/// A round's figures into the metrics (if they are on).
-pub(crate) fn record_round(round: u64, epoch: u64, st: &StageTimes, train_loss: f64, lr: f64) {
+/// A round's figures into the log (one info line) and the metrics (if they are on).
+pub(crate) fn record_round(round: u64, epoch: u64, contributors: usize, samples: u64, st: &StageTimes, train_loss: f64, lr: f64) {
+    tracing::info!(
+        round,
+        epoch = epoch + 1,
+        contributors,
+        samples,
+        loss = format!("{train_loss:.4}"),
+        lr,
+        compute_s = format!("{:.3}", st.compute),
+        barrier_s = format!("{:.3}", st.barrier_wait),
+        update_s = format!("{:.3}", st.update),
+        "round done"
+    );
     let Some(m) = crate::metrics::get() else { return };
     for (name, secs) in [
         ("compute", st.compute),
@@ -1657,19 +1669,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             st.barrier_wait * 1000.0,
             &hex(&digest)[..16]
         );
-        record_round(round, epoch, &st, train_loss, lr);
-        tracing::info!(
-            round,
-            epoch = epoch + 1,
-            contributors = sorted.len(),
-            samples = total_samples,
-            loss = format!("{train_loss:.4}"),
-            lr,
-            compute_s = format!("{:.3}", st.compute),
-            barrier_s = format!("{:.3}", st.barrier_wait),
-            update_s = format!("{:.3}", st.update),
-            "round done"
-        );
+        record_round(round, epoch, sorted.len(), total_samples, &st, train_loss, lr);
         rounds_log.push(RoundRecord {
             round,
             epoch,

@@ -679,19 +679,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             st.barrier_wait * 1000.0,
             &hex(&digest)[..16]
         );
-        record_round(round, epoch, &st, train_loss, lr);
-        tracing::info!(
-            round,
-            epoch = epoch + 1,
-            contributors = contributors.len(),
-            samples = total_samples,
-            loss = format!("{train_loss:.4}"),
-            lr,
-            compute_s = format!("{:.3}", st.compute),
-            barrier_s = format!("{:.3}", st.barrier_wait),
-            update_s = format!("{:.3}", st.update),
-            "round done"
-        );
+        record_round(round, epoch, contributors.len(), total_samples, &st, train_loss, lr);
         record_costs(None, &mut Default::default(), &p2p.exec, wall.elapsed().as_secs_f64(), p2p.batches_per_round, 0);
         rounds_log.push(RoundRecord {
             round,
