@@ -59,7 +59,7 @@ pub struct Metrics {
     pub function_cold_starts: IntCounter,
     pub function_duration: Histogram,
     pub function_gb_seconds: prometheus::Counter,
-    pub cost_usd: Gauge,
+    pub cost_usd: prometheus::Counter,
     /// Parameter server: pushes refused as invalid (added to the invalid-message count).
     pub invalid_pushes: IntCounter,
 }
@@ -171,7 +171,11 @@ impl Metrics {
             function_cold_starts: counter(&r, "p2pml_function_cold_starts_total", "Invocations that started a new function environment")?,
             function_duration,
             function_gb_seconds,
-            cost_usd: gauge(&r, "p2pml_estimated_cost_usd", "This node's estimated cost so far: function billing plus instance time")?,
+            cost_usd: {
+                let c = prometheus::Counter::new("p2pml_estimated_cost_usd_total", "This node's estimated cost so far: function billing plus instance time")?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             invalid_pushes: counter(&r, "p2pml_invalid_pushes_total", "Gradients a parameter server refused as invalid")?,
             registry: r,
         })
@@ -273,7 +277,11 @@ pub async fn serve(addr: &str, role: &str, peer: &str, traffic: Arc<Traffic>) ->
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors, say: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                     let resp = match (req.method(), req.uri().path()) {

@@ -310,7 +310,11 @@ pub(crate) fn record_round(round: u64, epoch: u64, contributors: usize, samples:
         ("aggregate", st.aggregate),
         ("update", st.update),
     ] {
-        m.stage_seconds.with_label_values(&[name]).observe(secs);
+        // A stage this node did not run this round (the server computes nothing,
+        // a demoted peer only follows) is not an observation of zero.
+        if secs > 0.0 {
+            m.stage_seconds.with_label_values(&[name]).observe(secs);
+        }
     }
     m.round.set(round as i64 + 1);
     m.epoch.set(epoch as i64 + 1);
@@ -332,7 +336,8 @@ pub(crate) fn record_costs(lambda: Option<&mut LambdaExecutor>, seen: &mut exec:
         }
         None => exec::ExecStats::default(),
     };
-    m.cost_usd.set(exec::cost(cfg, &stats, wall_secs, bpr).total_usd);
+    let cost = exec::cost(cfg, &stats, wall_secs, bpr).total_usd;
+    m.cost_usd.inc_by((cost - m.cost_usd.get()).max(0.0));
 }
 
 /// An epoch's evaluation into the metrics.

@@ -1071,6 +1071,8 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             m.round.set(round as i64 + 1);
             m.epoch.set(work.epoch as i64 + 1);
             m.rounds.inc();
+            // A worker's view of the membership: itself and the server.
+            crate::metrics::membership(usize::from(link.server_up), 1 + usize::from(link.server_up));
             m.train_loss.set(c.loss_sum / c.samples.max(1) as f64);
         }
         record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, 0);

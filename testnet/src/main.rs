@@ -381,6 +381,22 @@ async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
     Ok(r1.ok && r2.ok)
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// A free TCP port on loopback (for the parameter server, which keeps its
 /// address across restarts so that workers find it again).
 fn free_port() -> anyhow::Result<u16> {
@@ -722,6 +738,12 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         let m = tokio::select! {
             m = rx.recv() => m,
             _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            // SIGINT or SIGTERM: stop the nodes (as at --timeout) and report.
+            _ = stop_signal() => {
+                eprintln!("testnet: interrupted; stopping the nodes");
+                timed_out = true;
+                break;
+            }
         };
         let Some(m) = m else { break };
         let t = t0.elapsed().as_secs_f64();
