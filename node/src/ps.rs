@@ -28,7 +28,7 @@ use p2pml_lambda_grad::data::Partition;
 use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
 use p2pml_proto::wire::{self, Announce, Digest, PsWork, Request, Response, RunSpec};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -783,8 +783,9 @@ struct Link {
     spec: RunSpec,
     /// Seconds spent waiting for an unreachable server.
     stalled: f64,
-    /// Whether we believe the server is up (for the printed membership lines).
-    server_up: bool,
+    /// Whether we believe the server is up (for the printed membership lines);
+    /// shared with the task that sees the connection close.
+    server_up: Arc<AtomicBool>,
     failures: u64,
 }
 
@@ -803,8 +804,7 @@ impl Link {
                     if let Some(t) = down_since {
                         self.stalled += t.elapsed().as_secs_f64();
                     }
-                    if !self.server_up {
-                        self.server_up = true;
+                    if !self.server_up.swap(true, Ordering::SeqCst) {
                         println!("member rejoined {} incarnation 0", self.server);
                     }
                     return Ok(r);
@@ -812,10 +812,8 @@ impl Link {
                 Err(e) => {
                     self.failures += 1;
                     let since = *down_since.get_or_insert_with(Instant::now);
-                    if self.server_up && since.elapsed() >= Duration::from_millis(100) {
-                        self.server_up = false;
+                    if server_lost(&self.server_up, self.server) {
                         tracing::warn!("the parameter server is unreachable ({e}); retrying");
-                        println!("member died {} incarnation 0", self.server);
                     }
                     if since.elapsed() > SERVER_PATIENCE {
                         self.stalled += since.elapsed().as_secs_f64();
@@ -839,6 +837,16 @@ impl Link {
             other => bail!("unexpected answer to hello: {other:?}"),
         }
     }
+}
+
+/// The server is gone (its connection closed, or a request failed): says so
+/// once (testnet reads the line to time detection). True if it was news.
+fn server_lost(up: &AtomicBool, server: PeerId) -> bool {
+    let news = up.swap(false, Ordering::SeqCst);
+    if news {
+        println!("member died {server} incarnation 0");
+    }
+    news
 }
 
 /// Fetches the parameters of `round` from the server, checked against the poll's length and digest.
@@ -895,19 +903,30 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let me_s = me.to_string();
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
     tokio::spawn(responder(net.client.clone(), store.clone(), spec.clone(), net.requests));
-    // Connection events and gossip are of no use to a worker: drain them.
+    // The server's connection closing is the first sign of its death; gossip is
+    // of no use to a worker.
+    let server_up = Arc::new(AtomicBool::new(true));
     let mut events = net.events;
     let drain_client = net.client.clone();
+    let up = server_up.clone();
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
-            if let Event::Gossip { id, propagated_by, .. } = ev {
-                let _ = drain_client.ignore(id, propagated_by).await;
+            match ev {
+                Event::Gossip { id, propagated_by, .. } => {
+                    let _ = drain_client.ignore(id, propagated_by).await;
+                }
+                Event::Disconnected(p) if p == server => {
+                    if server_lost(&up, server) {
+                        tracing::warn!("the connection to the parameter server closed");
+                    }
+                }
+                _ => {}
             }
         }
     });
     let client = net.client.clone();
     client.dial(Some(server), addr.clone()).await?;
-    let mut link = Link { client: client.clone(), server, addr: addr.clone(), spec: spec.clone(), stalled: 0.0, server_up: true, failures: 0 };
+    let mut link = Link { client: client.clone(), server, addr: addr.clone(), spec: spec.clone(), stalled: 0.0, server_up, failures: 0 };
     link.hello().await?;
     // Heartbeats keep the server's failure detector fed while we compute.
     let hb_client = client.clone();
@@ -1072,7 +1091,8 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             m.epoch.set(work.epoch as i64 + 1);
             m.rounds.inc();
             // A worker's view of the membership: itself and the server.
-            crate::metrics::membership(usize::from(link.server_up), 1 + usize::from(link.server_up));
+            let up = usize::from(link.server_up.load(Ordering::SeqCst));
+            crate::metrics::membership(up, 1 + up);
             m.train_loss.set(c.loss_sum / c.samples.max(1) as f64);
         }
         record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, 0);

@@ -105,7 +105,7 @@ fn a_real_prometheus_scrapes_every_node_and_every_dashboard_panel_has_data() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
     // The function tier too, so that the serverless dashboard has real data.
-    let args = small_run(4500, 500, 300, 2, &["--executor", "lambda"]);
+    let args = small_run(4500, 500, 300, 2, &["--executor", "lambda", "--failure-timeout-ms", "10000"]);
     let child = Command::new(bin("testnet"))
         .args(["run", "--peers", "3", "--prometheus", "--timeout", "300", "--out", out.to_str().unwrap(), "--"])
         .args(&args)

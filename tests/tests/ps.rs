@@ -10,7 +10,9 @@ fn node_report(dir: &std::path::Path, node: &str) -> Value {
 
 #[test]
 fn a_killed_server_stalls_the_workers_and_the_run_resumes_from_its_checkpoint() {
-    let args = small_run(6000, 1000, 400, 2, &["--batches-per-round", "2"]);
+    // Every worker in both runs (a slow start or a starved heartbeat on a loaded
+    // machine must not change who trains, or the digests could not be compared).
+    let args = small_run(6000, 1000, 400, 2, &["--batches-per-round", "2", "--min-peers", "4", "--failure-timeout-ms", "10000"]);
     let clean_dir = tempfile::tempdir().unwrap();
     let (ok, clean) = testnet(clean_dir.path(), 4, &["--role", "ps"], &args);
     assert!(ok, "{}", clean["problems"]);
@@ -25,8 +27,9 @@ fn a_killed_server_stalls_the_workers_and_the_run_resumes_from_its_checkpoint() 
     assert_eq!(faults.len(), 2, "{faults:?}");
     let (kill, revive) = (&faults[0], &faults[1]);
     // Every worker noticed, and nobody made progress while the server was down.
-    let detect = kill["detection_last_s"].as_f64().expect("the workers saw the server go");
-    assert!(detect <= 2.5, "detection took {detect} s");
+    let first = kill["detection_s"].as_f64().expect("the workers saw the server go");
+    let last = kill["detection_last_s"].as_f64().unwrap();
+    assert!(first <= 2.0 && last <= 2.5, "detection took {first} s (first worker), {last} s (last)");
     let stall = kill["stalled_s"].as_f64().expect("a stall was measured");
     assert!(stall >= 9.0, "the run stalled only {stall:.1} s with the server down 10 s");
     for i in 0..4 {
@@ -39,7 +42,9 @@ fn a_killed_server_stalls_the_workers_and_the_run_resumes_from_its_checkpoint() 
     let ps = node_report(dir.path(), "ps");
     assert_eq!(ps["incarnation"], 2);
     let restored = ps["checkpoints"]["restored_round"].as_u64().expect("it resumed from a checkpoint");
-    assert!((2..=5).contains(&restored), "restored round {restored}");
+    // Round 4 or so; older if checkpoint writes were skipped while busy (the
+    // digests below show the resume was right either way).
+    assert!(restored <= 6, "restored round {restored}");
     assert!(revive["in_step_s"].as_f64().expect("it finished a round again") <= 20.0);
 
     // The same workers, seeds and order: the run ends exactly where the fault-free one did.
