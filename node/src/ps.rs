@@ -915,10 +915,8 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 Event::Gossip { id, propagated_by, .. } => {
                     let _ = drain_client.ignore(id, propagated_by).await;
                 }
-                Event::Disconnected(p) if p == server => {
-                    if server_lost(&up, server) {
-                        tracing::warn!("the connection to the parameter server closed");
-                    }
+                Event::Disconnected(p) if p == server && server_lost(&up, server) => {
+                    tracing::warn!("the connection to the parameter server closed");
                 }
                 _ => {}
             }
