@@ -152,11 +152,7 @@ impl Handler {
     pub async fn handle(&mut self, task: Task) -> Result<TaskResult, HandlerError> {
         let cold = self.handled == 0;
         self.handled += 1;
-        self.run(task).await.map(|r| TaskResult { cold, ..r })
-    }
-
-    async fn run(&mut self, task: Task) -> Result<TaskResult, HandlerError> {
-        match task {
+        let r = match task {
             Task::Grad(t) => {
                 match t.fault {
                     Some(Fault::Panic) => panic!("injected fault: panic (task {})", t.output_key),
@@ -167,7 +163,8 @@ impl Handler {
                 self.grad(t).await
             }
             Task::Reduce(t) => self.reduce(t).await,
-        }
+        };
+        r.map(|r| TaskResult { cold, ..r })
     }
 
     async fn get(&self, what: &'static str, key: &str) -> Result<Vec<u8>, HandlerError> {

@@ -6,6 +6,10 @@
 //! - `lambda-grad host`: the local function host, Lambda's Invoke API on a
 //!   loopback port, running this same binary as its execution environments.
 
+// The runtime's service future nests the handler's deeply (rustc's default
+// layout query depth is not enough on a fresh, non-incremental build).
+#![recursion_limit = "256"]
+
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
