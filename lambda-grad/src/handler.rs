@@ -78,7 +78,7 @@ impl HandlerError {
 
 /// Parses a task event (a function's JSON payload).
 pub fn parse_task(event: serde_json::Value) -> Result<Task, HandlerError> {
-    Ok(serde_json::from_value(event)?)
+    Ok(Task::from_event(event)?)
 }
 
 /// The number of libtorch threads asked for by [`TORCH_THREADS_ENV`] (1 when unset).

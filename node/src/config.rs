@@ -258,6 +258,16 @@ pub struct P2pConfig {
     pub control_stdin: bool,
     /// Serve Prometheus metrics here (None: off).
     pub metrics_addr: Option<String>,
+    /// How each round's gradients are combined (canonical spelling of
+    /// [`p2pml_proto::Aggregation`]).
+    pub aggregation: String,
+    /// Fault injection: this peer attacks the run ([`p2pml_proto::Attack`]).
+    pub byzantine: Option<String>,
+    /// The private swarm's pre-shared key file (libp2p pnet); None: an open swarm.
+    pub swarm_key: Option<PathBuf>,
+    /// Fault injection: publish gossip unsigned, claiming to be the first
+    /// --bootstrap peer (the forged-message test).
+    pub forge: bool,
 }
 
 impl Default for P2pConfig {
@@ -290,6 +300,10 @@ impl Default for P2pConfig {
             checkpoint_stall: None,
             control_stdin: false,
             metrics_addr: Some("127.0.0.1:0".into()),
+            aggregation: "mean".into(),
+            byzantine: None,
+            swarm_key: None,
+            forge: false,
         }
     }
 }
@@ -298,6 +312,14 @@ fn parse_stall(s: &str) -> Result<(u64, u64), String> {
     let err = || format!("expected ROUND:MS, got '{s}'");
     let (r, ms) = s.split_once(':').ok_or_else(err)?;
     Ok((r.parse().map_err(|_| err())?, ms.parse().map_err(|_| err())?))
+}
+
+fn parse_aggregation(s: &str) -> Result<String, String> {
+    s.parse::<p2pml_proto::Aggregation>().map(|a| a.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_attack(s: &str) -> Result<String, String> {
+    s.parse::<p2pml_proto::Attack>().map(|a| a.to_string()).map_err(|e| e.to_string())
 }
 
 fn parse_sync(s: &str) -> Result<String, String> {
@@ -393,6 +415,24 @@ pub struct P2pArgs {
     /// node prints where). Loopback by default; `none` turns it off.
     #[arg(long, env = "P2PML_METRICS_ADDR", default_value = "127.0.0.1:0")]
     pub metrics_addr: String,
+    /// How each round's gradients are combined: mean (sample-weighted), median
+    /// (coordinate-wise), trimmed-mean:BETA (drop the BETA fraction of largest and
+    /// smallest values per coordinate, 0 <= BETA < 0.5) or krum:F (the gradient
+    /// closest to its n-F-2 nearest others; tolerates F byzantine peers when n >= 2F+3).
+    #[arg(long, env = "P2PML_AGGREGATION", default_value = "mean", value_parser = parse_aggregation)]
+    pub aggregation: String,
+    /// Private swarm: the libp2p pre-shared key file (`p2pml-node swarm-key` writes
+    /// one). Every peer of the run needs the same file; peers without it cannot connect.
+    #[arg(long, env = "P2PML_SWARM_KEY")]
+    pub swarm_key: Option<PathBuf>,
+    /// Fault injection: attack the run by sending sign-flip:K (-K times the gradient),
+    /// gaussian:SIGMA (noise instead of the gradient), constant:C or nan payloads.
+    #[arg(long, value_parser = parse_attack)]
+    pub byzantine: Option<String>,
+    /// Fault injection (with --fault-garbage): publish gossip unsigned, claiming to be
+    /// the first --bootstrap peer (tests that forged messages are refused).
+    #[arg(long, hide = true)]
+    pub fault_forge: bool,
     #[command(flatten)]
     pub exec: crate::exec::ExecArgs,
 }
@@ -427,6 +467,10 @@ impl P2pArgs {
             checkpoint_stall: self.fault_checkpoint_stall,
             control_stdin: self.control_stdin,
             metrics_addr: (self.metrics_addr != "none").then(|| self.metrics_addr.clone()),
+            aggregation: self.aggregation.clone(),
+            byzantine: self.byzantine.clone(),
+            swarm_key: self.swarm_key.clone(),
+            forge: self.fault_forge,
             ..d
         }
     }
@@ -454,6 +498,7 @@ pub fn run_spec(t: &TrainConfig, p: &P2pConfig) -> p2pml_proto::wire::RunSpec {
         compression: p.compression.clone(),
         sync: p.sync,
         failure_timeout_ms: p.failure_timeout_ms,
+        aggregation: p.aggregation.clone(),
     }
 }
 
@@ -477,6 +522,20 @@ impl P2pConfig {
             return Err("--batches-per-round must be at least 1".into());
         }
         self.exec.validate()?;
+        if let Ok(p2pml_proto::Aggregation::Krum { f }) = self.aggregation.parse() {
+            if self.peers < 2 * f + 3 {
+                return Err(format!(
+                    "--aggregation krum:{f} needs --peers of at least {} (2F+3); lower F or use median or trimmed-mean",
+                    2 * f + 3
+                ));
+            }
+        }
+        if self.forge && !self.garbage {
+            return Err("--fault-forge needs --fault-garbage".into());
+        }
+        if self.forge && self.bootstrap.is_empty() {
+            return Err("--fault-forge needs --bootstrap (it claims to be that peer)".into());
+        }
         if self.failure_timeout_ms < 2 * self.heartbeat_ms {
             return Err(format!("--failure-timeout-ms must be at least {} (two heartbeats)", 2 * self.heartbeat_ms));
         }

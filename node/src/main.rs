@@ -37,6 +37,37 @@ enum Command {
         #[arg(long, env = "P2PML_OUT")]
         out: Option<PathBuf>,
     },
+    /// Write a new random swarm key for a private run (--swarm-key): give every
+    /// peer a copy; peers without it cannot connect.
+    SwarmKey {
+        /// Where to write it (mode 0600; an existing file is kept unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn write_swarm_key(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = p2pml_node::net::generate_swarm_key().map_err(|e| anyhow::anyhow!("cannot draw a random key: {e}"))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(0o600);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow::anyhow!("{} exists: it may be the key of a running swarm; pass --force to replace it", out.display())
+        }
+        _ => anyhow::anyhow!("cannot write {}: {e}", out.display()),
+    })?;
+    writeln!(f, "{key}").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    eprintln!("swarm key {} written to {}", key.fingerprint(), out.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -52,6 +83,7 @@ fn main() -> ExitCode {
             p2pml_node::standalone::run(&train.to_config(), out.as_deref(), std::io::stderr().is_terminal())
                 .map(|_| ())
         }
+        Some(Command::SwarmKey { out, force }) => write_swarm_key(&out, force),
         None => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

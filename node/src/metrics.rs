@@ -60,7 +60,7 @@ pub struct Metrics {
     pub function_duration: Histogram,
     pub function_gb_seconds: prometheus::Counter,
     pub cost_usd: prometheus::Counter,
-    /// Parameter server: pushes refused as invalid (added to the invalid-message count).
+    /// Pushes refused and gradients dropped as invalid (added to the invalid-message count).
     pub invalid_pushes: IntCounter,
 }
 

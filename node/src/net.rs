@@ -3,15 +3,20 @@
 //! typed [`Event`]s. Inbound requests go to a separate channel so that a responder
 //! can serve chunks while the training loop is busy.
 //!
-//! Stack: TCP + noise + yamux; identify, Kademlia (peer discovery from one
-//! bootstrap address), gossipsub (strict signing, application validation before
-//! forwarding, content-addressed ids), ping, request-response with CBOR.
+//! Stack: TCP (+ a pnet pre-shared key for a private swarm) + noise + yamux;
+//! connection limits; identify, Kademlia (peer discovery from one bootstrap
+//! address), gossipsub (strict signing, application validation before forwarding,
+//! content-addressed ids, peer scoring), ping, request-response with CBOR and size caps.
 
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, identity, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport as _};
+use libp2p::core::upgrade;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::{connection_limits, identify, identity, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use p2pml_proto::wire::{self, Request, Response};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +25,21 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 const PROTOCOL_VERSION: &str = "/p2pml/1.0.0";
+/// Established connections this node accepts in all, and per peer (two: a
+/// simultaneous dial from both sides); more are refused.
+const MAX_CONNECTIONS: u32 = 256;
+const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Inbound connections still in their handshake.
+const MAX_PENDING_INCOMING: u32 = 64;
+
+/// How the network is built beyond the key and listen addresses.
+#[derive(Clone, Default)]
+pub struct NetOptions {
+    /// A private swarm: only peers with this pre-shared key can connect.
+    pub psk: Option<PreSharedKey>,
+    /// Fault injection (--fault-forge): publish gossip unsigned, claiming this author.
+    pub forge_as: Option<PeerId>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -57,6 +77,7 @@ impl Traffic {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     /// Peers this node refuses (testnet's partitions): their connections are closed and refused.
     blocked: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
@@ -73,6 +94,8 @@ pub enum Event {
     Gossip { id: MessageId, propagated_by: PeerId, author: PeerId, data: Vec<u8> },
     Connected(PeerId),
     Disconnected(PeerId),
+    /// A dial failed (the peer, where known, and why).
+    DialFailed { peer: Option<PeerId>, error: String },
 }
 
 /// An inbound request; answer with [`Client::respond`].
@@ -223,22 +246,57 @@ fn request_len(r: &Request) -> usize {
     }
 }
 
+/// TCP, the private swarm's pre-shared key if any, noise, yamux.
+fn transport(
+    key: &identity::Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    let timeout = Duration::from_secs(20);
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(timeout)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(timeout)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
+}
+
 /// Builds the swarm, listens on `listen` and returns the client, the event
 /// streams and the loop to spawn.
 pub fn new(
     key: identity::Keypair,
     listen: &[Multiaddr],
+    opts: &NetOptions,
 ) -> Result<(Client, mpsc::Receiver<Event>, mpsc::Receiver<InboundRequest>, EventLoop), NetError> {
     let peer_id = key.public().to_peer_id();
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let psk = opts.psk;
+    let forge_as = opts.forge_as;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_other_transport(|key| transport(key, psk))
         .map_err(|e| setup(&e))?
         .with_behaviour(|key| {
+            // A forger publishes unsigned; only it runs in permissive mode.
+            let (authenticity, validation) = match forge_as {
+                Some(victim) => (gossipsub::MessageAuthenticity::Author(victim), gossipsub::ValidationMode::Permissive),
+                None => (gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub::ValidationMode::Strict),
+            };
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(250))
-                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validation_mode(validation)
                 .validate_messages()
                 .max_transmit_size(wire::MAX_GOSSIP_BYTES + 4096)
                 .message_id_fn(|m: &gossipsub::Message| {
@@ -253,7 +311,7 @@ pub fn new(
                 })
                 .build()
                 .map_err(|e| e.to_string())?;
-            let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let mut gossipsub = gossipsub::Behaviour::new(authenticity, gossip_config)?;
             let (params, thresholds) = score_params();
             gossipsub.with_peer_score(params, thresholds)?;
             let mut kad_cfg = kad::Config::new(StreamProtocol::new("/p2pml/kad/1.0.0"));
@@ -270,7 +328,12 @@ pub fn new(
                     .with_request_timeout(Duration::from_secs(30))
                     .with_max_concurrent_streams(256),
             );
+            let limits = connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(MAX_CONNECTIONS))
+                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 blocked: Default::default(),
                 identify: identify::Behaviour::new(identify::Config::new(PROTOCOL_VERSION.into(), key.public())),
                 kad,
@@ -470,6 +533,9 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 let _ = self.events.send(Event::Disconnected(peer_id)).await;
             }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                let _ = self.events.send(Event::DialFailed { peer: peer_id, error: error.to_string() }).await;
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!("listening on {address}");
             }
@@ -487,6 +553,27 @@ pub fn key_from_seed(seed: u64) -> identity::Keypair {
     h.update(&seed.to_le_bytes());
     let mut bytes: [u8; 32] = *h.finalize().as_bytes();
     identity::Keypair::ed25519_from_bytes(&mut bytes).expect("any 32 bytes are an ed25519 secret key")
+}
+
+/// Reads a private swarm's pre-shared key (the go-libp2p key file format:
+/// `/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits).
+pub fn load_swarm_key(path: &std::path::Path) -> anyhow::Result<PreSharedKey> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read --swarm-key {}: {e}", path.display()))?;
+    text.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "--swarm-key {} is not a swarm key ({e}); write one with `p2pml-node swarm-key --out FILE` and give every peer the same file",
+            path.display()
+        )
+    })
+}
+
+/// A new random pre-shared key.
+pub fn generate_swarm_key() -> std::io::Result<PreSharedKey> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(PreSharedKey::new(bytes))
 }
 
 /// Loads the node's key from `path`, or creates and saves a new one, so that a

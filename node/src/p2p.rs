@@ -8,6 +8,7 @@ use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::exec::{self, ExecConfig, ExecutorKind, LambdaExecutor, TaskPlan};
 use p2pml_proto::task::GradOutput;
+use p2pml_proto::{Aggregation, Attack};
 use crate::net::{self, Client, Event, InboundRequest};
 use crate::round::{Barrier, Change, RoundState};
 use crate::store::{chunks, SharedStore, StateBlob, Store};
@@ -454,6 +455,8 @@ struct Node {
     /// Catch-up sources whose state could not be had, and when (tried again after 10 s).
     catch_up_failed: HashMap<PeerId, Instant>,
     ckpt: Arc<Checkpoints>,
+    /// Why the last dial failed (said when no bootstrap peer can be reached).
+    last_dial_error: Option<String>,
 }
 
 impl Node {
@@ -704,6 +707,10 @@ impl Node {
                 self.rs.suspect(&peer, now);
                 tracing::debug!("disconnected from {peer}");
             }
+            Event::DialFailed { peer, error } => {
+                tracing::debug!("dial {peer:?} failed: {error}");
+                self.last_dial_error = Some(error);
+            }
             Event::Gossip { id, propagated_by, author, data } => {
                 let refused = self.store.lock().expect("store lock").refused.contains(&author);
                 let msg = if refused {
@@ -769,6 +776,23 @@ impl Node {
         bad.push(wire::encode(&Gossip::Announce(honest.clone())));
         // A round far ahead of everyone.
         bad.push(wire::encode(&Gossip::Announce(Announce { round: round + 10_000, ..honest.clone() })));
+        // An honest announcement cut short.
+        let mut cut = wire::encode(&Gossip::Announce(honest.clone()));
+        cut.truncate(cut.len() / 2);
+        bad.push(cut);
+        if self.p2p.forge {
+            // Forged (unsigned, "from" the first bootstrap peer): a well-formed
+            // announcement of the next round's gradient that, were it accepted
+            // first, would stand in for that peer's real one.
+            let plain = self.numel as u64 * 4;
+            bad.push(wire::encode(&Gossip::Announce(Announce {
+                round: round + 1,
+                len: plain,
+                digest: *blake3::hash(b"forged").as_bytes(),
+                inline: None,
+                ..honest.clone()
+            })));
+        }
         // Another run's message.
         bad.push(wire::encode(&Gossip::Announce(Announce { run_id: "0000000000000000".into(), ..honest })));
         for b in bad {
@@ -971,12 +995,20 @@ pub(crate) struct Trainer {
     pub(crate) train: TensorData,
 }
 
-/// Decodes and averages a round's gradients (in the order given: the same on
-/// every node), weighted by samples. Returns the mean, the samples and loss
-/// summed, and the seconds spent decoding and aggregating. An undecodable
-/// gradient is dropped with a warning.
-pub(crate) fn aggregate(inputs: &[(u64, f64, Arc<Vec<u8>>)], compression: &p2pml_proto::Compression, numel: usize) -> (Vec<f32>, u64, f64, f64, f64) {
-    let mut acc = vec![0f32; numel];
+/// Decodes a round's gradients (in the order given: the same on every node) and
+/// combines them with `rule`: `mean` streams the sample-weighted mean; the robust
+/// rules combine the per-peer mean gradients ([`p2pml_proto::robust`]). Returns the
+/// gradient, the samples and loss summed, and the seconds spent decoding and
+/// aggregating. An undecodable gradient (wrong length, NaN) is dropped with a warning.
+pub(crate) fn aggregate(
+    inputs: &[(u64, f64, Arc<Vec<u8>>)],
+    compression: &p2pml_proto::Compression,
+    numel: usize,
+    rule: &Aggregation,
+) -> (Vec<f32>, u64, f64, f64, f64) {
+    let mut acc = vec![0f32; if rule.is_mean() { numel } else { 0 }];
+    let mut per_peer: Vec<Vec<f32>> = Vec::new();
+    let mut weights = Vec::new();
     let (mut samples, mut loss) = (0u64, 0f64);
     let (mut dec, mut agg) = (Duration::ZERO, Duration::ZERO);
     for (s, l, blob) in inputs {
@@ -984,25 +1016,79 @@ pub(crate) fn aggregate(inputs: &[(u64, f64, Arc<Vec<u8>>)], compression: &p2pml
         let decoded = p2pml_proto::decode_gradient(blob, compression, numel);
         dec += t.elapsed();
         match decoded {
-            Ok(v) => {
+            Ok(mut v) => {
                 let t = Instant::now();
-                for (a, x) in acc.iter_mut().zip(&v) {
-                    *a += *x;
+                if rule.is_mean() {
+                    for (a, x) in acc.iter_mut().zip(&v) {
+                        *a += *x;
+                    }
+                } else {
+                    let scale = 1.0 / (*s).max(1) as f32;
+                    v.iter_mut().for_each(|x| *x *= scale);
+                    per_peer.push(v);
+                    weights.push(*s);
                 }
                 agg += t.elapsed();
                 samples += s;
                 loss += l;
             }
-            Err(e) => tracing::warn!("dropping an undecodable gradient: {e}"),
+            Err(e) => {
+                tracing::warn!("dropping an undecodable gradient: {e}");
+                if let Some(m) = crate::metrics::get() {
+                    m.invalid_pushes.inc();
+                }
+            }
         }
     }
     let t = Instant::now();
-    let scale = 1.0 / samples.max(1) as f32;
-    for a in acc.iter_mut() {
-        *a *= scale;
+    if rule.is_mean() {
+        let scale = 1.0 / samples.max(1) as f32;
+        for a in acc.iter_mut() {
+            *a *= scale;
+        }
+    } else if per_peer.is_empty() {
+        acc = vec![0f32; numel];
+    } else {
+        let (g, chosen) = p2pml_proto::robust::combine(rule, &per_peer, &weights);
+        if let Some(i) = chosen {
+            tracing::debug!("{rule} chose input {i} of {}", per_peer.len());
+        }
+        acc = g;
     }
     agg += t.elapsed();
     (acc, samples, loss, dec.as_secs_f64(), agg.as_secs_f64())
+}
+
+/// The run's compression and aggregation rule, and this peer's attack (--byzantine).
+pub(crate) fn wire_rules(p2p: &P2pConfig) -> anyhow::Result<(p2pml_proto::Compression, Aggregation, Option<Attack>)> {
+    let compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let rule = p2p.aggregation.parse().map_err(|e| anyhow!("--aggregation: {e}"))?;
+    let attack = p2p.byzantine.as_deref().map(str::parse).transpose().map_err(|e| anyhow!("--byzantine: {e}"))?;
+    if let Some(a) = &attack {
+        tracing::warn!("byzantine mode: this peer sends {a} gradients");
+    }
+    Ok((compression, rule, attack))
+}
+
+/// Encodes this peer's gradient for the wire; a byzantine peer (--byzantine)
+/// poisons it first.
+pub(crate) fn encode_own(
+    grad: &mut [f32],
+    samples: u64,
+    compression: &p2pml_proto::Compression,
+    seed: u64,
+    attack: Option<&Attack>,
+    round: u64,
+) -> anyhow::Result<Vec<u8>> {
+    if let Some(a) = attack {
+        a.apply(grad, samples, seed);
+    }
+    let mut blob = p2pml_proto::encode_gradient(grad, compression, seed)
+        .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
+    if let Some(a) = attack {
+        a.poison(&mut blob);
+    }
+    Ok(blob)
 }
 
 /// One round's work for the function tier.
@@ -1087,6 +1173,59 @@ pub(crate) fn sum_outputs(mut outputs: Vec<(usize, GradOutput)>, numel: usize, s
     Computed { grad, loss_sum, samples, secs }
 }
 
+/// What every role sets up the same way: the network (private if --swarm-key),
+/// the printed addresses, metrics and the control stdin.
+pub(crate) struct Net {
+    pub(crate) client: Client,
+    pub(crate) events: mpsc::Receiver<Event>,
+    pub(crate) requests: mpsc::Receiver<InboundRequest>,
+    pub(crate) me: PeerId,
+}
+
+pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<Net> {
+    let mut listen = Vec::new();
+    for a in &p2p.listen {
+        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
+    }
+    std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
+    let key = match p2p.identity_seed {
+        Some(seed) => net::key_from_seed(seed),
+        None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
+    };
+    let psk = p2p.swarm_key.as_deref().map(net::load_swarm_key).transpose()?;
+    let forge_as = match (p2p.forge, p2p.bootstrap.first()) {
+        (true, Some(b)) => match b.parse::<Multiaddr>().ok().and_then(|a| a.iter().last().map(|p| p.acquire())) {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+            _ => bail!("--fault-forge: --bootstrap {b} must end in /p2p/<peer id>"),
+        },
+        _ => None,
+    };
+    if psk.is_some() {
+        tracing::info!("private swarm: only peers with the same --swarm-key can connect");
+    }
+    let (client, events, requests, event_loop) = net::new(key, &listen, &net::NetOptions { psk, forge_as })?;
+    tokio::spawn(event_loop.run());
+    if p2p.control_stdin {
+        tokio::spawn(crate::p2p::control_stdin(client.clone()));
+    }
+    let me = client.peer_id;
+    let started = Instant::now();
+    let addrs = loop {
+        let a = client.listen_addrs().await?;
+        let concrete: Vec<_> = a.into_iter().filter(|a| !a.to_string().contains("/tcp/0")).collect();
+        if !concrete.is_empty() || started.elapsed() > Duration::from_secs(5) {
+            break concrete;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for a in &addrs {
+        println!("listening {a}/p2p/{me}");
+    }
+    println!("peer {me} run {run_id} role {}", p2p.role.as_str());
+    crate::p2p::start_metrics(p2p, p2p.role.as_str(), &me, &client).await?;
+    Ok(Net { client, events, requests, me })
+}
+
 /// Joins (or starts) a decentralized run and trains until it ends.
 pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
     cfg.validate()?;
@@ -1097,12 +1236,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
-    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let (compression, rule, attack) = wire_rules(&p2p)?;
 
-    let mut listen = Vec::new();
-    for a in &p2p.listen {
-        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
-    }
     let mut bootstrap = Vec::new();
     for a in &p2p.bootstrap {
         let addr: Multiaddr = a.parse().map_err(|e| anyhow!("--bootstrap {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
@@ -1126,10 +1261,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
     std::fs::create_dir_all(&p2p.state_dir)
         .with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
-    let key = match p2p.identity_seed {
-        Some(seed) => net::key_from_seed(seed),
-        None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
-    };
     let started_unix_ms = unix_ms();
     // Checkpoints (and the incarnation counter) before the network: a restarted
     // node announces a higher incarnation from its first heartbeat.
@@ -1140,27 +1271,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut opt = opt;
     let mut conv = Convergence::new(&p2p);
     let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
-    let (client, events, requests, event_loop) = net::new(key, &listen)?;
-    tokio::spawn(event_loop.run());
+    let Net { client, events, requests, me } = start_net(&p2p, &run_id).await?;
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
     tokio::spawn(responder(client.clone(), store.clone(), spec.clone(), requests));
-
-    let me = client.peer_id;
-    // Wait for the listeners, then print where to reach us: testnet and users read this line.
-    let started = Instant::now();
-    let addrs = loop {
-        let a = client.listen_addrs().await?;
-        let concrete: Vec<_> = a.into_iter().filter(|a| !a.to_string().contains("/tcp/0")).collect();
-        if !concrete.is_empty() || started.elapsed() > Duration::from_secs(5) {
-            break concrete;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    for a in &addrs {
-        println!("listening {a}/p2p/{me}");
-    }
-    println!("peer {me} run {run_id}");
-    start_metrics(&p2p, "p2p", &me, &client).await?;
 
     let (fetch_tx, fetch_rx) = mpsc::channel(256);
     let (hello_tx, hello_rx) = mpsc::channel(64);
@@ -1213,6 +1326,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         boot: started_unix_ms,
         catch_up_failed: HashMap::new(),
         ckpt: ckpt.clone(),
+        last_dial_error: None,
     };
     if let Some(r) = &restored {
         node.round = r.header.round + 1;
@@ -1220,9 +1334,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let d = digest_of(&r.params);
         node.last_digest = Some((r.header.round, d));
         store.lock().expect("store lock").set_state(StateBlob { round: r.header.round, epoch: r.header.epoch, bytes: Arc::new(r.state.clone()) });
-    }
-    if p2p.control_stdin {
-        tokio::spawn(control_stdin(client.clone()));
     }
     client.subscribe(&node.control_topic()).await?;
     client.subscribe(&node.epoch_topic(0)).await?;
@@ -1235,8 +1346,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         // Any bootstrap peer will do, or a peer the checkpoint remembers.
         while !node.accepted.iter().any(|p| peers.contains(p) || node.known.contains_key(p)) {
             if Instant::now() > deadline {
+                let why = node.last_dial_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
                 bail!(
-                    "cannot reach any bootstrap peer ({}) within 30 s: check the address and that the peer runs",
+                    "cannot reach any bootstrap peer ({}) within 30 s{why}: check the address, that the peer runs, and that both use the same --swarm-key (or neither)",
                     p2p.bootstrap.join(", ")
                 );
             }
@@ -1450,8 +1562,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             // Encode and announce.
             let t0 = Instant::now();
             let seed = gradient_seed(cfg.seed, round, &me);
-            let blob = p2pml_proto::encode_gradient(&c.grad, &compression, seed)
-                .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
+            let mut c = c;
+            let blob = encode_own(&mut c.grad, c.samples, &compression, seed, attack.as_ref(), round)?;
             let digest = *blake3::hash(&blob).as_bytes();
             st.encode = t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
@@ -1580,7 +1692,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             }
         }
         let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
-            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel)).await?;
+            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule)).await?;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 

@@ -13,10 +13,10 @@
 use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::exec::{self, ExecutorKind, LambdaExecutor};
-use crate::net::{self, Client, Event, InboundRequest};
+use crate::net::{Client, Event, InboundRequest};
 use crate::p2p::{
     aggregate, compute_tasks, digest_of, fetch_blob, gradient_seed, hex, ids, offload, peer_ids, report_path,
-    record_costs, record_epoch, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
+    record_costs, record_epoch, wire_rules, encode_own, start_net, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
     EpochRecord, MembershipEvent, NodeReport, Offload, RoundRecord, Schedule, StageTimes, Trainer, unix_ms,
 };
 use crate::round::{Barrier, Change, RoundState};
@@ -38,46 +38,6 @@ const POLL_HOLD: Duration = Duration::from_secs(2);
 /// A worker gives up when the server has been unreachable this long.
 const SERVER_PATIENCE: Duration = Duration::from_secs(600);
 
-/// What both roles set up the same way: the network and the printed addresses.
-struct Net {
-    client: Client,
-    events: mpsc::Receiver<Event>,
-    requests: mpsc::Receiver<InboundRequest>,
-    me: PeerId,
-}
-
-async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<Net> {
-    let mut listen = Vec::new();
-    for a in &p2p.listen {
-        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
-    }
-    std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
-    let key = match p2p.identity_seed {
-        Some(seed) => net::key_from_seed(seed),
-        None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
-    };
-    let (client, events, requests, event_loop) = net::new(key, &listen)?;
-    tokio::spawn(event_loop.run());
-    if p2p.control_stdin {
-        tokio::spawn(crate::p2p::control_stdin(client.clone()));
-    }
-    let me = client.peer_id;
-    let started = Instant::now();
-    let addrs = loop {
-        let a = client.listen_addrs().await?;
-        let concrete: Vec<_> = a.into_iter().filter(|a| !a.to_string().contains("/tcp/0")).collect();
-        if !concrete.is_empty() || started.elapsed() > Duration::from_secs(5) {
-            break concrete;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    for a in &addrs {
-        println!("listening {a}/p2p/{me}");
-    }
-    println!("peer {me} run {run_id} role {}", p2p.role.as_str());
-    crate::p2p::start_metrics(p2p, p2p.role.as_str(), &me, &client).await?;
-    Ok(Net { client, events, requests, me })
-}
 
 /// A poll the server holds until its round advances (or `until`).
 struct HeldPoll {
@@ -386,6 +346,7 @@ impl Server {
                 Some(Event::Gossip { id, propagated_by, .. }) => {
                     let _ = self.client.ignore(id, propagated_by).await;
                 }
+                Some(Event::DialFailed { .. }) => {}
                 None => bail!("the network task stopped"),
             },
             r = self.requests.recv() => match r {
@@ -439,7 +400,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
-    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let (compression, rule, _) = wire_rules(&p2p)?;
     let ds = cfg.load_dataset()?;
     let n_train = ds.train.len();
     let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
@@ -628,7 +589,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             })
             .collect();
         let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
-            s.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel))).await??;
+            s.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule))).await??;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 
@@ -886,7 +847,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
-    let compression: p2pml_proto::Compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
+    let (compression, _, attack) = wire_rules(&p2p)?;
     let ds = cfg.load_dataset()?;
     let n_train = ds.train.len();
     let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
@@ -1044,8 +1005,8 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
 
         // Encode and push.
         let t0 = Instant::now();
-        let blob = p2pml_proto::encode_gradient(&c.grad, &compression, gradient_seed(cfg.seed, round, &me))
-            .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
+        let mut c = c;
+        let blob = encode_own(&mut c.grad, c.samples, &compression, gradient_seed(cfg.seed, round, &me), attack.as_ref(), round)?;
         st.encode = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let len = blob.len() as u64;

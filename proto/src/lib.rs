@@ -9,9 +9,11 @@
 //! - [`state`]: a peer's full training state, for state sync.
 //! - [`qsgd`]: QSGD gradient compression (bucketed, stochastic, bit-packed).
 //! - [`task`]: the function tier's events, results and stored objects.
+//! - [`robust`]: byzantine-robust aggregation rules and the attacks that test them.
 
 mod blob;
 pub mod qsgd;
+pub mod robust;
 mod rng;
 mod spec;
 mod state;
@@ -46,6 +48,7 @@ pub enum GradientCodecError {
     Qsgd(#[from] QsgdError),
 }
 pub use qsgd::{Compression, Norm, QsgdConfig, QsgdError};
+pub use robust::{Aggregation, Attack};
 pub use rng::Rng;
 pub use state::{decode_state, encode_state, StateError, StateHeader};
 pub use spec::{DatasetKind, ModelKind, Normalization, OptimizerKind, ParseSpecError};

@@ -26,6 +26,14 @@ pub enum Task {
     Reduce(ReduceTask),
 }
 
+impl Task {
+    /// Parses a function invocation's event (its JSON payload): the one parser
+    /// of the function tier's untrusted input (fuzzed: fuzz/fuzz_targets/event.rs).
+    pub fn from_event(event: serde_json::Value) -> Result<Task, serde_json::Error> {
+        serde_json::from_value(event)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GradTask {

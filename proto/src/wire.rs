@@ -53,6 +53,8 @@ pub struct RunSpec {
     pub compression: String,
     pub sync: SyncMode,
     pub failure_timeout_ms: u64,
+    /// The aggregation rule, in its canonical spelling ([`crate::Aggregation`]).
+    pub aggregation: String,
 }
 
 impl RunSpec {
@@ -101,6 +103,7 @@ fn serde_json_like(s: &RunSpec) -> Vec<(&'static str, String)> {
         ("compression", s.compression.clone()),
         ("sync", format!("{:?}", s.sync)),
         ("failure_timeout_ms", s.failure_timeout_ms.to_string()),
+        ("aggregation", s.aggregation.clone()),
     ]
 }
 
@@ -368,6 +371,7 @@ mod tests {
             compression: "none".into(),
             sync: SyncMode::Sync,
             failure_timeout_ms: 2000,
+            aggregation: "mean".into(),
         }
     }
 

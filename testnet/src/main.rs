@@ -75,6 +75,15 @@ struct RunArgs {
     /// train and publish invalid messages; the report shows how peers scored them.
     #[arg(long, default_value_t = 0)]
     rogues: usize,
+    /// The rogues also forge: they publish unsigned messages that claim to come
+    /// from peer 0 (strict signing must refuse them).
+    #[arg(long)]
+    rogue_forge: bool,
+    /// Make peer PEER byzantine: it trains, but sends MODE instead of its
+    /// gradient: sign-flip:K (also sign-flipxK), gaussian:SIGMA, constant:C or nan.
+    /// Repeatable. Pair it with `-- --aggregation median|trimmed-mean:B|krum:F`.
+    #[arg(long, value_name = "PEER:MODE")]
+    byzantine: Vec<String>,
     /// Give the nodes random peer ids instead of ids derived from their index
     /// (which make runs reproducible: shards, dropout masks and aggregation
     /// order follow the ids).
@@ -410,6 +419,9 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         bail!("--peers must be at least 1");
     }
     let ps = a.role == "ps";
+    if a.rogue_forge && a.rogues == 0 {
+        bail!("--rogue-forge needs --rogues N");
+    }
     if ps && a.rogues > 0 {
         bail!("--rogues is for --role p2p (rogues attack the gossip layer)");
     }
@@ -514,6 +526,10 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         // (the server takes no --peer-args)
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
+    for b in &a.byzantine {
+        let (i, mode) = parse_byzantine(b, a.peers)?;
+        extra[i].extend(["--byzantine".to_string(), mode]);
+    }
     // Peer ids derived from the node index make a run reproducible: shards,
     // dropout masks and the aggregation order follow the ids.
     let user_ids = a.node_args.iter().any(|x| x.starts_with("--identity-seed"));
@@ -587,13 +603,17 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         let mut args_i = args.clone();
         args_i.extend(identity(i));
         args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
+        if a.rogue_forge {
+            args_i.push("--fault-forge".into());
+        }
         let p = spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?;
         ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
     }
     eprintln!(
-        "testnet: {} peers{}, {threads} torch threads each, bootstrap {boot}{}",
+        "testnet: {} peers{}{}, {threads} torch threads each, bootstrap {boot}{}",
         a.peers,
         if a.rogues > 0 { format!(" and {} rogue(s)", a.rogues) } else { String::new() },
+        if a.byzantine.is_empty() { String::new() } else { format!(" (byzantine: {})", a.byzantine.join(", ")) },
         if schedule.is_empty() { String::new() } else { format!(", {} fault events", schedule.len()) }
     );
 
@@ -849,4 +869,17 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         tokio::time::sleep(Duration::from_secs_f64(a.prometheus_linger)).await;
     }
     Ok(report)
+}
+
+/// `PEER:MODE` of --byzantine: a peer index and the attack, in its canonical spelling.
+fn parse_byzantine(b: &str, peers: usize) -> anyhow::Result<(usize, String)> {
+    let Some((i, mode)) = b.split_once(':') else {
+        bail!("--byzantine {b}: expected PEER:MODE, e.g. 3:sign-flip:10")
+    };
+    let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--byzantine {b}: {i} is not a peer index"))?;
+    if i >= peers {
+        bail!("--byzantine {b}: peer {i} does not exist (--peers {peers})");
+    }
+    let attack: p2pml_proto::Attack = mode.parse().map_err(|e| anyhow::anyhow!("--byzantine {b}: {e}"))?;
+    Ok((i, attack.to_string()))
 }
