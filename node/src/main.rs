@@ -65,6 +65,10 @@ fn write_swarm_key(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
         }
         _ => anyhow::anyhow!("cannot write {}: {e}", out.display()),
     })?;
+    // The mode above applies to a new file only: a replaced one is made private too.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| anyhow::anyhow!("cannot make {} private: {e}", out.display()))?;
     writeln!(f, "{key}").map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     eprintln!("swarm key {} written to {}", key.fingerprint(), out.display());
     Ok(())

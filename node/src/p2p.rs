@@ -238,6 +238,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn aggregate_applies_the_rule_to_per_peer_means_and_drops_poison() {
+        let none = p2pml_proto::Compression::None;
+        // Summed gradients of 2, 4 and 2 samples: per-peer means 1, 2 and -10.
+        let blob = |v: &[f32]| Arc::new(p2pml_proto::encode_f32(v).unwrap());
+        let mut nan = (*blob(&[0.0, 0.0])).clone();
+        Attack::Nan.poison(&mut nan);
+        let inputs = vec![
+            (2, 1.0, blob(&[2.0, 2.0])),
+            (4, 1.0, blob(&[8.0, 8.0])),
+            (2, 1.0, blob(&[-20.0, -20.0])),
+            (9, 1.0, Arc::new(nan)),
+            // Over the round's cap of 8 samples, and a peer without a batch.
+            (80, 1.0, blob(&[1e6, 1e6])),
+            (0, 0.0, blob(&[0.0, 0.0])),
+        ];
+        let (mean, samples, loss, _, _) = aggregate(&inputs, &none, 2, &Aggregation::Mean, 8);
+        assert_eq!((mean, samples, loss), (vec![-1.25, -1.25], 8, 3.0), "weighted by samples; NaN and over-cap blobs dropped");
+        let (median, samples, _, _, _) = aggregate(&inputs, &none, 2, &Aggregation::Median, 8);
+        assert_eq!((median, samples), (vec![1.0, 1.0], 8), "the empty peer has no vote");
+        let (krum, _, _, _, _) = aggregate(&inputs, &none, 2, &Aggregation::Krum { f: 0 }, 8);
+        assert_eq!(krum, vec![1.0, 1.0], "the input closest to the others");
+        let (empty, samples, _, _, _) = aggregate(&inputs[3..4], &none, 2, &Aggregation::Median, 8);
+        assert_eq!((empty, samples), (vec![0.0, 0.0], 0));
+    }
+
+    #[test]
     fn plateau_lowers_the_lr_after_patience_and_early_stopping_fires() {
         let p = P2pConfig { lr_patience: 2, early_stop_patience: 4, ..P2pConfig::default() };
         let mut c = Convergence::new(&p);
@@ -639,6 +665,8 @@ impl Node {
             Some((peer, r)) = self.hello_rx.recv() => self.on_hello(peer, r).await?,
             Some((owner, a)) = self.recovered_rx.recv() => {
                 self.asked.remove(&(a.round, owner));
+                // Signed by its author and well-formed: used like a gossiped one (a
+                // bad gradient in it is dropped at aggregation, on every peer alike).
                 let g = Gossip::Announce(a);
                 if g.validate(&self.run_id, self.round).is_ok() {
                     self.on_gossip(owner, g).await;
@@ -716,11 +744,26 @@ impl Node {
                 let msg = if refused {
                     Err(wire::WireError::Invalid("sender runs another configuration".into()))
                 } else {
-                    Gossip::decode_valid(&data, &self.run_id, self.round).and_then(|g| self.check_payload(g))
+                    Gossip::decode_valid(&data, &self.run_id, self.round)
                 };
                 match msg {
+                    // Gradients come from members only (heartbeats make members): a
+                    // stranger's announcement is dropped unforwarded; one from a peer we
+                    // have not heard yet is fetched again once it is a member.
+                    Ok(Gossip::Announce(_)) if author != self.client.peer_id && !self.rs.members().contains_key(&author) => {
+                        tracing::debug!("ignored an announcement from non-member {author}");
+                        let _ = self.client.ignore(id, propagated_by).await;
+                    }
                     Ok(g) => {
-                        let _ = self.client.validate(id, propagated_by, true).await;
+                        let payload = self.check_payload(&g);
+                        if let Err(e) = &payload {
+                            // Signed and well-formed, but its gradient is unusable: not
+                            // forwarded, and its sender is scored down. It still counts at
+                            // the barrier (aggregation drops it on every peer alike), so
+                            // that a byzantine peer cannot stall the round.
+                            tracing::debug!("rejected gossip from {author} via {propagated_by}: {e}");
+                        }
+                        let _ = self.client.validate(id, propagated_by, payload.is_ok()).await;
                         if author != self.client.peer_id {
                             self.on_gossip(author, g).await;
                         }
@@ -740,16 +783,23 @@ impl Node {
         }
     }
 
-    /// Model-aware checks: an inline gradient must decode to the model's length
-    /// with the run's compression (fetched ones are checked after the fetch).
-    fn check_payload(&self, g: Gossip) -> Result<Gossip, wire::WireError> {
-        if let Gossip::Announce(a) = &g {
+    /// Model-aware checks: at most a round's samples, and an inline gradient must
+    /// decode to the model's length with the run's compression (fetched ones are
+    /// checked after the fetch).
+    fn check_payload(&self, g: &Gossip) -> Result<(), wire::WireError> {
+        if let Gossip::Announce(a) = g {
+            // A round's gradient sums at most its batches: a larger count would
+            // buy its sender more weight in the mean.
+            let most = max_round_samples(&self.p2p, self.batch_size);
+            if a.samples > most {
+                return Err(wire::WireError::Invalid(format!("{} samples in a round of at most {most}", a.samples)));
+            }
             if let Some(inline) = &a.inline {
                 p2pml_proto::decode_gradient(inline, &self.compression, self.numel)
                     .map_err(|e| wire::WireError::Invalid(format!("inline gradient: {e}")))?;
             }
         }
-        Ok(g)
+        Ok(())
     }
 
     /// Fault injection (--fault-garbage): publishes invalid messages of every kind
@@ -787,6 +837,7 @@ impl Node {
             let plain = self.numel as u64 * 4;
             bad.push(wire::encode(&Gossip::Announce(Announce {
                 round: round + 1,
+                samples: max_round_samples(&self.p2p, self.batch_size),
                 len: plain,
                 digest: *blake3::hash(b"forged").as_bytes(),
                 inline: None,
@@ -999,19 +1050,35 @@ pub(crate) struct Trainer {
 /// combines them with `rule`: `mean` streams the sample-weighted mean; the robust
 /// rules combine the per-peer mean gradients ([`p2pml_proto::robust`]). Returns the
 /// gradient, the samples and loss summed, and the seconds spent decoding and
-/// aggregating. An undecodable gradient (wrong length, NaN) is dropped with a warning.
+/// aggregating. A gradient that does not decode (wrong length, NaN) or claims more
+/// than `max_samples` is dropped with a warning.
 pub(crate) fn aggregate(
     inputs: &[(u64, f64, Arc<Vec<u8>>)],
     compression: &p2pml_proto::Compression,
     numel: usize,
     rule: &Aggregation,
+    max_samples: u64,
 ) -> (Vec<f32>, u64, f64, f64, f64) {
     let mut acc = vec![0f32; if rule.is_mean() { numel } else { 0 }];
     let mut per_peer: Vec<Vec<f32>> = Vec::new();
     let mut weights = Vec::new();
     let (mut samples, mut loss) = (0u64, 0f64);
     let (mut dec, mut agg) = (Duration::ZERO, Duration::ZERO);
+    let drop_invalid = |why: String| {
+        tracing::warn!("dropping a gradient: {why}");
+        if let Some(m) = crate::metrics::get() {
+            m.invalid_pushes.inc();
+        }
+    };
     for (s, l, blob) in inputs {
+        if *s > max_samples {
+            drop_invalid(format!("{s} samples in a round of at most {max_samples}"));
+            continue;
+        }
+        if *s == 0 && !rule.is_mean() {
+            // A peer without a batch this round: no vote (the mean gives it no weight).
+            continue;
+        }
         let t = Instant::now();
         let decoded = p2pml_proto::decode_gradient(blob, compression, numel);
         dec += t.elapsed();
@@ -1032,12 +1099,7 @@ pub(crate) fn aggregate(
                 samples += s;
                 loss += l;
             }
-            Err(e) => {
-                tracing::warn!("dropping an undecodable gradient: {e}");
-                if let Some(m) = crate::metrics::get() {
-                    m.invalid_pushes.inc();
-                }
-            }
+            Err(e) => drop_invalid(format!("it does not decode ({e})")),
         }
     }
     let t = Instant::now();
@@ -1057,6 +1119,11 @@ pub(crate) fn aggregate(
     }
     agg += t.elapsed();
     (acc, samples, loss, dec.as_secs_f64(), agg.as_secs_f64())
+}
+
+/// The most samples one peer's gradient of a round can sum.
+pub(crate) fn max_round_samples(p2p: &P2pConfig, batch_size: usize) -> u64 {
+    (p2p.batches_per_round * batch_size) as u64
 }
 
 /// The run's compression and aggregation rule, and this peer's attack (--byzantine).
@@ -1084,7 +1151,9 @@ pub(crate) fn encode_own(
         a.apply(grad, samples, seed);
     }
     let mut blob = p2pml_proto::encode_gradient(grad, compression, seed)
-        .map_err(|e| anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr"))?;
+        .map_err(|e| {
+            anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr, or, if a peer may be byzantine, use a robust --aggregation (median, trimmed-mean:BETA, krum:F)")
+        })?;
     if let Some(a) = attack {
         a.poison(&mut blob);
     }
@@ -1258,6 +1327,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
     let opt = Optimizer::new(cfg.optimizer);
     let numel = model.numel();
+    let max_samples = max_round_samples(&p2p, cfg.batch_size);
 
     std::fs::create_dir_all(&p2p.state_dir)
         .with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
@@ -1692,7 +1762,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             }
         }
         let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
-            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule)).await?;
+            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule, max_samples)).await?;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 

@@ -16,7 +16,7 @@ use crate::exec::{self, ExecutorKind, LambdaExecutor};
 use crate::net::{Client, Event, InboundRequest};
 use crate::p2p::{
     aggregate, compute_tasks, digest_of, fetch_blob, gradient_seed, hex, ids, offload, peer_ids, report_path,
-    record_costs, record_epoch, wire_rules, encode_own, start_net, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
+    record_costs, record_epoch, wire_rules, max_round_samples, encode_own, start_net, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
     EpochRecord, MembershipEvent, NodeReport, Offload, RoundRecord, Schedule, StageTimes, Trainer, unix_ms,
 };
 use crate::round::{Barrier, Change, RoundState};
@@ -411,6 +411,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let mut model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
     let mut opt = Optimizer::new(cfg.optimizer);
     let numel = model.numel();
+    let max_samples = max_round_samples(&p2p, cfg.batch_size);
     std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
     let ckpt = Arc::new(Checkpoints::open(&p2p.state_dir, &run_id, p2p.checkpoint_keep)?);
     let incarnation = ckpt.next_incarnation()?;
@@ -589,7 +590,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             })
             .collect();
         let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
-            s.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule))).await??;
+            s.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule, max_samples))).await??;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 

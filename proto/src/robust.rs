@@ -21,6 +21,9 @@ use crate::rng::Rng;
 use std::fmt;
 use std::str::FromStr;
 
+/// Largest byzantine count Krum accepts (it needs 2F+3 peers).
+pub const MAX_KRUM_F: usize = 1 << 20;
+
 /// A rule or attack spelled wrongly on the command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RobustError {
@@ -70,7 +73,10 @@ impl FromStr for Aggregation {
                 }
                 Ok(Aggregation::TrimmedMean { beta })
             }
-            ("krum", Some(a)) => Ok(Aggregation::Krum { f: a.parse().map_err(|_| err())? }),
+            ("krum", Some(a)) => match a.parse::<usize>() {
+                Ok(f) if f <= MAX_KRUM_F => Ok(Aggregation::Krum { f }),
+                _ => Err(err()),
+            },
             _ => Err(err()),
         }
     }
@@ -287,7 +293,7 @@ mod tests {
             assert_eq!(s.parse::<Aggregation>().unwrap().to_string(), s);
         }
         assert_eq!("Krum:2".parse::<Aggregation>().unwrap(), Aggregation::Krum { f: 2 });
-        for bad in ["avg", "trimmed-mean", "trimmed-mean:0.5", "trimmed-mean:-0.1", "krum", "krum:x", "median:1"] {
+        for bad in ["avg", "trimmed-mean", "trimmed-mean:0.5", "trimmed-mean:-0.1", "krum", "krum:x", "median:1", "krum:18446744073709551615"] {
             let e = bad.parse::<Aggregation>().unwrap_err().to_string();
             assert!(e.contains("expected mean, median"), "{bad}: {e}");
         }

@@ -207,15 +207,18 @@ pub fn decode_batch(bytes: &[u8]) -> Result<BatchObject, ObjectError> {
     let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes")) as usize;
     let (n, c, h, w) = (u32_at(4), u32_at(8), u32_at(12), u32_at(16));
     let sample = c.checked_mul(h).and_then(|x| x.checked_mul(w)).ok_or(ObjectError::TooLarge(usize::MAX))?;
-    let expected = n
-        .checked_mul(sample + 1)
+    // Checked all the way: the header's dimensions are untrusted (c·h·w can be
+    // usize::MAX, where `sample + 1` would overflow).
+    let images_len = n.checked_mul(sample).ok_or(ObjectError::TooLarge(usize::MAX))?;
+    let expected = images_len
+        .checked_add(n)
         .and_then(|x| x.checked_add(20))
         .ok_or(ObjectError::TooLarge(usize::MAX))?;
     if bytes.len() != expected {
         return Err(ObjectError::Length { expected, got: bytes.len() });
     }
-    let images = bytes[20..20 + n * sample].to_vec();
-    let labels = bytes[20 + n * sample..].to_vec();
+    let images = bytes[20..20 + images_len].to_vec();
+    let labels = bytes[20 + images_len..].to_vec();
     Ok(BatchObject { shape: [c as u32, h as u32, w as u32], images, labels })
 }
 
@@ -237,6 +240,20 @@ pub fn output_key(run: &str, peer: &str, round: u64, task: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_dimensions_that_overflow_are_an_error_not_a_panic() {
+        // c·h·w = 65535 · 42009217 · 6700417 = 2^64 - 1: the product fits, one more does not.
+        for n in [0u32, 1, 7] {
+            let mut b = BATCH_MAGIC.to_vec();
+            for v in [n, 65535, 42_009_217, 6_700_417] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            let r = decode_batch(&b);
+            // No samples: an empty batch, whatever its shape; any sample: too large.
+            assert_eq!(r.is_ok(), n == 0, "n = {n}: {r:?}");
+        }
+    }
 
     #[test]
     fn grad_output_round_trip_and_rejects() {

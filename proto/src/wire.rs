@@ -53,8 +53,14 @@ pub struct RunSpec {
     pub compression: String,
     pub sync: SyncMode,
     pub failure_timeout_ms: u64,
-    /// The aggregation rule, in its canonical spelling ([`crate::Aggregation`]).
+    /// The aggregation rule, in its canonical spelling ([`crate::Aggregation`]);
+    /// `mean` when a peer of an older version leaves it out.
+    #[serde(default = "mean")]
     pub aggregation: String,
+}
+
+fn mean() -> String {
+    "mean".into()
 }
 
 impl RunSpec {
@@ -341,6 +347,12 @@ impl Gossip {
             if !a.loss_sum.is_finite() {
                 return Err(WireError::Invalid("non-finite loss".into()));
             }
+            // The validation statistics drive every peer's lr schedule and early stop.
+            if let Some(v) = &a.val {
+                if !v.loss_sum.is_finite() || v.correct > v.count {
+                    return Err(WireError::Invalid("validation statistics out of range".into()));
+                }
+            }
         }
         Ok(())
     }
@@ -413,6 +425,16 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[3] ^= 0xff;
         let _ = Gossip::decode_valid(&flipped, &spec().run_id(), 5);
+        // Validation statistics steer every peer's schedule: NaN or impossible counts are refused.
+        for val in [ValStats { epoch: 0, loss_sum: f64::NAN, correct: 1, count: 2 }, ValStats { epoch: 0, loss_sum: 1.0, correct: 3, count: 2 }] {
+            let bytes = encode(&Gossip::Announce(Announce { val: Some(val), ..a.clone() }));
+            assert!(Gossip::decode_valid(&bytes, &spec().run_id(), 5).is_err());
+        }
+        // A spec without the aggregation field (an older peer) reads as mean.
+        let mut old: serde_json::Value = serde_json::to_value(spec()).unwrap();
+        old.as_object_mut().unwrap().remove("aggregation");
+        let older: RunSpec = decode(&encode(&old), 4096).unwrap();
+        assert_eq!(older.aggregation, "mean");
         let mut bad = a;
         bad.inline = Some(serde_bytes::ByteBuf::from(vec![0u8; 4]));
         let bytes = encode(&Gossip::Announce(bad));

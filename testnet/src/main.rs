@@ -526,8 +526,12 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         // (the server takes no --peer-args)
         extra[i].extend(rest.split_whitespace().map(String::from));
     }
+    let mut byzantine = std::collections::BTreeSet::new();
     for b in &a.byzantine {
         let (i, mode) = parse_byzantine(b, a.peers)?;
+        if !byzantine.insert(i) {
+            bail!("--byzantine {b}: peer {i} is named twice; give each byzantine peer one mode");
+        }
         extra[i].extend(["--byzantine".to_string(), mode]);
     }
     // Peer ids derived from the node index make a run reproducible: shards,

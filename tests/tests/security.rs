@@ -17,20 +17,40 @@ fn swarm_key(path: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Starts a node and returns it with the first address it prints.
-fn start(args: &[String]) -> (Child, String) {
-    let mut child = Command::new(bin("p2pml-node")).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    wait_for("the node's address", Duration::from_secs(60), || {
-        if let Some(Ok(l)) = lines.next() {
-            addr = l.strip_prefix("listening ").map(str::to_string);
+/// Starts a node (stderr to `<dir>/<name>.stderr`) and returns it with the first
+/// address it prints.
+fn start(dir: &Path, name: &str, args: &[String]) -> (Child, String) {
+    let err = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
+    let mut child = Command::new(bin("p2pml-node")).args(args).stdout(Stdio::piped()).stderr(err).spawn().unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads stdout to the end, so that the node never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if let Some(a) = l.strip_prefix("listening ") {
+                let _ = tx.send(a.to_string());
+            }
         }
-        addr.is_some()
     });
-    // Keep draining stdout so that the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr.unwrap())
+    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("node {name} printed no address in 60 s: {}", stderr_of(dir, name))
+    });
+    (child, addr)
+}
+
+fn stderr_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.stderr"))).unwrap_or_default()
+}
+
+/// Waits (bounded) for `child` to exit.
+fn exit_code(child: &mut Child, name: &str, limit: Duration) -> Option<i32> {
+    let mut status = None;
+    wait_for(&format!("node {name} to exit"), limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap().code()
 }
 
 fn node_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
@@ -53,24 +73,22 @@ fn a_private_swarm_refuses_peers_without_its_key() {
     swarm_key(&key);
     swarm_key(&other);
     let key_s = key.to_str().unwrap();
-    let (mut a, addr) = start(&node_args(dir.path(), "a", &["--swarm-key", key_s]));
+    let (mut a, addr) = start(dir.path(), "a", &node_args(dir.path(), "a", &["--swarm-key", key_s]));
 
     // Two intruders: one with no key, one with another swarm's key.
-    let intruders: Vec<(Child, String)> = [vec![], vec!["--swarm-key", other.to_str().unwrap()]]
-        .iter()
-        .enumerate()
-        .map(|(i, extra)| {
-            let mut e = extra.clone();
-            e.extend(["--bootstrap", &addr]);
-            start(&node_args(dir.path(), &format!("intruder{i}"), &e))
-        })
-        .collect();
+    let other_s = other.to_str().unwrap();
     let mut intruder_ids = Vec::new();
-    for (child, their_addr) in intruders {
+    let mut intruders = Vec::new();
+    for (i, extra) in [vec!["--bootstrap", &addr], vec!["--swarm-key", other_s, "--bootstrap", &addr]].iter().enumerate() {
+        let name = format!("intruder{i}");
+        let (child, their_addr) = start(dir.path(), &name, &node_args(dir.path(), &name, extra));
         intruder_ids.push(their_addr.rsplit('/').next().unwrap().to_string());
-        let o = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "an intruder must fail: {err}");
+        intruders.push((name, child));
+    }
+    for (name, mut child) in intruders {
+        let code = exit_code(&mut child, &name, Duration::from_secs(120));
+        let err = stderr_of(dir.path(), &name);
+        assert_eq!(code, Some(1), "an intruder must fail: {err}");
         let last = err.lines().last().unwrap_or_default();
         assert!(last.starts_with("error: cannot reach any bootstrap peer") && last.contains("--swarm-key"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
@@ -78,14 +96,10 @@ fn a_private_swarm_refuses_peers_without_its_key() {
     assert!(a.try_wait().unwrap().is_none(), "the node outlives the intruders");
 
     // A peer with the key joins, and the two train together.
-    let (mut b, _) = start(&node_args(dir.path(), "b", &["--swarm-key", key_s, "--bootstrap", &addr]));
+    let (mut b, _) = start(dir.path(), "b", &node_args(dir.path(), "b", &["--swarm-key", key_s, "--bootstrap", &addr]));
     for (name, child) in [("a", &mut a), ("b", &mut b)] {
-        let mut status = None;
-        wait_for(&format!("node {name} to finish"), Duration::from_secs(300), || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        });
-        assert!(status.unwrap().success(), "node {name} failed");
+        let code = exit_code(child, name, Duration::from_secs(300));
+        assert_eq!(code, Some(0), "node {name} failed: {}", stderr_of(dir.path(), name));
     }
     let (ra, rb) = (report(dir.path(), "a"), report(dir.path(), "b"));
     assert!(ra["rounds"].as_u64().unwrap() > 0);
