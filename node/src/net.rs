@@ -253,24 +253,21 @@ fn transport(
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let noise = noise::Config::new(key)?;
-    let timeout = Duration::from_secs(20);
-    Ok(match psk {
-        Some(psk) => tcp
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(upgrade::Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux::Config::default())
-            .timeout(timeout)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-        None => tcp
-            .upgrade(upgrade::Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux::Config::default())
-            .timeout(timeout)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-    })
+    // One chain for both kinds of swarm: the socket is either wrapped by the
+    // pre-shared key's handshake or passed through.
+    let socket = tcp.and_then(move |socket, _| async move {
+        match psk {
+            Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(futures::future::Either::Left),
+            None => Ok(futures::future::Either::Right(socket)),
+        }
+    });
+    Ok(socket
+        .upgrade(upgrade::Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .timeout(Duration::from_secs(20))
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
 }
 
 /// Builds the swarm, listens on `listen` and returns the client, the event
