@@ -15,7 +15,7 @@ run() { # NAME RULE [testnet args...]
   local name=$1 rule=$2; shift 2
   if [ -f "$out/$name/report.json" ]; then echo "== $name: kept from an earlier run"; return; fi
   echo "== $name: testnet run --peers 8 $* -- ${args[*]} --aggregation $rule"
-  target/release/testnet run --peers 8 --out "$out/$name" "$@" -- "${args[@]}" --aggregation "$rule" \
+  target/release/testnet run --peers 8 --force --out "$out/$name" "$@" -- "${args[@]}" --aggregation "$rule" \
     2>"$out/$name.log" || echo "   (testnet exited non-zero; see $out/$name.log)"
 }
 rules=(mean median trimmed-mean:0.125 krum:1)

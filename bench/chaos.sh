@@ -11,9 +11,9 @@ mkdir -p "$out"
 args=(--data-dir /usr/share/datasets/fashion-mnist --limit-train 16000 --limit-test 2000 --val-size 1000
       --epochs 4 --batches-per-round 1 --device cpu "$@")
 echo "== fault-free reference"
-target/release/testnet run --peers 8 --out "$out/clean" -- "${args[@]}" 2>"$out/clean.log" || true
+target/release/testnet run --peers 8 --force --out "$out/clean" -- "${args[@]}" 2>"$out/clean.log" || true
 echo "== chaos: --random-kills 10 --interval 5 --down 3 --fault-seed 7 --partition 0,1,2,3,4|5,6,7@60+30"
-target/release/testnet run --peers 8 --out "$out/chaos" --random-kills 10 --interval 5 --down 3 --fault-seed 7 \
+target/release/testnet run --peers 8 --force --out "$out/chaos" --random-kills 10 --interval 5 --down 3 --fault-seed 7 \
   --partition "0,1,2,3,4|5,6,7@60+30" -- "${args[@]}" 2>"$out/chaos.log" || true
 python3 - "$out" <<'PY'
 import json, sys

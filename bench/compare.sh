@@ -14,10 +14,10 @@ mkdir -p "$out"
 args=(--data-dir /usr/share/datasets/fashion-mnist --limit-train 16000 --limit-test 2000 --val-size 1000
       --epochs 3 --batches-per-round 1 --compression qsgd:bits=4 --device cpu "$@")
 echo "== no faults"
-target/release/testnet compare --peers 4 --out "$out/none" --target-accuracy 0.75 -- "${args[@]}" 2>"$out/none.log" || true
+target/release/testnet compare --peers 4 --force --out "$out/none" --target-accuracy 0.75 -- "${args[@]}" 2>"$out/none.log" || true
 echo "== random kills"
-target/release/testnet compare --peers 4 --out "$out/random" --target-accuracy 0.75 \
+target/release/testnet compare --peers 4 --force --out "$out/random" --target-accuracy 0.75 \
   --random-kills 6 --interval 15 --down 8 --fault-seed 3 -- "${args[@]}" 2>"$out/random.log" || true
 echo "== the server killed for 15 s"
-target/release/testnet compare --peers 4 --out "$out/server" --target-accuracy 0.75 \
+target/release/testnet compare --peers 4 --force --out "$out/server" --target-accuracy 0.75 \
   --kill ps@30 --revive ps@+15 -- "${args[@]}" 2>"$out/server.log" || true

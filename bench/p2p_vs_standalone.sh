@@ -11,7 +11,7 @@ mkdir -p "$out"
 t0=$(date +%s.%N)
 target/release/p2pml-node train --device cpu --epochs 3 --out "$out/standalone" >"$out/standalone.log" 2>&1
 t1=$(date +%s.%N)
-target/release/testnet run --peers 4 --out "$out/p2p" -- --epochs 3 --batches-per-round 1 --lr 0.04 --device cpu "$@" \
+target/release/testnet run --peers 4 --force --out "$out/p2p" -- --epochs 3 --batches-per-round 1 --lr 0.04 --device cpu "$@" \
   >"$out/p2p.log" 2>&1 || true
 t2=$(date +%s.%N)
 python3 - "$out" "$t0" "$t1" "$t2" <<'PY'

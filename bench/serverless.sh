@@ -10,13 +10,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-out/serverless}; shift || true
 mkdir -p "$out"
 common=(--limit-train 4000 --limit-test 500 --val-size 200 --epochs 1 --batches-per-round 4 --device cpu --seed 1 "$@")
-target/release/testnet run --peers 1 --threads-per-node 1 --out "$out/local" -- "${common[@]}" >/dev/null 2>"$out/local.log"
+target/release/testnet run --peers 1 --threads-per-node 1 --force --out "$out/local" -- "${common[@]}" >/dev/null 2>"$out/local.log"
 for c in 1 2 4; do
-  target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency "$c" --out "$out/lambda-c$c" -- \
+  target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency "$c" --force --out "$out/lambda-c$c" -- \
     "${common[@]}" --executor lambda --max-concurrency "$c" --batches-per-invocation 1 >/dev/null 2>"$out/lambda-c$c.log"
 done
 # The same round as one task of 4 batches: the per-task costs spread over 4 batches.
-target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency 1 --out "$out/lambda-k4" -- \
+target/release/testnet run --peers 1 --threads-per-node 1 --fn-concurrency 1 --force --out "$out/lambda-k4" -- \
   "${common[@]}" --executor lambda --max-concurrency 1 --batches-per-invocation 4 >/dev/null 2>"$out/lambda-k4.log"
 python3 - "$out" <<'PY'
 import json, sys

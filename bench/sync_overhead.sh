@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-out/sync-overhead}; shift || true
 for n in 2 4 8; do
-  target/release/testnet run --peers "$n" --out "$out/p$n" -- \
+  target/release/testnet run --peers "$n" --force --out "$out/p$n" -- \
     --limit-train 8000 --limit-test 500 --val-size 400 --epochs 1 --batches-per-round 1 --device cpu "$@" \
     >/dev/null 2>"$out.p$n.log" || true
 done

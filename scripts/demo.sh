@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-exec target/release/testnet run --peers 4 --out out/demo -- \
+exec target/release/testnet run --peers 4 --out out/demo --force -- \
   --limit-train 12000 --limit-test 2000 --val-size 1000 --epochs 3 --batches-per-round 1 --lr 0.02 "$@"

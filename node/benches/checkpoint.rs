@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                 epoch_members: vec![serde_bytes::ByteBuf::from(vec![1u8; 38]); 4],
                 active: vec![serde_bytes::ByteBuf::from(vec![1u8; 38]); 4],
                 next_members: vec![],
+                withheld: vec![],
             };
             let state = p2pml_proto::encode_state(&h, &params, std::slice::from_ref(&momentum));
             let meta = CheckpointMeta { run_id: "bench".into(), round, epoch: 0, incarnation: 1, written_unix_ms: 0, members: vec![] };

@@ -151,6 +151,26 @@ pub enum ConfigError {
     Lr(String),
     #[error("--epochs must be at least 1")]
     Epochs,
+    #[error("--momentum must be a number in [0, 1), got {0}")]
+    Momentum(String),
+    #[error("--weight-decay must be a finite number >= 0, got {0}")]
+    WeightDecay(String),
+    /// Adam's betas and epsilon (not flags today, but part of the configuration).
+    #[error("the optimizer's {0} must be {1}, got {2}")]
+    Optimizer(&'static str, &'static str, String),
+    #[error("--threads {got} is more than {max} ({} per core on this machine's {cores} cores); use 0 (one per core) or at most {cores}", MAX_THREADS_PER_CORE)]
+    Threads { got: usize, max: usize, cores: usize },
+    #[error("--eval-batch-size must be at least 1")]
+    EvalBatchSize,
+}
+
+/// `--threads` above this many per available core is refused: libtorch would
+/// spend its time switching threads (and far above it, runs out of stack).
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The cores this process may run on (1 if unknown).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl TrainConfig {
@@ -176,6 +196,37 @@ impl TrainConfig {
         }
         if self.epochs == 0 {
             return Err(ConfigError::Epochs);
+        }
+        if self.eval_batch_size == 0 {
+            return Err(ConfigError::EvalBatchSize);
+        }
+        let o = &self.optimizer;
+        // `!(a <= x)` style comparisons are false for NaN, so NaN is refused too.
+        if !(o.momentum >= 0.0 && o.momentum < 1.0) {
+            return Err(ConfigError::Momentum(o.momentum.to_string()));
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return Err(ConfigError::WeightDecay(o.weight_decay.to_string()));
+        }
+        if !(o.beta1 >= 0.0 && o.beta1 < 1.0) {
+            return Err(ConfigError::Optimizer("beta1", "in [0, 1)", o.beta1.to_string()));
+        }
+        if !(o.beta2 >= 0.0 && o.beta2 < 1.0) {
+            return Err(ConfigError::Optimizer("beta2", "in [0, 1)", o.beta2.to_string()));
+        }
+        if !(o.eps > 0.0 && o.eps.is_finite()) {
+            return Err(ConfigError::Optimizer("eps", "a positive number", o.eps.to_string()));
+        }
+        let cores = available_cores();
+        let max = MAX_THREADS_PER_CORE * cores;
+        if self.threads > max {
+            return Err(ConfigError::Threads { got: self.threads, max, cores });
+        }
+        if self.threads > cores {
+            tracing::warn!(
+                "--threads {} is more than this machine's {cores} cores: libtorch's threads will compete for them and training slows down",
+                self.threads
+            );
         }
         Ok(())
     }
@@ -268,6 +319,37 @@ pub struct P2pConfig {
     /// Fault injection: publish gossip unsigned, claiming to be the first
     /// --bootstrap peer (the forged-message test).
     pub forge: bool,
+    /// Move earlier checkpoints in --state-dir aside (into old-<unix>/) and start afresh.
+    pub fresh: bool,
+    /// The straggler deadline and the demotion of members that keep missing rounds.
+    pub straggler: Straggler,
+    /// Fault injection: an outsider that never sends or answers a Hello but
+    /// publishes validly signed heartbeats (ready) on the control topic.
+    pub heartbeat_only: bool,
+}
+
+/// How long a round waits for missing members once a quorum of its gradients is
+/// held: `factor` × the median recent full round, clamped to `[floor_ms, cap_ms]`;
+/// a member missing `demote_after` such rounds in a row is demoted until the next epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Straggler {
+    pub factor: f64,
+    pub floor_ms: u64,
+    pub cap_ms: u64,
+    pub demote_after: u32,
+}
+
+impl Default for Straggler {
+    fn default() -> Self {
+        Straggler { factor: 4.0, floor_ms: 3000, cap_ms: 30_000, demote_after: 3 }
+    }
+}
+
+impl std::fmt::Display for Straggler {
+    /// The canonical spelling in the run spec.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "factor={},floor_ms={},cap_ms={},demote_after={}", self.factor, self.floor_ms, self.cap_ms, self.demote_after)
+    }
 }
 
 impl Default for P2pConfig {
@@ -281,7 +363,7 @@ impl Default for P2pConfig {
             peers: 4,
             min_peers: 0,
             batches_per_round: 10,
-            compression: "none".into(),
+            compression: DEFAULT_COMPRESSION.into(),
             sync: p2pml_proto::wire::SyncMode::Sync,
             failure_timeout_ms: 2000,
             heartbeat_ms: 250,
@@ -304,6 +386,9 @@ impl Default for P2pConfig {
             byzantine: None,
             swarm_key: None,
             forge: false,
+            fresh: false,
+            straggler: Straggler::default(),
+            heartbeat_only: false,
         }
     }
 }
@@ -331,6 +416,10 @@ fn parse_sync(s: &str) -> Result<String, String> {
 
 /// `none` or `qsgd:bits=4,bucket=512,norm=l2` (any subset of the keys), kept in
 /// its canonical spelling so that peers compare equal configurations as equal.
+/// The exchange's default encoding: QSGD, 4 bits per coordinate in buckets of 512
+/// (about 14x smaller than f32; docs/benchmarks.md measures its accuracy).
+pub const DEFAULT_COMPRESSION: &str = "qsgd:bits=4,bucket=512,norm=l2";
+
 fn parse_compression(s: &str) -> Result<String, String> {
     s.parse::<p2pml_proto::Compression>().map(|c| c.to_string()).map_err(|e| e.to_string())
 }
@@ -365,8 +454,9 @@ pub struct P2pArgs {
     /// Batches each peer computes per round (one exchange per round).
     #[arg(long, env = "P2PML_BATCHES_PER_ROUND", default_value_t = 10)]
     pub batches_per_round: usize,
-    /// Gradient compression on the wire: none, or qsgd:bits=1..8,bucket=N,norm=l2|max.
-    #[arg(long, env = "P2PML_COMPRESSION", default_value = "none", value_parser = parse_compression)]
+    /// Gradient compression on the wire: qsgd:bits=1..8,bucket=N,norm=l2|max (any
+    /// subset of the keys), or none (plain f32).
+    #[arg(long, env = "P2PML_COMPRESSION", default_value = DEFAULT_COMPRESSION, value_parser = parse_compression)]
     pub compression: String,
     /// sync: barrier every round; async: no barrier, bounded staleness.
     #[arg(long, env = "P2PML_SYNC", default_value = "sync", value_parser = parse_sync)]
@@ -433,6 +523,28 @@ pub struct P2pArgs {
     /// the first --bootstrap peer (tests that forged messages are refused).
     #[arg(long, hide = true)]
     pub fault_forge: bool,
+    /// Start afresh although --state-dir holds checkpoints of another configuration:
+    /// they are moved into <state-dir>/old-<unix time>/ (never deleted).
+    #[arg(long, env = "P2PML_FRESH")]
+    pub fresh: bool,
+    /// Fault injection: an outsider that never sends or answers a Hello and publishes
+    /// validly signed heartbeats claiming to be ready (tests admission).
+    #[arg(long, hide = true)]
+    pub fault_heartbeat_only: bool,
+    /// Straggler deadline: once a quorum of a round's gradients is held, wait for the
+    /// missing members at most this many times the median recent round...
+    #[arg(long, env = "P2PML_STRAGGLER_FACTOR", default_value_t = 4.0)]
+    pub straggler_factor: f64,
+    /// ...but at least this long (ms)...
+    #[arg(long, env = "P2PML_STRAGGLER_FLOOR_MS", default_value_t = 3000)]
+    pub straggler_floor_ms: u64,
+    /// ...and at most this long (ms).
+    #[arg(long, env = "P2PML_STRAGGLER_CAP_MS", default_value_t = 30_000)]
+    pub straggler_cap_ms: u64,
+    /// A member missing this many deadline-closed rounds in a row is demoted until the
+    /// next epoch (it is not named for the next epoch: its shard is re-cut).
+    #[arg(long, env = "P2PML_STRAGGLER_DEMOTE_AFTER", default_value_t = 3)]
+    pub straggler_demote_after: u32,
     #[command(flatten)]
     pub exec: crate::exec::ExecArgs,
 }
@@ -471,6 +583,14 @@ impl P2pArgs {
             byzantine: self.byzantine.clone(),
             swarm_key: self.swarm_key.clone(),
             forge: self.fault_forge,
+            fresh: self.fresh,
+            straggler: Straggler {
+                factor: self.straggler_factor,
+                floor_ms: self.straggler_floor_ms,
+                cap_ms: self.straggler_cap_ms,
+                demote_after: self.straggler_demote_after,
+            },
+            heartbeat_only: self.fault_heartbeat_only,
             ..d
         }
     }
@@ -499,11 +619,62 @@ pub fn run_spec(t: &TrainConfig, p: &P2pConfig) -> p2pml_proto::wire::RunSpec {
         sync: p.sync,
         failure_timeout_ms: p.failure_timeout_ms,
         aggregation: p.aggregation.clone(),
+        straggler: p.straggler.to_string(),
+    }
+}
+
+/// Checks an address this node dials (--bootstrap, --ps): a host (`/ip4`,
+/// `/ip6`, or a name: `/dns`, `/dns4`, `/dns6`), `/tcp/PORT`, `/p2p/<peer id>`;
+/// the transports this node speaks, so that anything else fails now, not after
+/// the bootstrap timeout.
+fn check_dial_addr(flag: &str, a: &str) -> Result<(), String> {
+    use libp2p::multiaddr::Protocol;
+    let example = "for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo... or /dns4/host.example/tcp/4001/p2p/12D3Koo...";
+    let addr: libp2p::Multiaddr = a.parse().map_err(|e| format!("{flag} {a} is not a multiaddr ({e}); {example}"))?;
+    let parts: Vec<Protocol> = addr.iter().collect();
+    let host_ok = matches!(
+        parts.first(),
+        Some(Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
+    );
+    let port = match parts.get(1) {
+        Some(Protocol::Tcp(p)) => Some(*p),
+        _ => None,
+    };
+    if !host_ok || port.is_none() {
+        return Err(format!("{flag} {a}: this node speaks TCP only: /ip4, /ip6, /dns, /dns4 or /dns6, then /tcp/PORT; {example}"));
+    }
+    if port == Some(0) {
+        return Err(format!("{flag} {a}: port 0 cannot be dialed; give the port the peer prints at start (`listening ...`)"));
+    }
+    match &parts[2..] {
+        [Protocol::P2p(_)] => Ok(()),
+        [] => Err(format!("{flag} {a} must end in /p2p/<peer id> (the id the peer prints at start)")),
+        _ => Err(format!("{flag} {a}: after /tcp/PORT only /p2p/<peer id> may follow; {example}")),
     }
 }
 
 impl P2pConfig {
     pub fn validate(&self) -> Result<(), String> {
+        for a in &self.listen {
+            let addr: libp2p::Multiaddr = a
+                .parse()
+                .map_err(|e| format!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?;
+            let mut it = addr.iter();
+            let ok = matches!(it.next(), Some(libp2p::multiaddr::Protocol::Ip4(_) | libp2p::multiaddr::Protocol::Ip6(_)))
+                && matches!(it.next(), Some(libp2p::multiaddr::Protocol::Tcp(_)))
+                && it.next().is_none();
+            if !ok {
+                return Err(format!(
+                    "--listen {a}: give /ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT (an IP address of this machine, no host name); for example /ip4/0.0.0.0/tcp/4001"
+                ));
+            }
+        }
+        for a in &self.bootstrap {
+            check_dial_addr("--bootstrap", a)?;
+        }
+        if let Some(a) = &self.ps {
+            check_dial_addr("--ps", a)?;
+        }
         if self.peers == 0 {
             return Err("--peers must be at least 1".into());
         }
@@ -521,7 +692,43 @@ impl P2pConfig {
         if self.batches_per_round == 0 {
             return Err("--batches-per-round must be at least 1".into());
         }
+        let st = &self.straggler;
+        if !(st.factor.is_finite() && st.factor >= 1.0 && st.factor <= 1000.0) {
+            return Err(format!("--straggler-factor must be a number between 1 and 1000, got {}", st.factor));
+        }
+        if st.floor_ms == 0 || st.floor_ms > st.cap_ms || st.cap_ms > 3_600_000 {
+            return Err(format!(
+                "--straggler-floor-ms ({}) must be at least 1 and at most --straggler-cap-ms ({}), which is at most 3600000",
+                st.floor_ms, st.cap_ms
+            ));
+        }
+        if st.demote_after == 0 {
+            return Err("--straggler-demote-after must be at least 1".into());
+        }
+        if self.heartbeat_only && self.garbage {
+            return Err("--fault-heartbeat-only and --fault-garbage are two different rogues; pick one".into());
+        }
         self.exec.validate()?;
+        let pr = &self.exec.pricing;
+        for (flag, v) in [
+            ("--price-gb-second", pr.gb_second),
+            ("--price-request", pr.per_request),
+            ("--price-offload-instance-s", pr.offload_instance_per_s),
+            ("--price-local-instance-s", pr.local_instance_per_s),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{flag} must be a finite number >= 0 (USD), got {v}"));
+            }
+        }
+        if !(self.exec.backup_after >= 1.0 && self.exec.backup_after.is_finite()) {
+            return Err(format!("the backup-invocation factor must be a finite number >= 1, got {}", self.exec.backup_after));
+        }
+        if !(self.lr_factor > 0.0 && self.lr_factor < 1.0) {
+            return Err(format!("the learning-rate decay factor must be in (0, 1), got {}", self.lr_factor));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr.is_finite()) {
+            return Err(format!("the minimum learning rate must be a finite number >= 0, got {}", self.min_lr));
+        }
         if let Ok(p2pml_proto::Aggregation::Krum { f }) = self.aggregation.parse() {
             if self.peers < 2 * f + 3 {
                 return Err(format!(
@@ -540,5 +747,52 @@ impl P2pConfig {
             return Err(format!("--failure-timeout-ms must be at least {} (two heartbeats)", 2 * self.heartbeat_ms));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_float_of_the_optimizer_is_checked() {
+        let ok = TrainConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let with = |f: &dyn Fn(&mut TrainConfig)| {
+            let mut c = TrainConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        for m in [f64::NAN, -5.0, 1.0, f64::INFINITY] {
+            assert!(with(&|c| c.optimizer.momentum = m).starts_with("--momentum"), "{m}");
+        }
+        for w in [f64::NAN, -0.1, f64::INFINITY] {
+            assert!(with(&|c| c.optimizer.weight_decay = w).starts_with("--weight-decay"), "{w}");
+        }
+        for lr in [f64::NAN, 0.0, -1.0, f64::INFINITY] {
+            assert!(with(&|c| c.optimizer.lr = lr).starts_with("--lr"), "{lr}");
+        }
+        assert!(with(&|c| c.optimizer.beta2 = 1.0).contains("beta2"));
+        assert!(with(&|c| c.optimizer.eps = 0.0).contains("eps"));
+        assert!(with(&|c| c.threads = 100_000).starts_with("--threads 100000"));
+        let mut c = TrainConfig::default();
+        c.threads = available_cores();
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn addresses_are_checked_before_the_network_starts() {
+        let id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        for ok in [format!("/ip4/10.0.0.1/tcp/4001/p2p/{id}"), format!("/dns4/localhost/tcp/1/p2p/{id}"), format!("/dns/h.example/tcp/1/p2p/{id}"), format!("/dns6/h/tcp/1/p2p/{id}")] {
+            assert_eq!(check_dial_addr("--bootstrap", &ok), Ok(()), "{ok}");
+        }
+        for bad in ["x".to_string(), "/ip4/10.0.0.1/tcp/4001".into(), format!("/ip4/1.2.3.4/udp/1/p2p/{id}"), format!("/ip4/1.2.3.4/tcp/0/p2p/{id}")] {
+            assert!(check_dial_addr("--bootstrap", &bad).is_err(), "{bad}");
+        }
+        let mut p = P2pConfig { listen: vec!["/dns4/localhost/tcp/0".into()], ..P2pConfig::default() };
+        p.min_peers = 3;
+        assert!(p.validate().unwrap_err().starts_with("--listen"));
+        p.listen = vec!["/ip4/0.0.0.0/tcp/0".into()];
+        assert_eq!(p.validate(), Ok(()));
     }
 }

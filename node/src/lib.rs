@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod exec;
+pub mod fsutil;
 pub mod metrics;
 pub mod standalone;
 pub mod net;

@@ -51,6 +51,9 @@ enum Command {
 fn write_swarm_key(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a directory: give the path of the key file to write, e.g. {}", out.display(), out.join("swarm.key").display());
+    }
     let key = p2pml_node::net::generate_swarm_key().map_err(|e| anyhow::anyhow!("cannot draw a random key: {e}"))?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).mode(0o600);
@@ -74,6 +77,29 @@ fn write_swarm_key(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Help and version as clap prints them; a usage error as one line on stderr
+/// (clap's message and its tip), like every other error of this binary.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        let _ = e.print();
+        return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("error: invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let mut msg = format!("error: {first}");
+    for l in lines {
+        if let Some(tip) = l.strip_prefix("tip: ") {
+            msg.push_str("; ");
+            msg.push_str(tip);
+        }
+    }
+    eprintln!("{msg} (see --help)");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -81,7 +107,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
     let result = match cli.command {
         Some(Command::Train { train, out }) => {
             p2pml_node::standalone::run(&train.to_config(), out.as_deref(), std::io::stderr().is_terminal())

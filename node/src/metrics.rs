@@ -51,6 +51,10 @@ pub struct Metrics {
     pub live_members: IntGauge,
     pub failures_detected: IntCounter,
     pub rejoins: IntCounter,
+    /// Rounds closed on the straggler deadline.
+    pub deadline_rounds: IntCounter,
+    /// Members demoted for missing rounds while alive.
+    pub withholding_demotions: IntCounter,
     pub state_syncs: IntCounter,
     pub function_invocations: IntCounter,
     pub function_errors: IntCounter,
@@ -84,6 +88,7 @@ pub fn membership_event(event: &str) {
         match event {
             "died" => m.failures_detected.inc(),
             "rejoined" => m.rejoins.inc(),
+            "withholding" => m.withholding_demotions.inc(),
             _ => {}
         }
     }
@@ -163,6 +168,8 @@ impl Metrics {
             live_members: int_gauge(&r, "p2pml_live_members", "Members the failure detector holds alive (this node included)")?,
             failures_detected: counter(&r, "p2pml_failures_detected_total", "Members declared dead by this node")?,
             rejoins: counter(&r, "p2pml_rejoins_total", "Members seen coming back with a higher incarnation")?,
+            deadline_rounds: counter(&r, "p2pml_deadline_rounds_total", "Rounds closed on the straggler deadline without every expected member")?,
+            withholding_demotions: counter(&r, "p2pml_withholding_demotions_total", "Members demoted for missing rounds in a row while alive")?,
             state_syncs: counter(&r, "p2pml_state_syncs_total", "Full states fetched from another node (join, catch-up, repair)")?,
             function_invocations: counter(&r, "p2pml_function_invocations_total", "Function invocations (retries and backups included)")?,
             function_errors: counter(&r, "p2pml_function_errors_total", "Function invocations that failed")?,

@@ -229,7 +229,12 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, NetError>>>,
     traffic: Arc<Traffic>,
     blocked: std::collections::HashSet<PeerId>,
+    /// Peers refused for a foreign identify protocol version (said once each).
+    refused_version: std::collections::HashSet<PeerId>,
 }
+
+/// Peers remembered as refused for their protocol version before the set starts over.
+const MAX_REFUSED_REMEMBERED: usize = 4096;
 
 /// Bytes on the wire, roughly: the payload plus a small envelope.
 fn response_len(r: &Response) -> usize {
@@ -246,12 +251,30 @@ fn request_len(r: &Request) -> usize {
     }
 }
 
-/// TCP, the private swarm's pre-shared key if any, noise, yamux.
+/// The DNS resolver of `/dns`, `/dns4` and `/dns6` addresses: the system's
+/// configuration (`/etc/resolv.conf`, `/etc/hosts`). Without one (a bare
+/// container), names resolve from `/etc/hosts` only (`localhost` always does).
+fn dns_over<T>(inner: impl Fn() -> T) -> libp2p::dns::tokio::Transport<T> {
+    match libp2p::dns::tokio::Transport::system(inner()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("no usable DNS configuration ({e}): host names in addresses resolve from /etc/hosts only");
+            libp2p::dns::tokio::Transport::custom(
+                inner(),
+                libp2p::dns::ResolverConfig::from_name_servers(Vec::new()),
+                libp2p::dns::ResolverOpts::default(),
+            )
+        }
+    }
+}
+
+/// TCP (host names resolved by DNS), the private swarm's pre-shared key if any,
+/// noise, yamux.
 fn transport(
     key: &identity::Keypair,
     psk: Option<PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp = dns_over(|| tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)));
     let noise = noise::Config::new(key)?;
     // One chain for both kinds of swarm: the socket is either wrapped by the
     // pre-shared key's handshake or passed through.
@@ -268,6 +291,115 @@ fn transport(
         .timeout(Duration::from_secs(20))
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
         .boxed())
+}
+
+/// Every message of an error and its sources, once each ("a: b: c"): libp2p's
+/// wrappers often say nothing themselves (a `TransportError::Other` displays as
+/// an empty string) and keep the reason in their source.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let msg = e.to_string();
+        let msg = msg.trim();
+        if !msg.is_empty() && !out.contains(msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(msg);
+        }
+        next = e.source();
+    }
+    if out.is_empty() {
+        out.push_str("unknown error");
+    }
+    out
+}
+
+/// The socket address of a `/ip4|ip6/ADDR/tcp/PORT` listen address.
+fn tcp_socket_addr(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = addr.iter();
+    let ip: std::net::IpAddr = match it.next()? {
+        Protocol::Ip4(ip) => ip.into(),
+        Protocol::Ip6(ip) => ip.into(),
+        _ => return None,
+    };
+    let Protocol::Tcp(port) = it.next()? else { return None };
+    it.next().is_none().then_some(std::net::SocketAddr::new(ip, port))
+}
+
+/// What went wrong binding `sa`, in words a user can act on.
+fn bind_reason(sa: &std::net::SocketAddr, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::AddrInUse => format!(
+            "port {} is already in use (another p2pml-node or program listens there); choose another --listen port, or /tcp/0 for any free one",
+            sa.port()
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "{e}: {} is not an address of this machine; use 0.0.0.0 (every interface) or one of its own addresses",
+            sa.ip()
+        ),
+        ErrorKind::PermissionDenied if sa.port() < 1024 => {
+            format!("{e}: ports below 1024 need privileges; use a port of 1024 or more")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Refuses a listen address whose port is taken, before libp2p listens on it.
+///
+/// libp2p-tcp sets `SO_REUSEPORT` on every listening socket (so that dials can
+/// leave from the listen port), and Linux lets a second socket with that
+/// option, of the same user, bind the same port: two nodes would then share one
+/// port and the kernel would split incoming connections between them. So the
+/// port is first bound by a plain socket (`SO_REUSEADDR`, as libp2p, so that
+/// connections in TIME_WAIT of an earlier run do not count; no `SO_REUSEPORT`):
+/// that bind fails if anything listens there (and says why an address is not
+/// usable, which libp2p's listen error does not). The probe is closed at once.
+fn check_listen_addr(addr: &Multiaddr) -> Result<(), NetError> {
+    let listen_err = |msg: String| NetError::Listen { addr: addr.clone(), msg };
+    let Some(sa) = tcp_socket_addr(addr) else {
+        return Err(listen_err(
+            "--listen takes /ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT (an IP address of this machine, no host name, no /p2p)".into(),
+        ));
+    };
+    // Port 0 too: the kernel picks a free port, but the address must be ours.
+    let probe = || -> std::io::Result<()> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(sa), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        if sa.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&sa.into())
+    };
+    probe().map_err(|e| listen_err(bind_reason(&sa, &e)))
+}
+
+/// Why `listen_on` failed: the OS error where there is one.
+fn listen_reason(addr: &Multiaddr, e: &libp2p::TransportError<std::io::Error>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(_) => {
+            "--listen takes /ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT".into()
+        }
+        libp2p::TransportError::Other(io) => {
+            // The transport's own error is boxed inside; find the OS error.
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(io);
+            while let Some(s) = src {
+                if let Some(os) = s.downcast_ref::<std::io::Error>() {
+                    if os.raw_os_error().is_some() {
+                        return match tcp_socket_addr(addr) {
+                            Some(sa) => bind_reason(&sa, os),
+                            None => os.to_string(),
+                        };
+                    }
+                }
+                src = s.source();
+            }
+            error_chain(io)
+        }
+    }
 }
 
 /// Builds the swarm, listens on `listen` and returns the client, the event
@@ -342,17 +474,20 @@ pub fn new(
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
+    // Every address is checked before any is listened on, so that a busy port
+    // fails the start and leaves nothing half open.
     for addr in listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen { addr: addr.clone(), msg: e.to_string() })?;
+        check_listen_addr(addr)?;
+    }
+    for addr in listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen { addr: addr.clone(), msg: listen_reason(addr, &e) })?;
     }
     let (tx, commands) = mpsc::channel(1024);
     let (events_tx, events) = mpsc::channel(4096);
     let (requests_tx, requests) = mpsc::channel(1024);
     let traffic = Arc::new(Traffic::default());
     let client = Client { tx, peer_id, traffic: traffic.clone() };
-    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic, blocked: Default::default() };
+    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic, blocked: Default::default(), refused_version: Default::default() };
     Ok((client, events, requests, el))
 }
 
@@ -479,6 +614,17 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 if info.protocol_version != PROTOCOL_VERSION {
+                    // Once per peer: it may well reconnect again and again.
+                    if self.refused_version.len() >= MAX_REFUSED_REMEMBERED {
+                        self.refused_version.clear();
+                    }
+                    if self.refused_version.insert(peer_id) {
+                        tracing::warn!(
+                            "refusing peer {peer_id}: its identify protocol version is {:?} (agent {:?}), this node speaks {PROTOCOL_VERSION:?}; disconnecting (run the same p2pml version on every peer)",
+                            info.protocol_version,
+                            info.agent_version
+                        );
+                    }
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
@@ -536,6 +682,13 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!("listening on {address}");
             }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!("listener: {}", error_chain(&error));
+            }
+            SwarmEvent::ListenerClosed { addresses, reason: Err(error), .. } => {
+                let addrs: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+                tracing::error!("stopped listening on {}: {}", addrs.join(", "), error_chain(&error));
+            }
             _ => {}
         }
     }
@@ -578,8 +731,21 @@ pub fn generate_swarm_key() -> std::io::Result<PreSharedKey> {
 pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<identity::Keypair> {
     if path.exists() {
         let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the node key {}: {e}", path.display()))?;
-        return identity::Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| anyhow::anyhow!("{} is not a libp2p key ({e}); move it away to start with a new identity", path.display()));
+        if bytes.is_empty() {
+            anyhow::bail!(
+                "the node key {} is empty (a write that did not finish?); delete it to start with a new identity (a new peer id)",
+                path.display()
+            );
+        }
+        // libp2p's own reason says little here (a damaged file reads as an
+        // unsupported key type, e.g. "cargo feature 'rsa' is not enabled").
+        return identity::Keypair::from_protobuf_encoding(&bytes).map_err(|_| {
+            anyhow::anyhow!(
+                "the node key {} is corrupt ({} bytes that are not a libp2p ed25519 key); delete it to start with a new identity (a new peer id)",
+                path.display(),
+                bytes.len()
+            )
+        });
     }
     let key = identity::Keypair::generate_ed25519();
     if let Some(dir) = path.parent() {

@@ -10,7 +10,7 @@ use crate::exec::{self, ExecConfig, ExecutorKind, LambdaExecutor, TaskPlan};
 use p2pml_proto::task::GradOutput;
 use p2pml_proto::{Aggregation, Attack};
 use crate::net::{self, Client, Event, InboundRequest};
-use crate::round::{Barrier, Change, RoundState};
+use crate::round::{Barrier, Change, RoundState, Stragglers};
 use crate::store::{chunks, SharedStore, StateBlob, Store};
 use anyhow::{anyhow, bail, Context};
 use libp2p::{Multiaddr, PeerId};
@@ -146,6 +146,35 @@ pub struct NodeReport {
     pub checkpoints: CheckpointStats,
     /// Worker (parameter-server mode): seconds spent retrying an unreachable server.
     pub server_unreachable_seconds: f64,
+    /// Who counted, and who did not: deadline closures, withholding demotions,
+    /// heartbeats of peers never admitted.
+    #[serde(flatten)]
+    pub admission: AdmissionReport,
+}
+
+/// What the straggler deadline and admission did in a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AdmissionReport {
+    /// Rounds this node closed on the straggler deadline, without every expected member.
+    pub deadline_rounds: Vec<u64>,
+    /// Members this node demoted for missing rounds in a row.
+    pub withholding_demotions: Vec<WithholdingDemotion>,
+    /// Peers that sent heartbeats but never completed an accepted Hello with this node.
+    pub unadmitted: Vec<Unadmitted>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WithholdingDemotion {
+    pub peer: String,
+    pub round: u64,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Unadmitted {
+    pub peer: String,
+    /// Heartbeats ignored.
+    pub heartbeats: u64,
 }
 
 /// The seed of a peer's stochastic rounding in a round: distinct per peer and
@@ -483,11 +512,115 @@ struct Node {
     ckpt: Arc<Checkpoints>,
     /// Why the last dial failed (said when no bootstrap peer can be reached).
     last_dial_error: Option<String>,
+    /// The straggler deadline and who keeps missing rounds.
+    stragglers: Stragglers<PeerId>,
+    /// Members demoted for withholding, with the epoch: not named for the next one.
+    withheld: HashMap<PeerId, u64>,
+    /// Deadline closures and withholding demotions, for the report.
+    admission: AdmissionReport,
+    /// Heartbeats ignored because their sender is not admitted, by sender.
+    unadmitted_heartbeats: BTreeMap<PeerId, u64>,
+    /// When we last sent each peer a Hello.
+    hello_sent: HashMap<PeerId, Instant>,
+    /// Wake the event loop at this instant (a deadline being waited on).
+    wake: Option<Instant>,
 }
 
 impl Node {
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
+    }
+
+    /// A peer counts (its heartbeats, readiness and announcements) once this node
+    /// holds an accepted Hello for it, in either direction: ours accepted by it, or
+    /// its own accepted by our responder. (The heartbeat-only rogue trusts everyone,
+    /// only to follow the run.)
+    fn is_admitted(&self, p: &PeerId) -> bool {
+        self.p2p.heartbeat_only || self.accepted.contains(p) || self.store.lock().expect("store lock").admitted.contains(p)
+    }
+
+    /// Sends `peer` our Hello (the run spec); the answer comes back through `hello_rx`.
+    fn send_hello(&mut self, peer: PeerId) {
+        if self.p2p.heartbeat_only {
+            return; // the outsider never asks to be admitted
+        }
+        self.hello_sent.insert(peer, Instant::now());
+        let (client, spec, tx) = (self.client.clone(), self.spec.clone(), self.hello_tx.clone());
+        tokio::spawn(async move {
+            let r = client.request(peer, Request::Hello { spec }).await.map_err(|e| e.to_string());
+            let _ = tx.send((peer, r)).await;
+        });
+    }
+
+    /// A heartbeat from a peer we have not admitted: ignored (it costs the sender
+    /// nothing more), counted for the report. If we are not connected to it we dial
+    /// it (a Hello follows the connection); if we are and our Hello got no answer,
+    /// we ask again, at most every 3 s.
+    async fn on_unadmitted_heartbeat(&mut self, author: PeerId, h: &Heartbeat) {
+        *self.unadmitted_heartbeats.entry(author).or_insert(0) += 1;
+        let now = Instant::now();
+        let refused = self.store.lock().expect("store lock").refused.contains(&author);
+        if refused {
+            return;
+        }
+        if !self.connected.contains(&author) {
+            if self.redialed.get(&author).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(2)) {
+                self.redialed.insert(author, now);
+                for a in h.addrs.iter().take(MAX_ADDRS_PER_PEER) {
+                    if let Ok(addr) = a.parse::<Multiaddr>() {
+                        let _ = self.client.dial(Some(author), addr).await;
+                    }
+                }
+            }
+        } else if self.hello_sent.get(&author).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(3)) {
+            self.send_hello(author);
+        }
+    }
+
+    /// Bookkeeping of a closed round: a full release feeds the deadline's median;
+    /// a deadline closure is counted, and members missing `demote_after` such
+    /// rounds in a row are demoted until the next epoch (not named for it).
+    fn close_round(&mut self, round: u64, epoch: u64, contributors: &[PeerId], missing: &[PeerId], deadline: Duration, took: Duration) {
+        if missing.is_empty() {
+            self.stragglers.observe(took.as_millis() as u64);
+            self.stragglers.closed(contributors, &[]);
+            return;
+        }
+        let names: Vec<String> = missing.iter().map(|p| p.to_string()).collect();
+        tracing::warn!(
+            "round {round}: closed on the straggler deadline ({} ms after a quorum) with {} contributors, without {}",
+            deadline.as_millis(),
+            contributors.len(),
+            names.join(", ")
+        );
+        // testnet reads this line.
+        println!("deadline round {round} missing {}", names.join(","));
+        self.admission.deadline_rounds.push(round);
+        if let Some(m) = crate::metrics::get() {
+            m.deadline_rounds.inc();
+        }
+        for p in self.stragglers.closed(contributors, missing) {
+            if !self.rs.demote(&p) {
+                continue;
+            }
+            self.withheld.insert(p, epoch);
+            let n = self.p2p.straggler.demote_after;
+            tracing::warn!("peer {p} missed {n} rounds in a row while alive: demoted until the next epoch, which it will not be named for");
+            let incarnation = self.rs.members().get(&p).map_or(0, |m| m.incarnation);
+            println!("member withholding {p} incarnation {incarnation}");
+            crate::metrics::membership_event("withholding");
+            self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: p.to_string(), event: "withholding".into(), incarnation });
+            self.admission.withholding_demotions.push(WithholdingDemotion { peer: p.to_string(), round, epoch });
+        }
+    }
+
+    /// The admission part of the report: peers that heartbeat and were never admitted.
+    fn unadmitted_report(&self) -> Vec<Unadmitted> {
+        self.unadmitted_heartbeats
+            .iter()
+            .filter(|(p, _)| !self.is_admitted(p))
+            .map(|(p, n)| Unadmitted { peer: p.to_string(), heartbeats: *n })
+            .collect()
     }
 
     fn control_topic(&self) -> String {
@@ -545,6 +678,12 @@ impl Node {
             self.next_heartbeat = Instant::now() + Duration::from_millis(self.p2p.heartbeat_ms);
             return;
         }
+        if self.p2p.heartbeat_only {
+            // The outsider claims the round the run is at, to look like a member.
+            let (round, epoch) = self.views.values().map(|v| (v.round, v.epoch)).max().unwrap_or((0, 0));
+            self.round = round;
+            self.epoch = epoch;
+        }
         if self.ready {
             self.recover_announcements();
         }
@@ -577,7 +716,7 @@ impl Node {
             contributed,
             addrs,
             finished: self.finished,
-            ready: self.ready,
+            ready: self.ready || self.p2p.heartbeat_only,
             active: self.rs.active_members().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
             boot: self.boot,
         };
@@ -656,6 +795,7 @@ impl Node {
     /// Handles one input: a network event, a finished fetch, a Hello answer or a timer.
     async fn pump(&mut self) -> anyhow::Result<()> {
         let sleep = tokio::time::sleep_until(self.next_heartbeat.into());
+        let wake = self.wake;
         tokio::select! {
             ev = self.events.recv() => match ev {
                 Some(ev) => self.on_event(ev).await,
@@ -668,11 +808,18 @@ impl Node {
                 // Signed by its author and well-formed: used like a gossiped one (a
                 // bad gradient in it is dropped at aggregation, on every peer alike).
                 let g = Gossip::Announce(a);
-                if g.validate(&self.run_id, self.round).is_ok() {
+                if g.validate(&self.run_id, self.round).is_ok() && self.is_admitted(&owner) {
                     self.on_gossip(owner, g).await;
                 }
             }
             _ = sleep => self.heartbeat().await,
+            // A deadline the caller waits on (nothing to do but return to it).
+            _ = async move {
+                match wake {
+                    Some(w) => tokio::time::sleep_until(w.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => self.wake = None,
         }
         Ok(())
     }
@@ -691,10 +838,13 @@ impl Node {
     async fn on_hello(&mut self, peer: PeerId, r: Result<Response, String>) -> anyhow::Result<()> {
         match r {
             Ok(Response::Hello { accepted: true, round, .. }) => {
-                self.accepted.insert(peer);
+                if self.accepted.insert(peer) {
+                    tracing::debug!("peer {peer} admitted (it accepted our Hello)");
+                }
                 self.hello_round = self.hello_round.max(round);
             }
             Ok(Response::Hello { accepted: false, reason, .. }) => {
+                self.accepted.remove(&peer);
                 let reason = reason.unwrap_or_default();
                 // Only the node that asked to join (through this bootstrap peer)
                 // gives up; a run's member just ignores a stranger.
@@ -723,11 +873,7 @@ impl Node {
             Event::Connected(peer) => {
                 self.connected.insert(peer);
                 self.rs.unsuspect(&peer);
-                let (client, spec, tx) = (self.client.clone(), self.spec.clone(), self.hello_tx.clone());
-                tokio::spawn(async move {
-                    let r = client.request(peer, Request::Hello { spec }).await.map_err(|e| e.to_string());
-                    let _ = tx.send((peer, r)).await;
-                });
+                self.send_hello(peer);
             }
             Event::Disconnected(peer) => {
                 self.connected.remove(&peer);
@@ -747,11 +893,21 @@ impl Node {
                     Gossip::decode_valid(&data, &self.run_id, self.round)
                 };
                 match msg {
-                    // Gradients come from members only (heartbeats make members): a
-                    // stranger's announcement is dropped unforwarded; one from a peer we
-                    // have not heard yet is fetched again once it is a member.
-                    Ok(Gossip::Announce(_)) if author != self.client.peer_id && !self.rs.members().contains_key(&author) => {
-                        tracing::debug!("ignored an announcement from non-member {author}");
+                    // Only admitted peers count (an accepted Hello, either way): an
+                    // outsider's heartbeat is dropped unforwarded and makes nobody a
+                    // member; its announcements are dropped too.
+                    Ok(Gossip::Heartbeat(h)) if author != self.client.peer_id && !self.is_admitted(&author) => {
+                        tracing::debug!("ignored a heartbeat from {author}: not admitted (no accepted Hello)");
+                        let _ = self.client.ignore(id, propagated_by).await;
+                        self.on_unadmitted_heartbeat(author, &h).await;
+                    }
+                    // Gradients come from admitted members only (heartbeats make
+                    // members): one from a peer we have not heard yet is fetched again
+                    // once it is a member.
+                    Ok(Gossip::Announce(_))
+                        if author != self.client.peer_id && (!self.is_admitted(&author) || !self.rs.members().contains_key(&author)) =>
+                    {
+                        tracing::debug!("ignored an announcement from {author}: not an admitted member");
                         let _ = self.client.ignore(id, propagated_by).await;
                     }
                     Ok(g) => {
@@ -1329,12 +1485,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let numel = model.numel();
     let max_samples = max_round_samples(&p2p, cfg.batch_size);
 
-    std::fs::create_dir_all(&p2p.state_dir)
-        .with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
+    // --state-dir and --report writable (a probe file), before any training.
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
     let started_unix_ms = unix_ms();
     // Checkpoints (and the incarnation counter) before the network: a restarted
     // node announces a higher incarnation from its first heartbeat.
-    let ckpt = Arc::new(Checkpoints::open(&p2p.state_dir, &run_id, p2p.checkpoint_keep)?);
+    let ckpt = Arc::new(Checkpoints::open_for(&p2p, &spec)?);
     let incarnation = ckpt.next_incarnation()?;
     let mut ckpt_stats = CheckpointStats::default();
     let mut model = model;
@@ -1343,7 +1499,13 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
     let Net { client, events, requests, me } = start_net(&p2p, &run_id).await?;
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
-    tokio::spawn(responder(client.clone(), store.clone(), spec.clone(), requests));
+    if p2p.heartbeat_only {
+        // The outsider answers nothing: requests are dropped unanswered.
+        let mut requests = requests;
+        tokio::spawn(async move { while requests.recv().await.is_some() {} });
+    } else {
+        tokio::spawn(responder(client.clone(), store.clone(), spec.clone(), requests));
+    }
 
     let (fetch_tx, fetch_rx) = mpsc::channel(256);
     let (hello_tx, hello_rx) = mpsc::channel(64);
@@ -1397,6 +1559,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         catch_up_failed: HashMap::new(),
         ckpt: ckpt.clone(),
         last_dial_error: None,
+        stragglers: Stragglers::new(p2p.straggler.factor, p2p.straggler.floor_ms, p2p.straggler.cap_ms, p2p.straggler.demote_after),
+        withheld: HashMap::new(),
+        admission: AdmissionReport::default(),
+        unadmitted_heartbeats: BTreeMap::new(),
+        hello_sent: HashMap::new(),
+        wake: None,
     };
     if let Some(r) = &restored {
         node.round = r.header.round + 1;
@@ -1414,7 +1582,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let deadline = Instant::now() + Duration::from_secs(30);
         let peers: Vec<PeerId> = bootstrap.iter().map(|(p, _)| *p).collect();
         // Any bootstrap peer will do, or a peer the checkpoint remembers.
-        while !node.accepted.iter().any(|p| peers.contains(p) || node.known.contains_key(p)) {
+        // (The heartbeat-only outsider only needs a connection.)
+        while !node.accepted.iter().any(|p| peers.contains(p) || node.known.contains_key(p)) && !(p2p.heartbeat_only && !node.connected.is_empty()) {
             if Instant::now() > deadline {
                 let why = node.last_dial_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
                 bail!(
@@ -1429,9 +1598,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    if p2p.garbage {
+    if p2p.garbage || p2p.heartbeat_only {
         return run_rogue(node, spec, device, report_path(&p2p)).await;
     }
+    let withhold = matches!(attack, Some(Attack::Withhold));
     let me_s = me.to_string();
     let mut lambda = match p2p.exec.executor {
         ExecutorKind::Local => None,
@@ -1555,6 +1725,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let old_epoch = sched.epoch;
             sched = Schedule::new(&cfg, &p2p, n_train, &val_all, old_epoch + 1, node.round, members, me)?;
             node.rs.set_epoch_members(sched.members.clone());
+            node.stragglers.new_epoch();
+            node.withheld.retain(|_, e| *e + 1 >= sched.epoch);
             node.epoch = sched.epoch;
                     if node.subscribed.insert(sched.epoch + 1) {
                 client.subscribe(&node.epoch_topic(sched.epoch + 1)).await?;
@@ -1568,13 +1740,16 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             continue;
         }
         let round = node.round;
+        let round_start = Instant::now();
         let epoch = sched.epoch;
         let k = round - sched.first_round;
         store.lock().expect("store lock").round = round;
         let mut st = StageTimes::default();
 
-        // A member trains unless it was demoted (it died or restarted during this epoch).
-        if sched.my_index.is_some() && node.rs.is_active(&me) {
+        // A member trains unless it was demoted (it died or restarted during this
+        // epoch, or kept missing rounds). A withholder (--byzantine withhold) stays
+        // alive and follows the rounds, but never computes or sends its gradient.
+        if sched.my_index.is_some() && node.rs.is_active(&me) && !withhold {
             let lo = (k as usize * bpr).min(sched.batches.len());
             let hi = ((k as usize + 1) * bpr).min(sched.batches.len());
             let batches = sched.batches[lo..hi].to_vec();
@@ -1672,17 +1847,37 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let contributors: Vec<(PeerId, u64)> = match p2p.sync {
             SyncMode::Sync => {
                 let mut released = None;
+                // The straggler deadline: once a quorum of the round's gradients is
+                // held, the missing members get this long; then the round closes on
+                // what arrived.
+                let deadline = Duration::from_millis(node.stragglers.deadline_ms());
+                let mut quorum_at: Option<Instant> = None;
                 node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
                     Barrier::Release(c) => {
-                        released = Some(c);
+                        released = Some((c, Vec::new()));
                         true
                     }
-                    // Peers two rounds ahead went on without us: we will not be waited for.
-                    _ => n.catch_up_source().is_some(),
+                    Barrier::Waiting(missing) => {
+                        if let Some(held) = n.rs.quorum_held(round) {
+                            let at = *quorum_at.get_or_insert_with(Instant::now);
+                            if at.elapsed() >= deadline {
+                                released = Some((held, missing));
+                                return true;
+                            }
+                            n.wake = Some(at + deadline);
+                        }
+                        // Peers two rounds ahead went on without us: we will not be waited for.
+                        n.catch_up_source().is_some()
+                    }
+                    Barrier::BelowMinPeers { .. } => n.catch_up_source().is_some(),
                 })
                 .await?;
+                node.wake = None;
                 match released {
-                    Some(r) => r.into_iter().map(|p| (p, round)).collect(),
+                    Some((c, missing)) => {
+                        node.close_round(round, epoch, &c, &missing, deadline, round_start.elapsed());
+                        c.into_iter().map(|p| (p, round)).collect()
+                    }
                     None => {
                         let Some(source) = node.catch_up_source() else { continue };
                         let their = node.views.get(&source).map_or(0, |v| v.round);
@@ -1798,6 +1993,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             members: sched.members.clone(),
             active: node.rs.active_members(),
             next: node.planned_next.clone().unwrap_or_default(),
+            withheld: node.withheld.iter().filter(|(_, e)| **e == epoch).map(|(p, _)| *p).collect(),
         };
         let keep_params = lambda.is_some();
         let (t_back, digest, state, params) = node
@@ -1952,9 +2148,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         membership_log: std::mem::take(&mut node.membership_log),
         checkpoints: ckpt_writer.finish(ckpt_stats),
         server_unreachable_seconds: 0.0,
+        admission: AdmissionReport { unadmitted: node.unadmitted_report(), ..std::mem::take(&mut node.admission) },
     };
     let path = report_path(&p2p);
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rounds {} test_acc {:.2}% digest {} report {}", report.rounds, 100.0 * report.final_test_accuracy, &report.final_digest[..16], path.display());
     Ok(report)
 }
@@ -1969,7 +2166,11 @@ pub(crate) fn report_path(p2p: &P2pConfig) -> std::path::PathBuf {
 /// the run's peers have finished or gone.
 async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std::path::PathBuf) -> anyhow::Result<NodeReport> {
     let wall = Instant::now();
-    tracing::warn!("rogue mode: publishing invalid messages until the run ends");
+    if node.p2p.heartbeat_only {
+        tracing::warn!("rogue mode: heartbeats without a Hello until the run ends");
+    } else {
+        tracing::warn!("rogue mode: publishing invalid messages until the run ends");
+    }
     let mut alone_since: Option<Instant> = None;
     node.wait_until("the run to end", |n| {
         let seen = !n.views.is_empty();
@@ -2014,8 +2215,9 @@ async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std
         membership_log: std::mem::take(&mut node.membership_log),
         checkpoints: CheckpointStats::default(),
         server_unreachable_seconds: 0.0,
+        admission: AdmissionReport::default(),
     };
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());
     Ok(report)
 }
@@ -2029,6 +2231,8 @@ pub(crate) struct EpochInfo {
     pub(crate) active: Vec<PeerId>,
     /// After the epoch's last round: the next epoch's members.
     pub(crate) next: Vec<PeerId>,
+    /// Members demoted for withholding in this epoch.
+    pub(crate) withheld: Vec<PeerId>,
 }
 
 pub(crate) fn ids(peers: &[PeerId]) -> Vec<serde_bytes::ByteBuf> {
@@ -2204,6 +2408,7 @@ pub(crate) fn state_blob(
         epoch_members: ids(&sched.members),
         active: ids(&sched.active),
         next_members: ids(&sched.next),
+        withheld: ids(&sched.withheld),
     };
     p2pml_proto::encode_state(&h, params, &opt)
 }
@@ -2279,7 +2484,7 @@ impl Node {
         self.rs
             .live()
             .into_iter()
-            .filter(|p| !self.rs.is_active(p) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
+            .filter(|p| !self.rs.is_active(p) && self.withheld.get(p) != Some(&self.epoch) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
             .collect()
     }
 
@@ -2369,6 +2574,11 @@ impl Node {
         let active = peer_ids(&h.active);
         let sched = Schedule::new(cfg, p2p, n_train, val_all, h.epoch, h.epoch_start, members.clone(), me)?;
         self.rs.set_epoch_members(sched.members.clone());
+        // Whoever the state says withheld in its epoch stays out of the next one.
+        for p in peer_ids(&h.withheld) {
+            self.withheld.insert(p, h.epoch);
+        }
+        self.stragglers.new_epoch();
         for p in &members {
             let mine = *p == me && !source_active.contains(&me);
             if !active.contains(p) || mine {
@@ -2477,6 +2687,9 @@ impl Node {
             }))
             .await??;
         conv.restore(h.plateau, h.stopping);
+        for p in peer_ids(&h.withheld) {
+            self.withheld.insert(p, h.epoch);
+        }
         self.last_digest = Some((round, digest));
         self.digests.entry(round).or_default().insert(self.client.peer_id, digest);
         self.store.lock().expect("store lock").set_state(StateBlob { round, epoch: h.epoch, bytes: Arc::new(bytes) });

@@ -412,8 +412,8 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let mut opt = Optimizer::new(cfg.optimizer);
     let numel = model.numel();
     let max_samples = max_round_samples(&p2p, cfg.batch_size);
-    std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
-    let ckpt = Arc::new(Checkpoints::open(&p2p.state_dir, &run_id, p2p.checkpoint_keep)?);
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
+    let ckpt = Arc::new(Checkpoints::open_for(&p2p, &spec)?);
     let incarnation = ckpt.next_incarnation()?;
     let started_unix_ms = unix_ms();
     let mut ckpt_stats = CheckpointStats::default();
@@ -600,7 +600,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         let lr = t.opt.lr();
         let (plateau, stopping) = conv.snapshot();
         let sched_info =
-            EpochInfo { first_round: sched.first_round, members: sched.members.clone(), active: s.rs.active_members(), next: Vec::new() };
+            EpochInfo { first_round: sched.first_round, members: sched.members.clone(), active: s.rs.active_members(), next: Vec::new(), withheld: Vec::new() };
         let (t_back, params, digest, state) = s
             .while_pumping(tokio::task::spawn_blocking(move || {
                 if total_samples > 0 {
@@ -718,6 +718,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         membership_log: std::mem::take(&mut s.membership_log),
         checkpoints: ckpt_writer.finish(ckpt_stats),
         server_unreachable_seconds: 0.0,
+        admission: Default::default(),
     };
     write_report(&p2p, &report)?;
     Ok(report)
@@ -725,7 +726,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
 
 fn write_report(p2p: &P2pConfig, report: &NodeReport) -> anyhow::Result<()> {
     let path = report_path(p2p);
-    std::fs::write(&path, serde_json::to_string_pretty(report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     println!(
         "done rounds {} test_acc {:.2}% digest {} report {}",
         report.rounds,
@@ -845,6 +846,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let Some(libp2p::multiaddr::Protocol::P2p(server)) = addr.iter().last() else {
         bail!("--ps {ps} must end in /p2p/<peer id> (the id the server prints at start)");
     };
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
@@ -1114,6 +1116,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         membership_log: Vec::new(),
         checkpoints: CheckpointStats::default(),
         server_unreachable_seconds: link.stalled,
+        admission: Default::default(),
     };
     write_report(&p2p, &report)?;
     Ok(report)

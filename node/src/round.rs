@@ -23,7 +23,7 @@
 //! higher incarnation is *demoted* for the rest of the epoch: it lost its place
 //! in the epoch's rounds, follows like a joiner and is named for the next epoch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Liveness of a member as this peer sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -323,6 +323,15 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
         Barrier::Release(contributors)
     }
 
+    /// The round's held contributors (sorted) when they are a quorum (at least
+    /// `min_peers`, and at least `min_peers` members alive): what a round closed on
+    /// its straggler deadline aggregates. `None` below the quorum.
+    pub fn quorum_held(&self, round: u64) -> Option<Vec<P>> {
+        let live = self.members.values().filter(|m| m.alive).count();
+        let held: Vec<P> = self.held.get(&round)?.iter().filter(|p| self.members.contains_key(*p)).cloned().collect();
+        (live >= self.min_peers && held.len() >= self.min_peers.max(1)).then_some(held)
+    }
+
     /// Forgets rounds before `round`.
     pub fn prune(&mut self, round: u64) {
         self.contributed = self.contributed.split_off(&round);
@@ -335,9 +344,133 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     }
 }
 
+/// The straggler deadline: how long a round waits for its missing members once
+/// a quorum of its gradients is held, and who keeps missing rounds.
+///
+/// The deadline is `factor` × the median duration of the last [`Stragglers::WINDOW`]
+/// rounds that released with every expected member (round start to release),
+/// clamped to `[floor_ms, cap_ms]`; before any round was observed it is the floor.
+/// A member missing from `demote_after` deadline-closed rounds in a row (no round
+/// it contributed to in between) is to be demoted until the next epoch.
+#[derive(Clone, Debug)]
+pub struct Stragglers<P: Ord + Clone> {
+    factor: f64,
+    floor_ms: u64,
+    cap_ms: u64,
+    demote_after: u32,
+    recent: VecDeque<u64>,
+    misses: BTreeMap<P, u32>,
+}
+
+impl<P: Ord + Clone> Stragglers<P> {
+    /// Full rounds the median is taken over.
+    pub const WINDOW: usize = 16;
+
+    pub fn new(factor: f64, floor_ms: u64, cap_ms: u64, demote_after: u32) -> Self {
+        Stragglers { factor, floor_ms, cap_ms: cap_ms.max(floor_ms), demote_after: demote_after.max(1), recent: VecDeque::new(), misses: BTreeMap::new() }
+    }
+
+    /// The current deadline (ms after the quorum was held).
+    pub fn deadline_ms(&self) -> u64 {
+        if self.recent.is_empty() {
+            return self.floor_ms;
+        }
+        let mut v: Vec<u64> = self.recent.iter().copied().collect();
+        v.sort_unstable();
+        let median = v[v.len() / 2] as f64;
+        ((self.factor * median).round() as u64).clamp(self.floor_ms, self.cap_ms)
+    }
+
+    /// A round that released with every expected member took `round_ms`.
+    pub fn observe(&mut self, round_ms: u64) {
+        if self.recent.len() == Self::WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(round_ms);
+    }
+
+    /// A round closed on `contributors`; `missing` were expected and not held
+    /// (empty for a full release). Returns the members that missed
+    /// `demote_after` rounds in a row (their count starts again).
+    pub fn closed(&mut self, contributors: &[P], missing: &[P]) -> Vec<P> {
+        for c in contributors {
+            self.misses.remove(c);
+        }
+        let mut demote = Vec::new();
+        for m in missing {
+            let n = self.misses.entry(m.clone()).or_insert(0);
+            *n += 1;
+            if *n >= self.demote_after {
+                self.misses.remove(m);
+                demote.push(m.clone());
+            }
+        }
+        demote
+    }
+
+    /// Consecutive rounds `p` has missed.
+    pub fn misses(&self, p: &P) -> u32 {
+        self.misses.get(p).copied().unwrap_or(0)
+    }
+
+    /// A new epoch: everyone starts with a clean record.
+    pub fn new_epoch(&mut self) {
+        self.misses.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deadline_follows_the_median_full_round_within_floor_and_cap() {
+        let mut s: Stragglers<u32> = Stragglers::new(4.0, 1000, 10_000, 3);
+        assert_eq!(s.deadline_ms(), 1000, "nothing observed yet: the floor");
+        for ms in [100, 120, 5000, 110, 130] {
+            s.observe(ms); // one slow round does not move the median
+        }
+        assert_eq!(s.deadline_ms(), 1000, "4 x 120 ms is under the floor");
+        for _ in 0..Stragglers::<u32>::WINDOW {
+            s.observe(900);
+        }
+        assert_eq!(s.deadline_ms(), 3600, "only the last rounds count");
+        for _ in 0..Stragglers::<u32>::WINDOW {
+            s.observe(60_000);
+        }
+        assert_eq!(s.deadline_ms(), 10_000, "capped");
+    }
+
+    #[test]
+    fn a_member_missing_k_rounds_in_a_row_is_demoted_and_a_contribution_resets_the_count() {
+        let mut s: Stragglers<u32> = Stragglers::new(4.0, 1000, 10_000, 3);
+        assert!(s.closed(&[0, 1, 2], &[3]).is_empty());
+        assert!(s.closed(&[0, 1, 2], &[3]).is_empty());
+        assert!(s.closed(&[0, 1, 2, 3], &[]).is_empty(), "it contributed: the count starts again");
+        assert_eq!(s.misses(&3), 0);
+        assert!(s.closed(&[0, 1, 2], &[3]).is_empty());
+        assert!(s.closed(&[0, 1, 2], &[3]).is_empty());
+        assert_eq!(s.closed(&[0, 1, 2], &[3]), vec![3]);
+        assert_eq!(s.misses(&3), 0);
+        s.closed(&[0, 1], &[2]);
+        s.new_epoch();
+        assert_eq!(s.misses(&2), 0);
+    }
+
+    #[test]
+    fn a_quorum_of_held_gradients_closes_a_round_without_the_withholder() {
+        let mut s = state(); // min_peers 3, members 0..4
+        s.set_epoch_members([0, 1, 2, 3]);
+        s.hold(4, 0);
+        s.hold(4, 1);
+        assert_eq!(s.quorum_held(4), None, "two of the three needed");
+        s.hold(4, 2);
+        assert_eq!(s.barrier(4), Barrier::Waiting(vec![3]), "the barrier itself still waits for the live member");
+        assert_eq!(s.quorum_held(4), Some(vec![0, 1, 2]));
+        s.declare_dead(&1);
+        s.declare_dead(&2);
+        assert_eq!(s.quorum_held(4), None, "below min_peers live: no quorum whatever is held");
+    }
 
     fn state() -> RoundState<u32> {
         let mut s = RoundState::new(0, 1, 3, 2000);

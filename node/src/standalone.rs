@@ -42,8 +42,7 @@ pub fn run(cfg: &TrainConfig, out: Option<&Path>, progress: bool) -> anyhow::Res
     }
     let device = cfg.device.resolve()?;
     if let Some(out) = out {
-        std::fs::create_dir_all(out)
-            .map_err(|e| anyhow::anyhow!("cannot create output directory {}: {e}", out.display()))?;
+        crate::fsutil::check_writable(out, "--out").map_err(anyhow::Error::msg)?;
     }
     let ds = cfg.load_dataset()?;
     let partition = Partition::new(ds.train.len(), cfg.val_size, 1, cfg.seed)?;
@@ -122,7 +121,7 @@ pub fn run(cfg: &TrainConfig, out: Option<&Path>, progress: bool) -> anyhow::Res
         let path = out.join("model.safetensors");
         export::save(&model, &ExportMeta::new(cfg.model, cfg.dataset, cfg.normalization), &path)?;
         let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(out.join("report.json"), json)
+        crate::fsutil::write_atomic(&out.join("report.json"), json.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.join("report.json").display()))?;
         eprintln!("wrote {} and {}", path.display(), out.join("report.json").display());
     }

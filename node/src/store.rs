@@ -29,6 +29,9 @@ pub struct Store {
     pub round: u64,
     /// Peers whose Hello was refused: their gossip is rejected.
     pub refused: HashSet<PeerId>,
+    /// Peers whose Hello we accepted (the inbound half of admission; the node
+    /// holds the outbound half, the Hellos it sent that were accepted).
+    pub admitted: HashSet<PeerId>,
 }
 
 pub type SharedStore = Arc<Mutex<Store>>;
@@ -75,9 +78,11 @@ impl Store {
             Request::Hello { spec: theirs } => {
                 if theirs == *spec {
                     self.refused.remove(&peer);
+                    self.admitted.insert(peer);
                     Response::Hello { accepted: true, reason: None, round: self.round }
                 } else {
                     self.refused.insert(peer);
+                    self.admitted.remove(&peer);
                     let diff = spec.differences(&theirs).join(", ");
                     Response::Hello {
                         accepted: false,

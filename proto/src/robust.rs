@@ -186,6 +186,9 @@ pub enum Attack {
     Constant { c: f32 },
     /// Sends a payload that decodes to NaN (validation must refuse it).
     Nan,
+    /// Stays alive (heartbeats, follows the rounds) but never sends its gradient:
+    /// the straggler deadline must close the round without it.
+    Withhold,
 }
 
 impl fmt::Display for Attack {
@@ -195,6 +198,7 @@ impl fmt::Display for Attack {
             Attack::Gaussian { sigma } => write!(f, "gaussian:{sigma}"),
             Attack::Constant { c } => write!(f, "constant:{c}"),
             Attack::Nan => f.write_str("nan"),
+            Attack::Withhold => f.write_str("withhold"),
         }
     }
 }
@@ -202,12 +206,14 @@ impl fmt::Display for Attack {
 impl FromStr for Attack {
     type Err = RobustError;
     /// `sign-flip:K` (also `sign-flipxK` and `sign-flip×K`), `gaussian:SIGMA`,
-    /// `constant:C`, `nan`; every number finite.
+    /// `constant:C`, `nan`, `withhold`; every number finite.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || RobustError::Attack(s.to_string());
         let lower = s.trim().to_ascii_lowercase();
-        if lower == "nan" {
-            return Ok(Attack::Nan);
+        match lower.as_str() {
+            "nan" => return Ok(Attack::Nan),
+            "withhold" => return Ok(Attack::Withhold),
+            _ => {}
         }
         let (name, arg) = if let Some(rest) = lower.strip_prefix("sign-flip") {
             ("sign-flip", rest.trim_start_matches([':', 'x', '×']))
@@ -243,7 +249,7 @@ impl Attack {
                     *x = sigma * s * standard_normal(&mut rng);
                 }
             }
-            Attack::Nan => {}
+            Attack::Nan | Attack::Withhold => {}
         }
     }
 

@@ -27,6 +27,9 @@ pub struct StateHeader {
     /// After the epoch's last round: the next epoch's members (else empty).
     #[serde(default)]
     pub next_members: Vec<serde_bytes::ByteBuf>,
+    /// Members demoted for withholding in this epoch: not named for the next one.
+    #[serde(default)]
+    pub withheld: Vec<serde_bytes::ByteBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -87,7 +90,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_corruption() {
-        let h = StateHeader { round: 9, epoch: 1, lr: 0.01, opt_steps: 10, numel: 3, opt_vectors: 1, plateau: (0.5, 1), stopping: (0.4, 0), epoch_start: 6, epoch_members: vec![serde_bytes::ByteBuf::from(vec![1, 2])], active: vec![], next_members: vec![] };
+        let h = StateHeader { round: 9, epoch: 1, lr: 0.01, opt_steps: 10, numel: 3, opt_vectors: 1, plateau: (0.5, 1), stopping: (0.4, 0), epoch_start: 6, epoch_members: vec![serde_bytes::ByteBuf::from(vec![1, 2])], active: vec![], next_members: vec![], withheld: vec![] };
         let bytes = encode_state(&h, &[1.0, 2.0, 3.0], &[vec![0.1, 0.2, 0.3]]);
         let (h2, p, o) = decode_state(&bytes, 3).unwrap();
         assert_eq!((h2, p, o), (h.clone(), vec![1.0, 2.0, 3.0], vec![vec![0.1, 0.2, 0.3]]));

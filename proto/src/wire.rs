@@ -57,6 +57,10 @@ pub struct RunSpec {
     /// `mean` when a peer of an older version leaves it out.
     #[serde(default = "mean")]
     pub aggregation: String,
+    /// The straggler deadline's settings, canonical (`factor=4,floor_ms=3000,...`);
+    /// empty when a peer of an older version leaves it out.
+    #[serde(default)]
+    pub straggler: String,
 }
 
 fn mean() -> String {
@@ -110,6 +114,7 @@ fn serde_json_like(s: &RunSpec) -> Vec<(&'static str, String)> {
         ("sync", format!("{:?}", s.sync)),
         ("failure_timeout_ms", s.failure_timeout_ms.to_string()),
         ("aggregation", s.aggregation.clone()),
+        ("straggler", s.straggler.clone()),
     ]
 }
 
@@ -384,6 +389,7 @@ mod tests {
             sync: SyncMode::Sync,
             failure_timeout_ms: 2000,
             aggregation: "mean".into(),
+            straggler: String::new(),
         }
     }
 

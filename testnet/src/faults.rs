@@ -39,11 +39,11 @@ fn parse_at(s: &str) -> Result<At, String> {
         Some(rest) => (true, rest),
         None => (false, s),
     };
-    let secs: f64 =
-        rest.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is neither seconds (12.5), a round (r5) nor seconds after the kill (+10)"))?;
-    if !(secs >= 0.0 && secs.is_finite()) {
-        return Err(format!("'{s}': seconds must be 0 or more"));
+    let num = rest.strip_suffix('s').unwrap_or(rest);
+    if num.parse::<f64>().is_err() {
+        return Err(format!("'{s}' is neither seconds (12.5), a round (r5) nor seconds after the kill (+10)"));
     }
+    let secs = crate::units::parse_secs("the time", rest, crate::units::Zero::Allowed)?;
     Ok(if after_kill { At::AfterKill(secs) } else { At::Secs(secs) })
 }
 
@@ -100,7 +100,8 @@ pub(crate) fn parse_partition(s: &str, peers: Nodes) -> Result<Vec<Scheduled>, S
     let (sides, when) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
     let (t, dur) = when.split_once('+').ok_or_else(|| format!("{flag} {s}: expected A,B|C,D@T+SECONDS"))?;
     let at = parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?;
-    let secs: f64 = dur.trim_end_matches('s').parse().map_err(|_| format!("{flag} {s}: '{dur}' is not a duration in seconds"))?;
+    // A partition heals: its duration is more than 0 seconds and finite.
+    let secs = crate::units::parse_secs(&format!("{flag} {s}: the duration"), dur, crate::units::Zero::Refused)?;
     let sides: Vec<Vec<usize>> = sides
         .split('|')
         .map(|side| side.split(',').map(|p| peer(p, peers, flag)).collect::<Result<Vec<_>, _>>())
@@ -321,6 +322,13 @@ mod tests {
         assert_eq!(p[0].action, Action::Partition { sides: vec![vec![0, 1], vec![2, 3]], secs: 30.0 });
         assert!(parse_partition("0,1|1,2@3+4", N4).unwrap_err().contains("two sides"));
         assert!(parse_partition("0,1@3+4", N4).unwrap_err().contains("two or more"));
+        for bad in ["0|1@r2+nan", "0|1@r2+-5", "0|1@r2+inf", "0|1@r2+0", "0|1@r2+1e30", "0|1@inf+5", "0|1@-1+5"] {
+            let e = parse_partition(bad, N4).unwrap_err();
+            assert!(e.starts_with(&format!("--partition {bad}: ")), "{e}");
+        }
+        for bad in ["1@inf", "1@nan", "1@1e30", "1@+inf", "1@-3"] {
+            assert!(parse_peer_at(bad, N4, "--kill").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,10 +15,13 @@ mod promcfg;
 mod report;
 mod s3;
 mod tier;
+mod units;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -52,15 +55,20 @@ struct RunArgs {
     #[arg(long, default_value_t = 4)]
     peers: usize,
     /// Output directory: report.json, and nodes/<i>/ with each node's logs and state.
+    /// It must be empty or absent (an earlier run's output is kept) unless --force.
     #[arg(long, default_value = "out/testnet")]
     out: PathBuf,
+    /// Replace what is in a non-empty --out (an earlier run's logs, keys,
+    /// checkpoints and reports: everything in it is deleted first).
+    #[arg(long)]
+    force: bool,
     /// The p2pml-node binary [default: next to this testnet binary].
     #[arg(long)]
     node_bin: Option<PathBuf>,
     /// libtorch threads per node [default: cores / peers, at least 1].
     #[arg(long)]
     threads_per_node: Option<usize>,
-    /// Give up (and kill the nodes) after this many seconds.
+    /// Give up (and stop the nodes) after this many seconds (1 to 2592000, 30 days).
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
     /// Extra arguments for one peer: "INDEX=ARGS" (split on spaces), repeatable,
@@ -79,8 +87,15 @@ struct RunArgs {
     /// from peer 0 (strict signing must refuse them).
     #[arg(long)]
     rogue_forge: bool,
+    /// The rogues instead publish validly signed heartbeats (ready: true) but never
+    /// send or answer a Hello (p2pml-node --fault-heartbeat-only): the peers must
+    /// never admit them; the report names them.
+    #[arg(long)]
+    rogue_heartbeat: bool,
     /// Make peer PEER byzantine: it trains, but sends MODE instead of its
-    /// gradient: sign-flip:K (also sign-flipxK), gaussian:SIGMA, constant:C or nan.
+    /// gradient: sign-flip:K (also sign-flipxK), gaussian:SIGMA, constant:C, nan,
+    /// or withhold (it stays alive and heartbeats but never sends its gradient:
+    /// the straggler deadline closes its rounds and it is demoted).
     /// Repeatable. Pair it with `-- --aggregation median|trimmed-mean:B|krum:F`.
     #[arg(long, value_name = "PEER:MODE")]
     byzantine: Vec<String>,
@@ -138,7 +153,8 @@ struct RunArgs {
     /// The Prometheus binary for --prometheus.
     #[arg(long, default_value = "prometheus")]
     prometheus_bin: PathBuf,
-    /// Keep Prometheus (and its data) up this many seconds after the run, to look around.
+    /// Keep Prometheus (and its data) up this many seconds after the run, to look around
+    /// (a signal ends it early).
     #[arg(long, default_value_t = 0.0)]
     prometheus_linger: f64,
     /// Draw random kills among this many slots (`testnet compare` pairs the two
@@ -175,14 +191,34 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Cmd::Run(a) => rt.block_on(run(a)),
         Cmd::Compare(a) => rt.block_on(compare_modes(a)),
-        Cmd::S3(a) => rt.block_on(s3::run(a)).map(|()| true),
+        Cmd::S3(a) => rt.block_on(s3::run(a)).map(|()| Outcome::Ok),
     };
     match r {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(3),
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(3),
+        // As a shell reports a process that SIGINT ended.
+        Ok(Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How a command ended: exit 0, 3 (the run had problems), 130 (interrupted).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Ok,
+    Problems,
+    Interrupted,
+}
+
+impl Outcome {
+    fn of(r: &report::Report) -> Outcome {
+        match (r.interrupted, r.ok) {
+            (true, _) => Outcome::Interrupted,
+            (false, true) => Outcome::Ok,
+            (false, false) => Outcome::Problems,
         }
     }
 }
@@ -212,36 +248,83 @@ enum NodeLine {
     Epoch(u64, f64),
     Died(usize, String),
     Ready(usize),
-    /// Node, generation (its start count), exit code.
-    Exited(usize, u32, Option<i32>),
+}
+
+/// A node process ended (sent by its supervisor).
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    node: usize,
+    /// Its start count: an exit of an earlier life is old news.
+    generation: u32,
+    code: Option<i32>,
+    /// The signal that ended it, if one did.
+    signal: Option<i32>,
+}
+
+impl Exit {
+    fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "exit status unknown".into(),
+        }
+    }
 }
 
 struct NodeProc {
     child: Child,
+    /// The length of its stderr log before it started: this life's part starts there.
+    stderr_from: u64,
 }
 
 /// What the supervisor of a node process can be told.
 enum Ctl {
+    /// SIGKILL now (a fault of the schedule).
     Kill,
     /// A line for the node's stdin (its control commands).
     Line(String),
-    /// The run is over: let it finish, then stop it.
+    /// The run is over: let it finish (STOP_WAIT), then terminate it.
     Stop,
+    /// The run was cut short: SIGTERM, then SIGKILL after TERM_GRACE.
+    Terminate,
 }
 
-/// Owns a node process: waits for its exit, kills it when told or at the deadline.
-fn supervise(i: usize, generation: u32, p: NodeProc, deadline: Instant, tx: mpsc::Sender<NodeLine>) -> mpsc::Sender<Ctl> {
+/// How long a node may take to finish by itself once the run is over.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a node may take to exit after SIGTERM before it gets SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM, a bounded wait, then SIGKILL. The node's status if it exited by itself.
+async fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    // (tokio sends only SIGKILL; `kill` is in every base system.)
+    if let Some(pid) = child.id() {
+        let sent = Command::new("kill")
+            .args(["-s", "TERM", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if sent {
+            if let Ok(s) = tokio::time::timeout(TERM_GRACE, child.wait()).await {
+                return s.ok();
+            }
+        }
+    }
+    let _ = child.kill().await;
+    None
+}
+
+/// Owns a node process: waits for its exit, stops it when told, reports the exit.
+fn supervise(i: usize, generation: u32, p: NodeProc, tx: mpsc::Sender<Exit>) -> mpsc::Sender<Ctl> {
     let (ctl_tx, mut ctl) = mpsc::channel::<Ctl>(16);
     let mut child = p.child;
     let mut stdin = child.stdin.take();
     tokio::spawn(async move {
         let status = loop {
             tokio::select! {
-                s = child.wait() => break s.ok().and_then(|s| s.code()),
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    let _ = child.kill().await;
-                    break None;
-                }
+                s = child.wait() => break s.ok(),
                 c = ctl.recv() => match c {
                     Some(Ctl::Kill) => {
                         let _ = child.kill().await; // SIGKILL
@@ -253,20 +336,20 @@ fn supervise(i: usize, generation: u32, p: NodeProc, deadline: Instant, tx: mpsc
                             let _ = w.flush().await;
                         }
                     }
-                    Some(Ctl::Stop) | None => {
+                    Some(Ctl::Stop) => {
                         // Give it a moment to notice the end of the run and write its report.
-                        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                            Ok(s) => break s.ok().and_then(|s| s.code()),
-                            Err(_) => {
-                                let _ = child.kill().await;
-                                break None;
-                            }
+                        match tokio::time::timeout(STOP_WAIT, child.wait()).await {
+                            Ok(s) => break s.ok(),
+                            Err(_) => break terminate(&mut child).await,
                         }
                     }
+                    // Cut short, or testnet itself is going away.
+                    Some(Ctl::Terminate) | None => break terminate(&mut child).await,
                 },
             }
         };
-        let _ = tx.send(NodeLine::Exited(i, generation, status)).await;
+        let (code, signal) = (status.and_then(|s| s.code()), status.and_then(|s| s.signal()));
+        let _ = tx.send(Exit { node: i, generation, code, signal }).await;
     });
     ctl_tx
 }
@@ -282,6 +365,7 @@ async fn spawn_node(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // Appended: a revived node keeps its earlier lives' logs.
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?;
+    let stderr_from = stderr.metadata().map_or(0, |m| m.len());
     let control = args.iter().any(|a| a == "--control-stdin");
     let mut child = Command::new(bin)
         .args(args)
@@ -293,6 +377,9 @@ async fn spawn_node(
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        // Its own process group: a Ctrl-C in the terminal reaches testnet only,
+        // which then stops the nodes in order (SIGTERM, then SIGKILL).
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
@@ -331,21 +418,20 @@ async fn spawn_node(
         }
         let _ = log.flush().await;
     });
-    Ok(NodeProc { child })
+    Ok(NodeProc { child, stderr_from })
 }
 
-async fn run(a: RunArgs) -> anyhow::Result<bool> {
+async fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     let report = run_report(a).await?;
-    Ok(report.ok)
+    Ok(Outcome::of(&report))
 }
 
 /// `testnet compare`: P2P first, then the parameter server, same schedule.
-async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
+async fn compare_modes(c: CompareArgs) -> anyhow::Result<Outcome> {
     if !(c.target_accuracy > 0.0 && c.target_accuracy <= 1.0) {
         bail!("--target-accuracy must be a fraction in (0, 1], e.g. 0.7");
     }
     let out = c.run.out.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     // `ps` names the server; the P2P run loses peer 0 in its place.
     let side = |s: &str| s.split(',').map(|p| if p.trim() == "ps" { "0" } else { p }).collect::<Vec<_>>().join(",");
     let mut p2p = c.run.clone();
@@ -376,32 +462,65 @@ async fn compare_modes(c: CompareArgs) -> anyhow::Result<bool> {
     let (r1, r2) = if c.from_reports {
         (load(&p2p.out)?, load(&ps.out)?)
     } else {
+        // Both runs' arguments and output directories are checked before either starts.
+        plan(&p2p)?;
+        plan(&ps)?;
+        check_out(&p2p.out, c.run.force)?;
+        check_out(&ps.out, c.run.force)?;
         eprintln!("== P2P: {} peers", c.run.peers);
         let r1 = run_report(p2p).await?;
+        if r1.interrupted {
+            return Ok(Outcome::Interrupted);
+        }
         eprintln!("== parameter server: 1 server, {} workers", c.run.peers);
         (r1, run_report(ps).await?)
     };
+    if r2.interrupted {
+        return Ok(Outcome::Interrupted);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let cmp = compare::compare(c.run.peers, c.target_accuracy, &c.run.node_args, &r1, &r2);
     // The command that ran the experiment (a rebuild from its reports names it too).
     let command = std::env::args().filter(|a| a != "--from-reports").collect::<Vec<_>>().join(" ");
     compare::write(&out, &cmp, &command, &r1, &r2)?;
     println!("{}", compare::markdown(&cmp, &command));
     eprintln!("comparison: {}", out.join("compare.md").display());
-    Ok(r1.ok && r2.ok)
+    Ok(if r1.ok && r2.ok { Outcome::Ok } else { Outcome::Problems })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGINT, SIGTERM and SIGHUP, watched from the start of a run: one that comes
+/// while nobody waits is kept for the next `recv`.
+struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Resolves when one of them arrives.
+    async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            let got = match s {
+                Some(s) => s.recv().await.is_some(),
+                None => false,
+            };
+            if !got {
+                std::future::pending::<()>().await;
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = one(&mut self.int) => {}
+            _ = one(&mut self.term) => {}
+            _ = one(&mut self.hup) => {}
         }
     }
 }
@@ -413,8 +532,26 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Runs the testnet and returns its report (also written to OUT/report.json).
-async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
+/// Everything `testnet run` derives from its arguments, checked before anything
+/// touches the disk.
+struct Plan {
+    n_nodes: usize,
+    /// The parameter server's index (--role ps): the last node.
+    server: Option<usize>,
+    bin: PathBuf,
+    threads: usize,
+    schedule: Vec<(faults::Scheduled, String)>,
+    /// Seconds after the first node that each peer starts (--start-delay).
+    delays: Vec<f64>,
+    /// Each node's own arguments (--peer-args, --byzantine).
+    extra: Vec<Vec<String>>,
+}
+
+/// Checks every argument of a run (flags, durations, the fault schedule, the
+/// per-peer arguments) and resolves the node binary. Touches no file.
+fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
+    use units::{check_secs, parse_secs, Zero};
+    let bad = |e: String| anyhow::anyhow!(e);
     if a.peers == 0 {
         bail!("--peers must be at least 1");
     }
@@ -422,31 +559,36 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     if a.rogue_forge && a.rogues == 0 {
         bail!("--rogue-forge needs --rogues N");
     }
+    if a.rogue_heartbeat && a.rogues == 0 {
+        bail!("--rogue-heartbeat needs --rogues N");
+    }
+    if a.rogue_heartbeat && a.rogue_forge {
+        bail!("--rogue-heartbeat and --rogue-forge are two kinds of rogue: give one");
+    }
     if ps && a.rogues > 0 {
         bail!("--rogues is for --role p2p (rogues attack the gossip layer)");
     }
+    // Every duration: finite, in range (an Instant plus it cannot overflow).
+    if a.timeout == 0 || a.timeout > units::MAX_SECS as u64 {
+        bail!("--timeout {}: give seconds from 1 up to {} (30 days)", a.timeout, units::MAX_SECS);
+    }
+    check_secs("--prometheus-linger", a.prometheus_linger, Zero::Allowed).map_err(bad)?;
+    check_secs("--fn-timeout-s", a.fn_timeout_s, Zero::Refused).map_err(bad)?;
+    check_secs("--interval", a.interval, Zero::Refused).map_err(bad)?;
+    if let Some(d) = a.down {
+        check_secs("--down", d, Zero::Allowed).map_err(bad)?;
+    }
+    if a.threads_per_node == Some(0) {
+        bail!("--threads-per-node must be at least 1");
+    }
+    if a.fn_concurrency == Some(0) {
+        bail!("--fn-concurrency must be at least 1");
+    }
     let nodes = faults::Nodes { peers: a.peers, server: ps };
     let n_nodes = nodes.count();
-    // In PS mode the server is the last node.
     let server = ps.then_some(a.peers);
-    let bin = node_bin(&a.node_bin)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The same threads per peer and per worker (the server computes no gradients).
-    let threads = a.threads_per_node.unwrap_or((cores / a.peers).max(1));
-    if a.out.join("nodes").exists() {
-        std::fs::remove_dir_all(a.out.join("nodes")).with_context(|| format!("cannot clear {}", a.out.display()))?;
-    }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    let mut args: Vec<String> = vec![
-        "--peers".into(),
-        a.peers.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
-    args.extend(a.node_args.iter().cloned());
     // The fault schedule.
     let mut schedule: Vec<(faults::Scheduled, String)> = Vec::new();
-    let bad = |e: String| anyhow::anyhow!(e);
     for k in &a.kill {
         let (peer, at) = faults::parse_peer_at(k, nodes, "--kill").map_err(bad)?;
         if matches!(at, faults::At::AfterKill(_)) {
@@ -459,9 +601,6 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         schedule.push((faults::Scheduled { at, action: faults::Action::Revive { peer } }, format!("revive {k}")));
     }
     if a.random_kills > 0 {
-        if a.interval.is_nan() || a.interval <= 0.0 {
-            bail!("--interval must be more than 0 seconds");
-        }
         let down = a.down.unwrap_or(a.interval / 2.0);
         let slots = a.random_kill_slots.unwrap_or(n_nodes);
         for mut ev in faults::random_kills(a.random_kills, a.interval, down, slots, a.fault_seed) {
@@ -484,6 +623,146 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             schedule.push((ev, format!("partition {p}")));
         }
     }
+    let mut extra: Vec<Vec<String>> = vec![Vec::new(); n_nodes];
+    for pa in &a.peer_args {
+        let Some((i, rest)) = pa.split_once('=') else { bail!("--peer-args {pa}: expected INDEX=ARGS") };
+        let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--peer-args {pa}: {i} is not a peer index"))?;
+        if i >= a.peers {
+            bail!("--peer-args {pa}: peer {i} does not exist (--peers {})", a.peers);
+        }
+        // (the server takes no --peer-args)
+        extra[i].extend(rest.split_whitespace().map(String::from));
+    }
+    let mut byzantine = std::collections::BTreeSet::new();
+    for b in &a.byzantine {
+        let (i, mode) = parse_byzantine(b, a.peers)?;
+        if !byzantine.insert(i) {
+            bail!("--byzantine {b}: peer {i} is named twice; give each byzantine peer one mode");
+        }
+        extra[i].extend(["--byzantine".to_string(), mode]);
+    }
+    let mut delays = vec![0f64; a.peers];
+    for d in &a.start_delay {
+        let expected = || anyhow::anyhow!("--start-delay {d}: expected INDEX=SECONDS with 0 < INDEX < --peers");
+        let (i, secs) = d.split_once('=').ok_or_else(expected)?;
+        let i = i.trim().parse::<usize>().ok().filter(|i| *i > 0 && *i < a.peers).ok_or_else(expected)?;
+        delays[i] = parse_secs(&format!("--start-delay {d}"), secs, Zero::Allowed).map_err(bad)?;
+    }
+    let bin = node_bin(&a.node_bin)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The same threads per peer and per worker (the server computes no gradients).
+    let threads = a.threads_per_node.unwrap_or((cores / a.peers).max(1));
+    Ok(Plan { n_nodes, server, bin, threads, schedule, delays, extra })
+}
+
+/// Refuses a non-empty `--out` unless `--force`: an earlier run's logs, keys,
+/// checkpoints and reports are not deleted without being asked. Touches nothing.
+fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
+    match std::fs::read_dir(out) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !force {
+                bail!("--out {} is not empty (an earlier run?): pass --force to replace its contents, or give another --out", out.display());
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => bail!("--out {}: {e}", out.display()),
+    }
+}
+
+/// `check_out`, then (with --force) empties `--out`, and creates it.
+fn prepare_out(out: &Path, force: bool) -> anyhow::Result<()> {
+    check_out(out, force)?;
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries {
+            let e = e.with_context(|| format!("cannot list {}", out.display()))?;
+            let path = e.path();
+            let removed = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            removed.with_context(|| format!("--force: cannot remove {}", path.display()))?;
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
+}
+
+/// Why a run ended before its nodes finished it.
+#[derive(Debug, Clone, PartialEq)]
+enum Cut {
+    Timeout,
+    /// SIGINT, SIGTERM or SIGHUP.
+    Interrupted,
+    /// A node exited by itself with an error: the problem, quoting its error line.
+    NodeFailed(String),
+}
+
+/// The node processes as the run loop knows them.
+struct NodeStates {
+    /// The peers (or workers) 0..peers; the server, if any, is `peers`.
+    peers: usize,
+    server: Option<usize>,
+    running: Vec<bool>,
+    exits: Vec<Option<Option<i32>>>,
+    generation: Vec<u32>,
+    /// Killed by the fault schedule (and not revived since).
+    killed: Vec<bool>,
+    stderr_from: Vec<u64>,
+}
+
+impl NodeStates {
+    /// The run's own end: the server finished, or (P2P) a peer finished.
+    fn run_over(&self) -> bool {
+        match self.server {
+            Some(s) => self.exits[s] == Some(Some(0)),
+            None => (0..self.peers).any(|i| self.exits[i] == Some(Some(0))),
+        }
+    }
+
+    fn started(&mut self, i: usize, p: &NodeProc) {
+        self.running[i] = true;
+        self.killed[i] = false;
+        self.exits[i] = None;
+        self.stderr_from[i] = p.stderr_from;
+    }
+
+    /// Records an exit. True when it ends the run: the node stopped by itself with
+    /// an error (or a signal not ours) before the run was over.
+    fn exited(&mut self, e: &Exit) -> bool {
+        if e.generation != self.generation[e.node] {
+            return false;
+        }
+        let early = self.running[e.node] && !self.killed[e.node] && e.code != Some(0) && !self.run_over();
+        self.exits[e.node] = Some(e.code);
+        self.running[e.node] = false;
+        early
+    }
+}
+
+fn node_name(i: usize, n_nodes: usize, server: Option<usize>) -> String {
+    match server {
+        Some(s) if s == i => "the server (ps)".into(),
+        _ if i >= n_nodes => format!("rogue {i}"),
+        Some(_) => format!("worker {i}"),
+        None => format!("peer {i}"),
+    }
+}
+
+/// Runs the testnet and returns its report (also written to OUT/report.json).
+async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
+    let Plan { n_nodes, server, bin, threads, mut schedule, delays, extra } = plan(&a)?;
+    prepare_out(&a.out, a.force)?;
+    // From here on a signal stops the run in order.
+    let mut signals = Signals::new();
+    let ps = server.is_some();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut args: Vec<String> = vec![
+        "--peers".into(),
+        a.peers.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
+    args.extend(a.node_args.iter().cloned());
     if !a.partition.is_empty() {
         args.push("--control-stdin".into());
     }
@@ -513,27 +792,13 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         false => None,
     };
     let (tx, mut rx) = mpsc::channel(1024);
+    let (exit_tx, mut exit_rx) = mpsc::channel::<Exit>(1024);
     let started = Instant::now();
+    // (--timeout is at most 30 days: no overflow)
     let deadline = started + Duration::from_secs(a.timeout);
     let node_dir = |i: usize| a.out.join("nodes").join(if Some(i) == server { "ps".to_string() } else { format!("n{i}") });
-    let mut extra: Vec<Vec<String>> = vec![Vec::new(); n_nodes];
-    for pa in &a.peer_args {
-        let Some((i, rest)) = pa.split_once('=') else { bail!("--peer-args {pa}: expected INDEX=ARGS") };
-        let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--peer-args {pa}: {i} is not a peer index"))?;
-        if i >= a.peers {
-            bail!("--peer-args {pa}: peer {i} does not exist (--peers {})", a.peers);
-        }
-        // (the server takes no --peer-args)
-        extra[i].extend(rest.split_whitespace().map(String::from));
-    }
-    let mut byzantine = std::collections::BTreeSet::new();
-    for b in &a.byzantine {
-        let (i, mode) = parse_byzantine(b, a.peers)?;
-        if !byzantine.insert(i) {
-            bail!("--byzantine {b}: peer {i} is named twice; give each byzantine peer one mode");
-        }
-        extra[i].extend(["--byzantine".to_string(), mode]);
-    }
+    let log = |i: usize| node_dir(i).join("stderr.log");
+    let name = |i: usize| node_name(i, n_nodes, server);
     // Peer ids derived from the node index make a run reproducible: shards,
     // dropout masks and the aggregation order follow the ids.
     let user_ids = a.node_args.iter().any(|x| x.starts_with("--identity-seed"));
@@ -558,19 +823,45 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         };
         args.iter().cloned().chain(role).chain(extra[i].iter().cloned()).chain(identity(i)).collect()
     };
+    let n = n_nodes + a.rogues;
+    let mut st = NodeStates {
+        peers: a.peers,
+        server,
+        running: vec![false; n],
+        exits: vec![None; n],
+        generation: vec![0; n],
+        killed: vec![false; n],
+        stderr_from: vec![0; n],
+    };
+    let mut ctls: Vec<Option<mpsc::Sender<Ctl>>> = vec![None; n];
+    // Node output read before the run loop (while starting the others).
+    let mut early: VecDeque<NodeLine> = VecDeque::new();
+    let mut cut: Option<Cut> = None;
+    let failed = |e: &Exit, from: u64| format!("{} exited early ({}): {}", name(e.node), e.describe(), report::error_line(&log(e.node), from));
+
     // The first node (peer 0, or the server) gives everyone's bootstrap address.
     let first = server.unwrap_or(0);
-    let first_proc = spawn_node(first, &bin, &node_dir(first), &args_for(first), &env, tx.clone()).await?;
-    let boot = loop {
-        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-            Ok(Some(NodeLine::Listening(i, addr))) if i == first => break addr,
-            Ok(Some(_)) => continue,
-            _ => {
-                let log = std::fs::read_to_string(node_dir(first).join("stderr.log")).unwrap_or_default();
-                bail!("the first node did not start listening: {}", log.lines().last().unwrap_or("(no output)"));
+    let p = spawn_node(first, &bin, &node_dir(first), &args_for(first), &env, tx.clone()).await?;
+    st.started(first, &p);
+    ctls[first] = Some(supervise(first, 0, p, exit_tx.clone()));
+    let listen_by = Instant::now() + Duration::from_secs(60);
+    let mut boot = String::new();
+    while boot.is_empty() && cut.is_none() {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(NodeLine::Listening(i, addr)) if i == first => boot = addr,
+                Some(m) => early.push_back(m),
+                None => bail!("lost the nodes' output"),
+            },
+            Some(e) = exit_rx.recv() => {
+                bail!("{} exited before it listened ({}): {}", name(first), e.describe(), report::error_line(&log(first), st.stderr_from[first]))
             }
+            _ = tokio::time::sleep_until(listen_by.into()) => {
+                bail!("{} did not start listening within 60 s: {}", name(first), report::error_line(&log(first), st.stderr_from[first]))
+            }
+            _ = signals.recv() => cut = Some(Cut::Interrupted),
         }
-    };
+    }
     // How a node (other than the first) finds the run.
     let join_args = |boot: &str| -> Vec<String> {
         if ps {
@@ -579,44 +870,62 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             vec!["--bootstrap".into(), boot.to_string()]
         }
     };
-    let mut delays = vec![0f64; a.peers];
-    for d in &a.start_delay {
-        let parsed = d.split_once('=').and_then(|(i, s)| Some((i.trim().parse::<usize>().ok()?, s.trim().parse::<f64>().ok()?)));
-        match parsed {
-            Some((i, secs)) if i > 0 && i < a.peers && secs >= 0.0 => delays[i] = secs,
-            _ => bail!("--start-delay {d}: expected INDEX=SECONDS with 0 < INDEX < --peers"),
-        }
-    }
+    // The other peers, each at its --start-delay; a failure or a signal meanwhile stops the run.
     let mut order: Vec<usize> = (0..a.peers).filter(|i| *i != first).collect();
     order.sort_by(|x, y| delays[*x].total_cmp(&delays[*y]));
-    let mut procs: Vec<Option<NodeProc>> = (0..n_nodes).map(|_| None).collect();
-    procs[first] = Some(first_proc);
-    for i in order {
-        let at = started + Duration::from_secs_f64(delays[i]);
-        tokio::time::sleep_until(at.into()).await;
+    'start: for i in order {
+        if cut.is_some() {
+            break;
+        }
+        // (delays are at most 30 days: no overflow)
+        let at = (started + Duration::from_secs_f64(delays[i])).min(deadline);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => break,
+                Some(m) = rx.recv() => early.push_back(m),
+                Some(e) = exit_rx.recv() => {
+                    let from = st.stderr_from[e.node];
+                    if st.exited(&e) {
+                        cut = Some(Cut::NodeFailed(failed(&e, from)));
+                        break 'start;
+                    }
+                }
+                _ = signals.recv() => {
+                    cut = Some(Cut::Interrupted);
+                    break 'start;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            cut = Some(Cut::Timeout);
+            break;
+        }
         let mut args_i = args_for(i);
         args_i.extend(join_args(&boot));
-        procs[i] = Some(spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?);
+        let p = spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?;
+        st.started(i, &p);
+        ctls[i] = Some(supervise(i, 0, p, exit_tx.clone()));
     }
-    let procs: Vec<NodeProc> = procs.into_iter().map(|p| p.expect("every peer started")).collect();
-    let mut ctls: Vec<Option<mpsc::Sender<Ctl>>> = Vec::new();
-    for (i, p) in procs.into_iter().enumerate() {
-        ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
-    }
-    for i in n_nodes..n_nodes + a.rogues {
+    let rogue_kind = if a.rogue_heartbeat { "heartbeat" } else { "garbage" };
+    for (i, ctl) in ctls.iter_mut().enumerate().skip(n_nodes) {
+        if cut.is_some() {
+            break;
+        }
         let mut args_i = args.clone();
         args_i.extend(identity(i));
-        args_i.extend(["--fault-garbage".into(), "--bootstrap".into(), boot.clone()]);
+        args_i.push(if a.rogue_heartbeat { "--fault-heartbeat-only".into() } else { "--fault-garbage".into() });
+        args_i.extend(["--bootstrap".into(), boot.clone()]);
         if a.rogue_forge {
             args_i.push("--fault-forge".into());
         }
         let p = spawn_node(i, &bin, &node_dir(i), &args_i, &env, tx.clone()).await?;
-        ctls.push(Some(supervise(i, 0, p, deadline, tx.clone())));
+        st.started(i, &p);
+        *ctl = Some(supervise(i, 0, p, exit_tx.clone()));
     }
     eprintln!(
         "testnet: {} peers{}{}, {threads} torch threads each, bootstrap {boot}{}",
         a.peers,
-        if a.rogues > 0 { format!(" and {} rogue(s)", a.rogues) } else { String::new() },
+        if a.rogues > 0 { format!(" and {} {rogue_kind} rogue(s)", a.rogues) } else { String::new() },
         if a.byzantine.is_empty() { String::new() } else { format!(" (byzantine: {})", a.byzantine.join(", ")) },
         if schedule.is_empty() { String::new() } else { format!(", {} fault events", schedule.len()) }
     );
@@ -632,24 +941,21 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         }
     };
     let t0 = Instant::now();
-    let n = n_nodes + a.rogues;
     let mut rounds = vec![0u64; n_nodes];
-    let mut exits: Vec<Option<Option<i32>>> = vec![None; n];
-    let mut generation = vec![0u32; n];
-    let mut running = vec![true; n];
-    let mut killed = vec![false; n_nodes];
     let mut killed_at: Vec<Option<f64>> = vec![None; n_nodes];
     let mut addrs: Vec<Option<String>> = vec![None; n];
     addrs[first] = Some(boot.clone());
-    let mut ids: Vec<String> = vec![String::new(); n_nodes];
+    let mut ids: Vec<String> = vec![String::new(); n];
     let mut progress: Vec<(f64, u64)> = Vec::new();
     let mut metric_urls: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     let mut accuracy_timeline: Vec<(f64, u64, f64)> = Vec::new();
     let mut obs: Vec<faults::Obs> = Vec::new();
     let mut fired: Vec<(f64, String, faults::Action)> = Vec::new();
     let mut last_acc = None;
-    let mut timed_out = false;
     loop {
+        if cut.is_some() {
+            break;
+        }
         // Fire the events that are due.
         let now = t0.elapsed().as_secs_f64();
         let furthest = rounds.iter().copied().max().unwrap_or(0);
@@ -672,25 +978,25 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             match &ev.action {
                 faults::Action::Kill { peer } => {
                     let p = *peer;
-                    let Some(ctl) = ctls[p].as_ref().filter(|_| running[p]) else {
+                    let Some(ctl) = ctls[p].as_ref().filter(|_| st.running[p]) else {
                         say(&bar, format!("fault: {spec}: peer {p} is not running; skipped"));
                         continue;
                     };
                     let _ = ctl.send(Ctl::Kill).await;
-                    killed[p] = true;
+                    st.killed[p] = true;
                     killed_at[p] = Some(now);
-                    running[p] = false;
+                    st.running[p] = false;
                     addrs[p] = None; // its next life listens elsewhere
                     say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
                 }
                 faults::Action::Revive { peer } => {
                     let p = *peer;
-                    if running[p] || !killed[p] {
+                    if st.running[p] || !st.killed[p] {
                         say(&bar, format!("fault: {spec}: peer {p} is running; skipped"));
                         continue;
                     }
                     let mut args_p = args_for(p);
-                    let others: Vec<usize> = (0..a.peers).filter(|j| *j != p && running[*j]).collect();
+                    let others: Vec<usize> = (0..a.peers).filter(|j| *j != p && st.running[*j]).collect();
                     let known: Vec<String> = others.iter().filter_map(|j| addrs[*j].clone()).collect();
                     match known.is_empty() {
                         // PS mode: the server keeps its address; a worker needs nothing else.
@@ -713,12 +1019,10 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                         }
                         true => {}
                     }
-                    generation[p] += 1;
+                    st.generation[p] += 1;
                     let proc_p = spawn_node(p, &bin, &node_dir(p), &args_p, &env, tx.clone()).await?;
-                    ctls[p] = Some(supervise(p, generation[p], proc_p, deadline, tx.clone()));
-                    running[p] = true;
-                    killed[p] = false;
-                    exits[p] = None;
+                    st.started(p, &proc_p);
+                    ctls[p] = Some(supervise(p, st.generation[p], proc_p, exit_tx.clone()));
                     say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest})"));
                 }
                 faults::Action::Partition { sides, secs } => {
@@ -744,11 +1048,8 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             fired.push((now, spec, ev.action.clone()));
         }
         // Done when no peer runs and nothing is left to revive (or the run is over).
-        let any_running = (0..n_nodes).any(|i| running[i]);
-        let run_over = match server {
-            Some(s) => exits[s] == Some(Some(0)),
-            None => (0..a.peers).any(|i| exits[i] == Some(Some(0))),
-        };
+        let any_running = (0..n_nodes).any(|i| st.running[i]);
+        let run_over = st.run_over();
         let revive_pending = schedule.iter().any(|(ev, _)| matches!(ev.action, faults::Action::Revive { .. }));
         // In PS mode the run ends with the server: workers still retrying (revived
         // late) are stopped below.
@@ -756,20 +1057,32 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
             break;
         }
         if Instant::now() > deadline {
-            timed_out = true;
+            cut = Some(Cut::Timeout);
             break;
         }
-        let m = tokio::select! {
-            m = rx.recv() => m,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-            // SIGINT or SIGTERM: stop the nodes (as at --timeout) and report.
-            _ = stop_signal() => {
-                eprintln!("testnet: interrupted; stopping the nodes");
-                timed_out = true;
-                break;
-            }
+        let m = match early.pop_front() {
+            Some(m) => m,
+            None => tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                Some(e) = exit_rx.recv() => {
+                    let from = st.stderr_from[e.node];
+                    if st.exited(&e) {
+                        // A node that fails by itself ends the run now, not at --timeout.
+                        cut = Some(Cut::NodeFailed(failed(&e, from)));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                // SIGINT, SIGTERM or SIGHUP: stop the nodes and report the run as interrupted.
+                _ = signals.recv() => {
+                    cut = Some(Cut::Interrupted);
+                    break;
+                }
+            },
         };
-        let Some(m) = m else { break };
         let t = t0.elapsed().as_secs_f64();
         match m {
             NodeLine::Round(i, r, digest) => {
@@ -796,22 +1109,12 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                     last_acc = Some((e, acc));
                 }
             }
-            NodeLine::Exited(i, g, code) => {
-                if g == generation[i] {
-                    exits[i] = Some(code);
-                    running[i] = false;
-                }
-            }
             NodeLine::Listening(i, addr) => {
                 if addr.starts_with("/ip4/127.0.0.1") || addrs[i].is_none() {
                     addrs[i] = Some(addr);
                 }
             }
-            NodeLine::PeerId(i, id) => {
-                if i < n_nodes {
-                    ids[i] = id;
-                }
-            }
+            NodeLine::PeerId(i, id) => ids[i] = id,
             NodeLine::Died(i, peer) => obs.push(faults::Obs::Died { t, node: i, peer }),
             NodeLine::Ready(i) => obs.push(faults::Obs::Ready { t, node: i }),
         }
@@ -820,36 +1123,52 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         let max = shown.iter().max().copied().unwrap_or(0);
         bar.set_message(format!(
             "rounds {min}..{max}, {} of {} {} running{}",
-            running[..n_nodes].iter().filter(|r| **r).count(),
+            st.running[..n_nodes].iter().filter(|r| **r).count(),
             n_nodes,
             if ps { "nodes" } else { "peers" },
             last_acc.map(|(e, acc)| format!(", epoch {e} test accuracy {acc:.2}%")).unwrap_or_default()
         ));
     }
     bar.finish_and_clear();
-    if timed_out {
-        eprintln!("testnet: --timeout {} s passed; stopping the nodes", a.timeout);
+    match &cut {
+        Some(Cut::Timeout) => eprintln!("testnet: --timeout {} s passed; stopping the nodes", a.timeout),
+        Some(Cut::Interrupted) => eprintln!("testnet: interrupted; stopping the nodes (SIGTERM, then SIGKILL)"),
+        Some(Cut::NodeFailed(p)) => eprintln!("testnet: {p}; stopping the run"),
+        None => {}
     }
-    // Rogues (and anything left) stop now; wait for their exits, bounded.
+    // Rogues (and anything left) stop now; wait for their exits, bounded: a run
+    // cut short terminates its nodes (SIGTERM, SIGKILL after a grace).
     for (i, c) in ctls.iter().enumerate() {
-        if let (Some(c), true) = (c, running[i]) {
-            let _ = c.send(if timed_out { Ctl::Kill } else { Ctl::Stop }).await;
+        if let (Some(c), true) = (c, st.running[i]) {
+            let _ = c.send(if cut.is_some() { Ctl::Terminate } else { Ctl::Stop }).await;
         }
     }
-    let stop_deadline = Instant::now() + Duration::from_secs(15);
-    while running.iter().any(|r| *r) && Instant::now() < stop_deadline {
-        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            Ok(Some(NodeLine::Exited(i, g, code))) if g == generation[i] => {
-                exits[i] = Some(code);
-                running[i] = false;
+    let stop_deadline = Instant::now() + STOP_WAIT + TERM_GRACE + Duration::from_secs(5);
+    let mut forced = false;
+    while st.running.iter().any(|r| *r) && Instant::now() < stop_deadline {
+        tokio::select! {
+            Some(e) = exit_rx.recv() => {
+                st.exited(&e);
             }
-            Ok(None) => break,
-            _ => {}
+            // Keep the nodes' output flowing: a node blocked on stdout cannot finish.
+            Some(_) = rx.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // Another signal: no more waiting.
+            _ = signals.recv(), if !forced => {
+                eprintln!("testnet: interrupted again; killing the nodes");
+                forced = true;
+                if cut.is_none() {
+                    cut = Some(Cut::Interrupted);
+                }
+                for c in ctls.iter().flatten() {
+                    let _ = c.send(Ctl::Kill).await;
+                }
+            }
         }
     }
     drop(tx);
-    let down_at_end: Vec<bool> = killed.clone();
-    let fault_reports = faults::effects(&fired, &obs, &ids, server);
+    let down_at_end: Vec<bool> = st.killed[..n_nodes].to_vec();
+    let fault_reports = faults::effects(&fired, &obs, &ids[..n_nodes], server);
     let host_stats = match tier {
         Some(t) => {
             let s = t.stats().await;
@@ -858,19 +1177,50 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         }
         None => None,
     };
-    let mut report = report::collect(&a.out, n_nodes, a.rogues, &args, started.elapsed(), &exits, &down_at_end, host_stats, server)?;
+    let mut report = report::collect(
+        &a.out,
+        n_nodes,
+        a.rogues,
+        &args,
+        started.elapsed(),
+        &st.exits,
+        &down_at_end,
+        host_stats,
+        server,
+        &ids,
+        rogue_kind,
+        cut.is_some(),
+    )?;
+    if let Some(c) = &cut {
+        let why = match c {
+            Cut::Timeout => format!("timed out: --timeout {} s passed before the run finished", a.timeout),
+            Cut::Interrupted => "interrupted by signal".to_string(),
+            Cut::NodeFailed(p) => p.clone(),
+        };
+        report.problems.insert(0, why);
+        report.ok = false;
+        report.interrupted = *c == Cut::Interrupted;
+    }
     report.faults = fault_reports;
     report.role = a.role.clone();
     report.stalled_seconds = report::stalled_seconds(&progress);
     report.progress = progress;
     report.accuracy_timeline = accuracy_timeline;
     let path = a.out.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    // Whole or not at all: a temporary file, then a rename.
+    let tmp = a.out.join("report.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     report::print_summary(&report);
     eprintln!("report: {}", path.display());
-    if let (Some(p), true) = (&_prometheus, a.prometheus_linger > 0.0) {
-        eprintln!("testnet: Prometheus stays up at {} for {} s", p.url, a.prometheus_linger);
-        tokio::time::sleep(Duration::from_secs_f64(a.prometheus_linger)).await;
+    if let (Some(p), true, false) = (&_prometheus, a.prometheus_linger > 0.0, report.interrupted) {
+        eprintln!("testnet: Prometheus stays up at {} for {} s (Ctrl-C ends it)", p.url, a.prometheus_linger);
+        // (checked by plan: finite, at most 30 days)
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(a.prometheus_linger)) => {}
+            _ = signals.recv() => {}
+        }
     }
     Ok(report)
 }

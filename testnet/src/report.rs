@@ -53,6 +53,10 @@ pub(crate) struct RogueSummary {
     pub(crate) index: usize,
     pub(crate) peer_id: String,
     pub(crate) exit_code: Option<i32>,
+    /// "garbage" (--fault-garbage: invalid messages) or "heartbeat" (--rogue-heartbeat:
+    /// signed heartbeats without a Hello).
+    #[serde(default)]
+    pub(crate) kind: String,
     pub(crate) garbage_sent: u64,
     /// Peer index → that peer's score of the rogue ({min, last}), for peers connected to it.
     pub(crate) scores_at_peers: BTreeMap<usize, Value>,
@@ -91,6 +95,61 @@ pub(crate) struct Report {
     /// Seconds without progress: the sum over gaps between new rounds longer
     /// than twice the median round, less one median round each.
     pub(crate) stalled_seconds: f64,
+    /// The run was stopped by SIGINT/SIGTERM/SIGHUP before it finished.
+    #[serde(default)]
+    pub(crate) interrupted: bool,
+    /// The run was cut short (interrupted, --timeout, a node that failed): the
+    /// peers' digests were not compared.
+    #[serde(default)]
+    pub(crate) cut_short: bool,
+    /// Rounds that some peer closed on the straggler deadline without every
+    /// expected member (union over the peers, sorted).
+    #[serde(default)]
+    pub(crate) deadline_rounds: Vec<u64>,
+    /// Members demoted for withholding (missing rounds in a row), one entry per peer.
+    #[serde(default)]
+    pub(crate) withholding_demotions: Vec<Demotion>,
+    /// Peers that sent heartbeats but never completed an accepted Hello, one entry per peer.
+    #[serde(default)]
+    pub(crate) unadmitted_peers: Vec<UnadmittedPeer>,
+}
+
+/// A member demoted for withholding its gradient.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Demotion {
+    pub(crate) peer: String,
+    /// Its node index in this testnet, where known.
+    pub(crate) index: Option<usize>,
+    /// The peers (indices) that demoted it.
+    pub(crate) by: Vec<usize>,
+    /// The first round and epoch in which a peer demoted it.
+    pub(crate) first_round: u64,
+    pub(crate) epoch: u64,
+}
+
+/// A peer that heartbeat without being admitted.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct UnadmittedPeer {
+    pub(crate) peer: String,
+    /// Its node index in this testnet (a rogue's is past the peers), where known.
+    pub(crate) index: Option<usize>,
+    /// The most heartbeats any one peer ignored from it.
+    pub(crate) heartbeats: u64,
+    /// The peers (indices) that ignored it.
+    pub(crate) seen_by: Vec<usize>,
+}
+
+/// The line of a node's stderr log (from byte `from`: this life's part) that says
+/// why it failed: the first line starting with `error:`, else the first non-empty one.
+pub(crate) fn error_line(log: &Path, from: u64) -> String {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let start = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let lines = || text.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| l.starts_with("error:"))
+        .or_else(|| lines().next())
+        .map_or_else(|| "(no output on stderr)".to_string(), str::to_string)
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -108,12 +167,17 @@ pub(crate) fn collect(
     down_at_end: &[bool],
     host_stats: Option<Value>,
     server: Option<usize>,
+    ids: &[String],
+    rogue_kind: &str,
+    cut_short: bool,
 ) -> anyhow::Result<Report> {
     let dir = |i: usize| out.join("nodes").join(if Some(i) == server { "ps".to_string() } else { format!("n{i}") });
     let mut problems = Vec::new();
     let mut summaries = Vec::new();
     let mut digests_by_round: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     let mut first_spec_sync: Option<String> = None;
+    // (peer index, its report) of the peers that reported: who they did not count.
+    let mut admission: Vec<(usize, Value)> = Vec::new();
     for i in 0..peers {
         if down_at_end.get(i).copied().unwrap_or(false) {
             continue;
@@ -122,6 +186,8 @@ pub(crate) fn collect(
         let exit_code: Option<i32> = exits.get(i).copied().flatten().flatten();
         let v: Value = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
             Some(v) => v,
+            // A run cut short stopped its nodes before they could report: no news.
+            None if cut_short => continue,
             None => {
                 let err = std::fs::read_to_string(dir(i).join("stderr.log")).unwrap_or_default();
                 problems.push(format!(
@@ -131,7 +197,8 @@ pub(crate) fn collect(
                 continue;
             }
         };
-        if exit_code != Some(0) {
+        admission.push((i, v.clone()));
+        if exit_code != Some(0) && !cut_short {
             problems.push(format!("peer {i} exited with {exit_code:?}"));
         }
         if first_spec_sync.is_none() {
@@ -184,22 +251,57 @@ pub(crate) fn collect(
             .iter()
             .filter_map(|p| p.peer_scores.get(&peer_id).map(|s| (p.index, s.clone())))
             .collect();
-        rogue_summaries.push(RogueSummary { index: i, peer_id, exit_code, garbage_sent: u(&v, "garbage_sent"), scores_at_peers });
+        rogue_summaries.push(RogueSummary {
+            index: i,
+            peer_id,
+            exit_code,
+            kind: rogue_kind.into(),
+            garbage_sent: u(&v, "garbage_sent"),
+            scores_at_peers,
+        });
+    }
+    // Peer id -> node index: the ids the nodes printed, and those in their reports.
+    let mut index_of: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate().filter(|(_, id)| !id.is_empty()) {
+        index_of.insert(id.clone(), i);
+    }
+    for (i, id) in summaries.iter().map(|p| (p.index, &p.peer_id)).chain(rogue_summaries.iter().map(|g| (g.index, &g.peer_id))) {
+        if !id.is_empty() {
+            index_of.insert(id.clone(), i);
+        }
+    }
+    let (deadline_rounds, withholding_demotions, unadmitted_peers) = admission_summary(&admission, &index_of);
+    for d in &withholding_demotions {
+        problems.push(format!(
+            "{} was demoted for withholding its gradient (by {}, first in round {})",
+            label(&d.peer, d.index, peers),
+            indices(&d.by),
+            d.first_round
+        ));
+    }
+    for g in &unadmitted_peers {
+        problems.push(format!(
+            "{} sent heartbeats but was never admitted (no accepted Hello; up to {} heartbeats ignored by {})",
+            label(&g.peer, g.index, peers),
+            g.heartbeats,
+            indices(&g.seen_by)
+        ));
     }
     // Asynchronous runs are not expected to agree bit for bit.
     let sync = first_spec_sync.as_deref() != Some("async");
     let with_digests = summaries.iter().filter(|s| s.role != "worker").count();
     let common: Vec<(&u64, &Vec<String>)> = digests_by_round.iter().filter(|(_, d)| d.len() == with_digests).collect();
     let equal = common.iter().filter(|(_, d)| d.windows(2).all(|w| w[0] == w[1])).count() as u64;
-    if sync && equal < common.len() as u64 {
+    // A run cut short has no final digests to compare: its cause is the problem.
+    if sync && equal < common.len() as u64 && !cut_short {
         problems.push(format!("digests differ in {} of {} rounds", common.len() as u64 - equal, common.len()));
     }
     let all_final_equal = !summaries.is_empty() && summaries.windows(2).all(|w| w[0].final_digest == w[1].final_digest);
-    if sync && !all_final_equal {
+    if sync && !all_final_equal && !cut_short {
         problems.push("final parameter digests differ".into());
     }
     let expected = peers - down_at_end.iter().filter(|d| **d).count();
-    if summaries.len() < expected {
+    if summaries.len() < expected && !cut_short {
         problems.push(format!("{} of {expected} peers reported", summaries.len()));
     }
     // The node that evaluated the most epochs (a restarted peer evaluated fewer; a worker none).
@@ -248,7 +350,69 @@ pub(crate) fn collect(
         progress: Vec::new(),
         accuracy_timeline: Vec::new(),
         stalled_seconds: 0.0,
+        interrupted: false,
+        cut_short,
+        deadline_rounds,
+        withholding_demotions,
+        unadmitted_peers,
     })
+}
+
+/// `peer 3 (12D3…)`, `rogue 4 (12D3…)`, or the bare id of a node not ours.
+fn label(id: &str, index: Option<usize>, peers: usize) -> String {
+    match index {
+        Some(i) if i >= peers => format!("rogue {i} ({id})"),
+        Some(i) => format!("peer {i} ({id})"),
+        None => format!("peer {id}"),
+    }
+}
+
+fn indices(v: &[usize]) -> String {
+    let s: Vec<String> = v.iter().map(usize::to_string).collect();
+    format!("peer{} {}", if v.len() == 1 { "" } else { "s" }, s.join(", "))
+}
+
+/// The peers' `deadline_rounds`, `withholding_demotions` and `unadmitted` fields
+/// (absent in older reports: empty), merged over the peers.
+fn admission_summary(reports: &[(usize, Value)], index_of: &BTreeMap<String, usize>) -> (Vec<u64>, Vec<Demotion>, Vec<UnadmittedPeer>) {
+    let list = |v: &Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+    let mut rounds = std::collections::BTreeSet::new();
+    let mut demotions: BTreeMap<String, Demotion> = BTreeMap::new();
+    let mut unadmitted: BTreeMap<String, UnadmittedPeer> = BTreeMap::new();
+    for (i, v) in reports {
+        rounds.extend(list(v, "deadline_rounds").iter().filter_map(Value::as_u64));
+        for d in list(v, "withholding_demotions") {
+            let Some(peer) = d["peer"].as_str() else { continue };
+            let (round, epoch) = (u(&d, "round"), u(&d, "epoch"));
+            let e = demotions.entry(peer.to_string()).or_insert_with(|| Demotion {
+                peer: peer.to_string(),
+                index: index_of.get(peer).copied(),
+                by: Vec::new(),
+                first_round: round,
+                epoch,
+            });
+            if !e.by.contains(i) {
+                e.by.push(*i);
+            }
+            if round < e.first_round {
+                (e.first_round, e.epoch) = (round, epoch);
+            }
+        }
+        for g in list(v, "unadmitted") {
+            let Some(peer) = g["peer"].as_str() else { continue };
+            let e = unadmitted.entry(peer.to_string()).or_insert_with(|| UnadmittedPeer {
+                peer: peer.to_string(),
+                index: index_of.get(peer).copied(),
+                heartbeats: 0,
+                seen_by: Vec::new(),
+            });
+            e.heartbeats = e.heartbeats.max(u(&g, "heartbeats"));
+            if !e.seen_by.contains(i) {
+                e.seen_by.push(*i);
+            }
+        }
+    }
+    (rounds.into_iter().collect(), demotions.into_values().collect(), unadmitted.into_values().collect())
 }
 
 /// Seconds without progress in a (seconds, rounds) timeline: each gap between
@@ -275,18 +439,44 @@ pub(crate) fn print_summary(r: &Report) {
             p.rounds,
             p.epochs,
             100.0 * p.final_test_accuracy,
-            p.bytes_sent,
-            p.bytes_received
+            crate::units::human_bytes(p.bytes_sent),
+            crate::units::human_bytes(p.bytes_received)
         );
     }
     let acc: Vec<String> = r.accuracy_by_epoch.iter().map(|a| format!("{:.2}%", 100.0 * a)).collect();
     println!("accuracy by epoch: {}", acc.join(" -> "));
-    println!(
-        "digests equal in {} of {} rounds; final digests {}",
-        r.rounds_with_equal_digests,
-        r.common_rounds,
-        if r.all_final_digests_equal { "equal" } else { "DIFFER" }
-    );
+    if r.cut_short {
+        println!("the run was cut short: final digests not compared");
+    } else {
+        println!(
+            "digests equal in {} of {} rounds; final digests {}",
+            r.rounds_with_equal_digests,
+            r.common_rounds,
+            if r.all_final_digests_equal { "equal" } else { "DIFFER" }
+        );
+    }
+    if !r.deadline_rounds.is_empty() {
+        let shown: Vec<String> = r.deadline_rounds.iter().take(20).map(u64::to_string).collect();
+        let more = if r.deadline_rounds.len() > 20 { format!(" and {} more", r.deadline_rounds.len() - 20) } else { String::new() };
+        println!(
+            "warning: {} round(s) closed on the straggler deadline without every member: {}{more}",
+            r.deadline_rounds.len(),
+            shown.join(", ")
+        );
+    }
+    if !r.withholding_demotions.is_empty() {
+        let d: Vec<String> = r
+            .withholding_demotions
+            .iter()
+            .map(|d| format!("{} by {} from round {}", label(&d.peer, d.index, r.peers), indices(&d.by), d.first_round))
+            .collect();
+        println!("demoted for withholding: {}", d.join("; "));
+    }
+    if !r.unadmitted_peers.is_empty() {
+        let g: Vec<String> =
+            r.unadmitted_peers.iter().map(|g| format!("{} ({} heartbeats)", label(&g.peer, g.index, r.peers), g.heartbeats)).collect();
+        println!("heartbeats without admission: {}", g.join("; "));
+    }
     if !r.faults.is_empty() {
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
         println!(
@@ -335,7 +525,11 @@ pub(crate) fn print_summary(r: &Report) {
     for g in &r.rogues {
         let scores: Vec<String> =
             g.scores_at_peers.iter().map(|(i, s)| format!("peer {i}: {:.1}", s["min"].as_f64().unwrap_or(0.0))).collect();
-        println!("rogue {} sent {} invalid messages; lowest score given: {}", g.index, g.garbage_sent, scores.join(", "));
+        let what = match g.kind.as_str() {
+            "heartbeat" => "sent heartbeats without a Hello".to_string(),
+            _ => format!("sent {} invalid messages", g.garbage_sent),
+        };
+        println!("rogue {} {what}; lowest score given: {}", g.index, if scores.is_empty() { "none".to_string() } else { scores.join(", ") });
     }
     for p in &r.problems {
         println!("problem: {p}");

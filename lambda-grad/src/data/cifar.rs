@@ -22,9 +22,12 @@ pub(crate) fn parse_into(
             ),
         ));
     }
-    for rec in buf.chunks_exact(RECORD) {
+    for (i, rec) in buf.chunks_exact(RECORD).enumerate() {
         if rec[0] > 9 {
-            return Err(DataError::format(path, format!("label {} is not a CIFAR-10 class (0-9)", rec[0])));
+            return Err(DataError::format(
+                path,
+                format!("label {} of record {i} is not a CIFAR-10 class (0-9); the file is damaged or not CIFAR-10", rec[0]),
+            ));
         }
         labels.push(rec[0]);
         images.extend_from_slice(&rec[1..]);

@@ -21,14 +21,16 @@ pub const FASHION_MNIST_DEBIAN_DIR: &str = "/usr/share/datasets/fashion-mnist";
 pub enum DataError {
     #[error("{dataset} not found: no {missing} in {dir}; {hint}")]
     Missing { dataset: DatasetKind, dir: PathBuf, missing: String, hint: String },
+    #[error("{dataset} not found: {dir} is not a directory; {hint}")]
+    NoDir { dataset: DatasetKind, dir: PathBuf, hint: String },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{images} has {n_images} images but {labels} has {n_labels} labels")]
     CountMismatch { images: PathBuf, n_images: usize, labels: PathBuf, n_labels: usize },
-    #[error("label {label} at index {index} is out of range for {classes} classes")]
-    Label { label: u8, index: usize, classes: usize },
+    #[error("{path}: label {label} at index {index} is out of range for {classes} classes (0-{}); the file is damaged or belongs to another data set", .classes.saturating_sub(1))]
+    Label { path: PathBuf, label: u8, index: usize, classes: usize },
 }
 
 impl DataError {
@@ -187,13 +189,13 @@ fn load_idx_split(kind: DatasetKind, dir: &Path, prefix: &str) -> Result<Split, 
             format!("images are {}×{}, {kind} images are {}×{}", images.dims[1], images.dims[2], expected[1], expected[2]),
         ));
     }
-    check_labels(&labels.data, 10)?;
+    check_labels(&lp, &labels.data, 10)?;
     Ok(Split { images: images.data, labels: labels.data, shape: expected })
 }
 
-fn check_labels(labels: &[u8], classes: usize) -> Result<(), DataError> {
+fn check_labels(path: &Path, labels: &[u8], classes: usize) -> Result<(), DataError> {
     match labels.iter().position(|&l| l as usize >= classes) {
-        Some(index) => Err(DataError::Label { label: labels[index], index, classes }),
+        Some(index) => Err(DataError::Label { path: path.to_path_buf(), label: labels[index], index, classes }),
         None => Ok(()),
     }
 }
@@ -215,12 +217,7 @@ fn load_cifar_split(dir: &Path, files: &[&str]) -> Result<Split, DataError> {
 pub fn load(kind: DatasetKind, dir: Option<&Path>) -> Result<Dataset, DataError> {
     let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| default_dir(kind));
     if !dir.is_dir() {
-        return Err(DataError::Missing {
-            dataset: kind,
-            dir: dir.clone(),
-            missing: "directory".into(),
-            hint: hint(kind),
-        });
+        return Err(DataError::NoDir { dataset: kind, dir: dir.clone(), hint: hint(kind) });
     }
     let (train, test) = match kind {
         DatasetKind::Mnist | DatasetKind::FashionMnist => {

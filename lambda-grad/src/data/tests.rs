@@ -88,7 +88,8 @@ fn idx_bad_label_and_trailing_bytes() {
     let dir = tempfile::tempdir().unwrap();
     write_idx_set(dir.path(), 5, 5, false);
     write(dir.path(), "t10k-labels-idx1-ubyte", &encode_idx(&[5], &[0, 1, 2, 10, 3]));
-    assert!(err_string(dir.path()).contains("label 10 at index 3"));
+    let e = err_string(dir.path());
+    assert!(e.contains("label 10 at index 3") && e.contains("t10k-labels-idx1-ubyte"), "{e}");
     let mut long = encode_idx(&[5], &[0; 5]);
     long.push(0);
     write(dir.path(), "t10k-labels-idx1-ubyte", &long);
