@@ -313,13 +313,19 @@ fn a_listen_port_in_use_fails_at_start() {
 fn a_bootstrap_address_by_host_name_works() {
     let _one = NODES.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let (mut first, addr, _lines) = start_listener(&tmp.path().join("a"), "/ip4/127.0.0.1/tcp/0", &tiny_run());
+    // A private swarm: the pre-shared key wraps connections to resolved addresses too.
+    let key = tmp.path().join("swarm.key");
+    let o = Command::new(bin("p2pml-node")).args(["swarm-key", "--out", key.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut run = tiny_run();
+    run.extend(["--swarm-key".into(), key.to_str().unwrap().into()]);
+    let (mut first, addr, _lines) = start_listener(&tmp.path().join("a"), "/ip4/127.0.0.1/tcp/0", &run);
     // /ip4/127.0.0.1/tcp/PORT/p2p/ID -> /dns4/localhost/tcp/PORT/p2p/ID
     let by_name = addr.replacen("/ip4/127.0.0.1/", "/dns4/localhost/", 1);
     assert_ne!(by_name, addr);
     let mut args = strings(&["--listen", "/ip4/127.0.0.1/tcp/0", "--state-dir", tmp.path().join("b").to_str().unwrap(), "--metrics-addr", "none"]);
     args.extend(["--bootstrap".into(), by_name.clone()]);
-    args.extend(tiny_run());
+    args.extend(run);
     let o = run_node(tmp.path(), &args, Duration::from_secs(240));
     // The founder finishes the same run.
     let start = Instant::now();

@@ -56,9 +56,10 @@ fn a_peer_that_heartbeats_without_a_hello_never_becomes_a_member() {
         assert!(rounds.iter().all(|x| x["contributors"].as_u64() == Some(3)), "peer {i}: a round without 3 contributors");
         assert!(n["deadline_rounds"].as_array().unwrap().is_empty(), "peer {i} waited on somebody: {}", n["deadline_rounds"]);
     }
-    // The round times do not change: nobody waits out a failure timeout or a deadline.
+    // The round times do not change: no barrier waits as long as the straggler
+    // deadline's floor (3 s), let alone as long as the outsider stays connected.
     let wait = max_barrier_wait(&r, &[0, 1, 2]);
-    assert!(wait < 2.0, "a barrier waited {wait:.2} s");
+    assert!(wait < 3.0, "a barrier waited {wait:.2} s");
     assert!(r["all_final_digests_equal"].as_bool().unwrap());
 }
 
