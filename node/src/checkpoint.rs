@@ -361,7 +361,19 @@ fn open_index(state_dir: &Path) -> Result<(sled::Db, bool), CheckpointError> {
             e.to_string()
         }
     };
-    match open_sled(&path) {
+    // A store of this process that was just dropped may hold its lock for a few
+    // more milliseconds (sled's flusher thread); another process's holds it on.
+    let mut first = open_sled(&path);
+    for _ in 0..20 {
+        match &first {
+            Err(e) if is_locked(e) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                first = open_sled(&path);
+            }
+            _ => break,
+        }
+    }
+    match first {
         Ok(db) => Ok((db, false)),
         Err(e) if is_damaged(&e) => {
             let aside = fresh_name(state_dir, &format!("{INDEX_DIR}.corrupt"));
