@@ -103,12 +103,11 @@ pub fn save(model: &Model, meta: &ExportMeta, path: &Path) -> Result<(), ExportE
     let views = bytes.iter().map(|(n, s, b)| {
         (n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes computed from the tensor"))
     });
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta.to_map()), &tmp).map_err(|e| ExportError::Write {
+    let data = safetensors::serialize(views, Some(meta.to_map())).map_err(|e| ExportError::Write {
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    std::fs::rename(&tmp, path).map_err(|source| ExportError::Write { path: path.to_path_buf(), source })
+    crate::fsio::write_atomic(path, &data).map_err(|source| ExportError::Write { path: path.to_path_buf(), source })
 }
 
 /// Reads a file written by [`save`]: its metadata and a model holding its values.

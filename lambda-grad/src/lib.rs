@@ -12,6 +12,7 @@
 pub mod data;
 mod device;
 pub mod export;
+pub mod fsio;
 pub mod handler;
 pub mod host;
 pub mod models;

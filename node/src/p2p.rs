@@ -1455,6 +1455,8 @@ pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<N
 pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
     cfg.validate()?;
     p2p.validate().map_err(|e| anyhow!(e))?;
+    // A mistake in --state-dir or --report costs seconds, not a training run.
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
     if cfg.threads > 0 {
         p2pml_lambda_grad::set_torch_threads(cfg.threads);
     }
