@@ -1585,7 +1585,10 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let peers: Vec<PeerId> = bootstrap.iter().map(|(p, _)| *p).collect();
         // Any bootstrap peer will do, or a peer the checkpoint remembers.
         // (The heartbeat-only outsider only needs a connection.)
-        while !node.accepted.iter().any(|p| peers.contains(p) || node.known.contains_key(p)) && !(p2p.heartbeat_only && !node.connected.is_empty()) {
+        let reached = |n: &Node| {
+            n.accepted.iter().any(|p| peers.contains(p) || n.known.contains_key(p)) || (n.p2p.heartbeat_only && !n.connected.is_empty())
+        };
+        while !reached(&node) {
             if Instant::now() > deadline {
                 let why = node.last_dial_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
                 bail!(
