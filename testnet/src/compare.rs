@@ -148,7 +148,7 @@ pub(crate) fn markdown(c: &Comparison, command: &str) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for m in &c.modes {
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {} | {:.2} % | {} | {} | {:.0} | {:.6} | {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {:.2} % | {} | {} | {} | {:.6} | {} |\n",
             m.mode,
             m.rounds,
             m.wall_seconds,
@@ -157,7 +157,7 @@ pub(crate) fn markdown(c: &Comparison, command: &str) -> String {
             100.0 * m.final_accuracy,
             opt(m.mean_stall_after_kill_s, 2),
             opt(m.mean_back_in_step_s, 2),
-            m.bytes_per_round,
+            crate::units::human_bytes(m.bytes_per_round.max(0.0).round() as u64),
             m.cost_usd,
             if m.problems.is_empty() { "none".to_string() } else { m.problems.join("; ") }
         ));

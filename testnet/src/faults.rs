@@ -91,7 +91,7 @@ fn peer(s: &str, nodes: Nodes, flag: &str) -> Result<usize, String> {
 /// `PEER@T`
 pub(crate) fn parse_peer_at(s: &str, peers: Nodes, flag: &str) -> Result<(usize, At), String> {
     let (p, t) = s.split_once('@').ok_or_else(|| format!("{flag} {s}: expected PEER@T, e.g. 2@12.5 or 2@r5"))?;
-    Ok((peer(p, peers, flag)?, parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?))
+    Ok((peer(p, peers, &format!("{flag} {s}"))?, parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?))
 }
 
 /// `A,B|C,D@T+DUR`
@@ -104,7 +104,7 @@ pub(crate) fn parse_partition(s: &str, peers: Nodes) -> Result<Vec<Scheduled>, S
     let secs = crate::units::parse_secs(&format!("{flag} {s}: the duration"), dur, crate::units::Zero::Refused)?;
     let sides: Vec<Vec<usize>> = sides
         .split('|')
-        .map(|side| side.split(',').map(|p| peer(p, peers, flag)).collect::<Result<Vec<_>, _>>())
+        .map(|side| side.split(',').map(|p| peer(p, peers, &format!("{flag} {s}"))).collect::<Result<Vec<_>, _>>())
         .collect::<Result<_, _>>()?;
     if sides.len() < 2 || sides.iter().any(Vec::is_empty) {
         return Err(format!("{flag} {s}: needs two or more non-empty sides"));

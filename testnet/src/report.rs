@@ -429,7 +429,11 @@ pub(crate) fn stalled_seconds(progress: &[(f64, u64)]) -> f64 {
 }
 
 pub(crate) fn print_summary(r: &Report) {
-    println!("{:<5} {:<6} {:<54} {:>6} {:>7} {:>9} {:>12} {:>12}", "node", "role", "id", "rounds", "epochs", "test acc", "sent", "received");
+    if r.peer_reports.is_empty() {
+        println!("no node wrote a report");
+    } else {
+        println!("{:<5} {:<6} {:<54} {:>6} {:>7} {:>9} {:>12} {:>12}", "node", "role", "id", "rounds", "epochs", "test acc", "sent", "received");
+    }
     for p in &r.peer_reports {
         println!(
             "{:<5} {:<6} {:<54} {:>6} {:>7} {:>8.2}% {:>12} {:>12}",
@@ -444,7 +448,9 @@ pub(crate) fn print_summary(r: &Report) {
         );
     }
     let acc: Vec<String> = r.accuracy_by_epoch.iter().map(|a| format!("{:.2}%", 100.0 * a)).collect();
-    println!("accuracy by epoch: {}", acc.join(" -> "));
+    if !acc.is_empty() {
+        println!("accuracy by epoch: {}", acc.join(" -> "));
+    }
     if r.cut_short {
         println!("the run was cut short: final digests not compared");
     } else {
@@ -533,5 +539,76 @@ pub(crate) fn print_summary(r: &Report) {
     }
     for p in &r.problems {
         println!("problem: {p}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(id: &str, extra: Value) -> Value {
+        let mut v = json!({
+            "role": "peer", "peer_id": id, "final_digest": "d", "rounds": 3, "epochs": 1,
+            "spec": { "sync": "Sync" },
+            "rounds_log": [{ "round": 0, "digest": "a" }, { "round": 1, "digest": "b" }],
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    #[test]
+    fn withholding_and_unadmitted_peers_are_problems_deadline_rounds_are_not() {
+        let out = std::env::temp_dir().join(format!("testnet-report-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let reports = [
+            node("A", json!({ "deadline_rounds": [5, 3], "withholding_demotions": [{ "peer": "C", "round": 7, "epoch": 1 }],
+                              "unadmitted": [{ "peer": "R", "heartbeats": 4 }] })),
+            node("B", json!({ "deadline_rounds": [3, 4], "withholding_demotions": [{ "peer": "C", "round": 6, "epoch": 1 }],
+                              "unadmitted": [{ "peer": "R", "heartbeats": 9 }, { "peer": "X", "heartbeats": 1 }] })),
+            // An older report: none of the fields.
+            node("C", json!({})),
+        ];
+        for (i, r) in reports.iter().enumerate() {
+            let d = out.join("nodes").join(format!("n{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("report.json"), r.to_string()).unwrap();
+        }
+        let ids: Vec<String> = ["A", "B", "C", "R"].map(String::from).to_vec();
+        let exits = vec![Some(Some(0)); 4];
+        let r = collect(&out, 3, 1, &[], Duration::from_secs(1), &exits, &[false; 3], None, None, &ids, "heartbeat", false).unwrap();
+        assert_eq!(r.deadline_rounds, vec![3, 4, 5]);
+        assert_eq!(r.withholding_demotions, vec![Demotion { peer: "C".into(), index: Some(2), by: vec![0, 1], first_round: 6, epoch: 1 }]);
+        assert_eq!(r.unadmitted_peers.len(), 2);
+        assert_eq!(r.unadmitted_peers[0], UnadmittedPeer { peer: "R".into(), index: Some(3), heartbeats: 9, seen_by: vec![0, 1] });
+        assert_eq!(r.unadmitted_peers[1].index, None);
+        assert!(!r.ok);
+        assert_eq!(r.problems.len(), 3, "{:?}", r.problems);
+        assert!(r.problems[0].starts_with("peer 2 (C) was demoted for withholding"), "{:?}", r.problems);
+        assert!(r.problems[1].starts_with("rogue 3 (R) sent heartbeats"), "{:?}", r.problems);
+        assert_eq!(r.rogues[0].kind, "heartbeat");
+        // Deadline closures alone: a warning, not a problem.
+        let only_deadline = node("A", json!({ "deadline_rounds": [2] }));
+        for i in 0..3 {
+            std::fs::write(out.join("nodes").join(format!("n{i}")).join("report.json"), only_deadline.to_string()).unwrap();
+        }
+        let r = collect(&out, 3, 0, &[], Duration::from_secs(1), &exits, &[false; 3], None, None, &ids, "garbage", false).unwrap();
+        assert!(r.ok, "{:?}", r.problems);
+        assert_eq!(r.deadline_rounds, vec![2]);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+
+    #[test]
+    fn the_error_line_is_the_one_that_says_error() {
+        let p = std::env::temp_dir().join(format!("testnet-errline-{}", std::process::id()));
+        std::fs::write(&p, "error: an earlier life\nerror: unexpected argument '--x' found\n\n  tip: ...\n\nFor more information, try '--help'.\n").unwrap();
+        assert_eq!(error_line(&p, 0), "error: an earlier life");
+        let from = "error: an earlier life\n".len() as u64;
+        assert_eq!(error_line(&p, from), "error: unexpected argument '--x' found");
+        std::fs::write(&p, "\n  thread panicked somewhere\nmore\n").unwrap();
+        assert_eq!(error_line(&p, 0), "thread panicked somewhere");
+        let _ = std::fs::remove_file(&p);
     }
 }

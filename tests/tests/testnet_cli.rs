@@ -98,7 +98,7 @@ fn bad_input_gives_one_clear_line_fast_and_touches_nothing() {
         (&["--partition", "0|1@inf+5"], "--partition 0|1@inf+5"),
         (&["--random-kills", "2", "--interval", "0"], "--interval"),
         (&["--random-kills", "2", "--interval", "inf"], "--interval"),
-        (&["--random-kills", "2", "--down", "-1"], "--down"),
+        (&["--random-kills", "2", "--down=-1"], "--down"),
         (&["--fn-timeout-s", "nan"], "--fn-timeout-s"),
         (&["--byzantine", "1:bogus"], "--byzantine 1:bogus"),
         (&["--byzantine", "5:withhold"], "--byzantine 5:withhold"),
@@ -278,4 +278,90 @@ fn sigint_stops_the_nodes_and_reports_an_interrupted_run() {
     // No node outlives it.
     let left = processes_naming(out.to_str().unwrap());
     assert!(left.is_empty(), "nodes left running: {left:?}");
+}
+
+/// A stand-in for p2pml-node (`--node-bin`): it records its arguments, says it
+/// listens, writes the report its identity seed names, and exits 0. testnet's
+/// side of a run (flags passed, report merged, summary, exit code) without training.
+const FAKE_NODE: &str = r#"#!/bin/sh
+state=; report=; seed=; rogue=
+for a in "$@"; do
+  case "$prev" in --state-dir) state=$a;; --report) report=$a;; --identity-seed) seed=$a;; esac
+  case "$a" in --fault-heartbeat-only|--fault-garbage) rogue=yes;; esac
+  prev=$a
+done
+mkdir -p "$state"
+printf '%s\n' "$@" > "$state/args"
+echo "peer fake$seed"
+echo "listening /ip4/127.0.0.1/tcp/9/p2p/fake$seed"
+if [ -n "$rogue" ]; then
+  echo '{"role":"rogue","peer_id":"fake'$seed'"}' > "$report"
+  exit 0
+fi
+case "$seed" in
+  0) extra='"deadline_rounds":[4,2],"withholding_demotions":[{"peer":"fake1","round":3,"epoch":1}],"unadmitted":[{"peer":"fake2","heartbeats":5}]';;
+  *) extra='"deadline_rounds":[2]';;
+esac
+echo '{"role":"peer","peer_id":"fake'$seed'","final_digest":"d","rounds":5,"epochs":1,"spec":{"sync":"Sync"},"rounds_log":[{"round":0,"digest":"a"}],'"$extra"'}' > "$report"
+echo "round 0 digest a"
+exit 0
+"#;
+
+#[test]
+fn heartbeat_rogues_withholders_and_deadline_rounds_reach_the_report() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-node");
+    std::fs::write(&fake, FAKE_NODE).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.path().join("out");
+    let args = strings(&[
+        "run",
+        "--peers",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--timeout",
+        "60",
+        "--node-bin",
+        fake.to_str().unwrap(),
+        "--rogues",
+        "1",
+        "--rogue-heartbeat",
+        "--byzantine",
+        "1:withhold",
+        "--",
+        "--epochs",
+        "1",
+    ]);
+    let (code, stdout, stderr, took) = Testnet::start(&args, dir.path()).finish(Duration::from_secs(60));
+    assert!(took < Duration::from_secs(30), "took {took:?}: {stderr}");
+    // Withholding and unadmitted peers are problems: exit 3.
+    assert_eq!(code, Some(3), "{stderr}\n{stdout}");
+    let node_args = |i: usize| std::fs::read_to_string(out.join("nodes").join(format!("n{i}")).join("args")).unwrap();
+    let rogue = node_args(2);
+    assert!(rogue.lines().any(|l| l == "--fault-heartbeat-only") && !rogue.contains("--fault-garbage"), "{rogue}");
+    assert!(node_args(1).contains("--byzantine\nwithhold\n"), "{}", node_args(1));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["deadline_rounds"], serde_json::json!([2, 4]));
+    assert_eq!(r["withholding_demotions"][0]["peer"], "fake1");
+    assert_eq!(r["withholding_demotions"][0]["index"], 1);
+    assert_eq!(r["unadmitted_peers"][0]["peer"], "fake2");
+    assert_eq!(r["unadmitted_peers"][0]["index"], 2);
+    assert_eq!(r["unadmitted_peers"][0]["heartbeats"], 5);
+    assert_eq!(r["rogues"][0]["kind"], "heartbeat");
+    assert_eq!(r["rogues"][0]["garbage_sent"], 0);
+    let problems = r["problems"].to_string();
+    assert!(problems.contains("peer 1 (fake1) was demoted for withholding"), "{problems}");
+    assert!(problems.contains("rogue 2 (fake2) sent heartbeats but was never admitted"), "{problems}");
+    assert!(!problems.contains("deadline"), "deadline closures alone are a warning: {problems}");
+    for line in [
+        "warning: 2 round(s) closed on the straggler deadline without every member: 2, 4",
+        "demoted for withholding: peer 1 (fake1)",
+        "heartbeats without admission: rogue 2 (fake2) (5 heartbeats)",
+        "rogue 2 sent heartbeats without a Hello",
+    ] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
 }
