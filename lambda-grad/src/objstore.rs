@@ -68,14 +68,7 @@ impl StoreConfig {
     /// (an empty value counts as unset).
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
         let var = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let endpoint = var(ENV_ENDPOINT);
-        if let Some(e) = &endpoint {
-            let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")).map(|h| h.trim_end_matches('/'));
-            if host.is_none_or(str::is_empty) {
-                return Err(StoreError::Config(format!("{ENV_ENDPOINT}={e} is not a URL: expected http://HOST:PORT or https://HOST")));
-            }
-        }
-        let endpoint = endpoint.map(|e| e.trim_end_matches('/').to_string());
+        let endpoint = var(ENV_ENDPOINT).map(|e| check_endpoint(&format!("{ENV_ENDPOINT}={e}"), &e)).transpose()?;
         let bucket = var(ENV_BUCKET).unwrap_or_else(|| DEFAULT_BUCKET.to_string());
         check_bucket_name(&bucket)?;
         let region = var(ENV_REGION).unwrap_or_else(|| DEFAULT_REGION.to_string());
@@ -120,9 +113,21 @@ impl StoreConfig {
     }
 }
 
+/// An endpoint URL as a client needs it (`http://HOST:PORT` or `https://HOST`,
+/// no trailing `/`); `setting` names where it came from in the error, e.g.
+/// `--s3-endpoint 127.0.0.1:9000` or `P2PML_S3_ENDPOINT=…`.
+pub fn check_endpoint(setting: &str, e: &str) -> Result<String, StoreError> {
+    let e = e.trim();
+    let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")).map(|h| h.trim_end_matches('/'));
+    match host {
+        Some(h) if !h.is_empty() && !h.contains(char::is_whitespace) => Ok(e.trim_end_matches('/').to_string()),
+        _ => Err(StoreError::Config(format!("{setting} is not a URL: expected http://HOST:PORT or https://HOST"))),
+    }
+}
+
 /// S3's bucket naming rules, so that a typo fails here with one line and not as
 /// a signature or endpoint error later.
-fn check_bucket_name(b: &str) -> Result<(), StoreError> {
+pub fn check_bucket_name(b: &str) -> Result<(), StoreError> {
     let ok_chars = b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
     let ok_ends = b.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric()) && b.bytes().last().is_some_and(|c| c.is_ascii_alphanumeric());
     if (3..=63).contains(&b.len()) && ok_chars && ok_ends {
@@ -147,8 +152,10 @@ fn check_key(key: &str) -> Result<(), StoreError> {
 pub enum StoreError {
     #[error("object s3://{bucket}/{key} not found")]
     NotFound { bucket: String, key: String },
-    #[error("object store at {endpoint} unreachable: {message} — is the store running? ({ENV_ENDPOINT})")]
-    Unreachable { endpoint: String, message: String },
+    /// `setting`: what named the endpoint, and whose it is ("--s3-endpoint /
+    /// P2PML_S3_ENDPOINT of this node", "P2PML_S3_ENDPOINT of the function").
+    #[error("object store at {endpoint} unreachable: {message} — is the store running, and is {setting} right?")]
+    Unreachable { endpoint: String, message: String, setting: String },
     /// `key` is `BUCKET/KEY` (or the bucket, or `BUCKET/PREFIX*`) the operation was about.
     #[error("object store {op} s3://{key} failed: {message}")]
     Service { op: &'static str, key: String, message: String },
@@ -163,6 +170,9 @@ pub struct ObjectStore {
     bucket: String,
     region: String,
     endpoint: String,
+    /// What named the endpoint and the bucket, for errors (see [`ObjectStore::named_by`]).
+    endpoint_setting: String,
+    bucket_setting: String,
 }
 
 /// (access key id, secret, session token) from `AWS_ACCESS_KEY_ID`,
@@ -224,11 +234,45 @@ impl ObjectStore {
         if let Some(e) = &cfg.endpoint {
             b = b.endpoint_url(e);
         }
-        Ok(Self { client: aws_sdk_s3::Client::from_conf(b.build()), bucket: cfg.bucket.clone(), region: cfg.region.clone(), endpoint: cfg.endpoint_display() })
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            bucket: cfg.bucket.clone(),
+            region: cfg.region.clone(),
+            endpoint: cfg.endpoint_display(),
+            endpoint_setting: ENV_ENDPOINT.to_string(),
+            bucket_setting: ENV_BUCKET.to_string(),
+        })
     }
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// Names the settings behind the endpoint and the bucket in this client's
+    /// errors, with whose they are: the node's flags, or the function's variables.
+    pub fn named_by(mut self, endpoint_setting: &str, bucket_setting: &str) -> Self {
+        self.endpoint_setting = endpoint_setting.to_string();
+        self.bucket_setting = bucket_setting.to_string();
+        self
+    }
+
+    /// The endpoint as errors name it.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Fails unless the bucket exists and these credentials may use it; one
+    /// line naming the bucket's setting and how to create it.
+    pub async fn check_bucket(&self) -> Result<(), StoreError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Err(StoreError::Service {
+                op: "head-bucket",
+                key: self.bucket.clone(),
+                message: format!("NoSuchBucket: bucket {} does not exist ({}){}", self.bucket, self.bucket_setting, self.no_bucket_hint()),
+            }),
+            Err(e) => Err(self.error("head-bucket", String::new(), e)),
+        }
     }
 
     /// Creates the bucket unless it exists.
@@ -370,8 +414,14 @@ impl ObjectStore {
         }
     }
 
+    /// How a user of each kind of store creates the bucket.
     fn no_bucket_hint(&self) -> String {
-        format!(" (create it: ensure_bucket, or `testnet s3 --bucket {}`)", self.bucket)
+        let b = &self.bucket;
+        format!(
+            ": create it (AWS: `aws s3 mb s3://{b}`; MinIO: `mc mb ALIAS/{b}`; Garage: `garage bucket create {b}`; \
+             `testnet s3 --bucket {b}`), or correct {}",
+            self.bucket_setting
+        )
     }
 
     /// One line for a failed request about `key` (empty: the bucket itself).
@@ -379,10 +429,10 @@ impl ObjectStore {
         let key = if key.is_empty() { self.bucket.clone() } else { format!("{}/{key}", self.bucket) };
         let message = match &e {
             SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => {
-                return StoreError::Unreachable { endpoint: self.endpoint.clone(), message: root_cause(&e) };
+                return StoreError::Unreachable { endpoint: self.endpoint.clone(), message: root_cause(&e), setting: self.endpoint_setting.clone() };
             }
             SdkError::TimeoutError(_) => {
-                return StoreError::Unreachable { endpoint: self.endpoint.clone(), message: "timed out".into() };
+                return StoreError::Unreachable { endpoint: self.endpoint.clone(), message: "timed out".into(), setting: self.endpoint_setting.clone() };
             }
             SdkError::ServiceError(s) => {
                 let err = s.err();
@@ -504,7 +554,7 @@ mod tests {
     fn errors_display_as_one_line() {
         let e = StoreError::NotFound { bucket: "p2pml".into(), key: "run/x".into() };
         assert_eq!(e.to_string(), "object s3://p2pml/run/x not found");
-        let e = StoreError::Unreachable { endpoint: "http://127.0.0.1:9".into(), message: "connection refused".into() };
+        let e = StoreError::Unreachable { endpoint: "http://127.0.0.1:9".into(), message: "connection refused".into(), setting: ENV_ENDPOINT.into() };
         assert_eq!(e.to_string(), "object store at http://127.0.0.1:9 unreachable: connection refused — is the store running? (P2PML_S3_ENDPOINT)");
         let io = std::io::Error::other("Connection refused (os error 111)");
         assert_eq!(root_cause(&io), "connection refused");

@@ -509,6 +509,7 @@ impl LambdaExecutor {
                 params_digest: w.params_digest.into(),
                 batch_keys: w.batch_ids[t.batches.clone()].iter().map(|&b| task::batch_key(w.run, w.peer, w.epoch, b)).collect(),
                 output_key: task::output_key(w.run, w.peer, w.round, &format!("t{}", t.index)),
+                bucket: Some(self.store.bucket().to_string()),
                 fault: (t.index == 0).then(|| self.cfg.faults.iter().find(|(r, _)| *r == w.round).map(|(_, f)| *f)).flatten(),
             })
             .collect();
@@ -549,6 +550,7 @@ impl LambdaExecutor {
                 numel: w.numel,
                 input_keys: keys.iter().map(|(_, k)| k.clone()).collect(),
                 output_key: task::output_key(w.run, w.peer, w.round, "reduce"),
+                bucket: Some(self.store.bucket().to_string()),
             });
             let inv = Invoker::new(self, sem.clone());
             let (res, outcome) = inv.run_with_retries(red, None).await;

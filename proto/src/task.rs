@@ -54,6 +54,10 @@ pub struct GradTask {
     pub params_digest: String,
     pub batch_keys: Vec<String>,
     pub output_key: String,
+    /// The bucket the task's keys are in. A function whose store is another
+    /// bucket refuses the task, naming both (absent: the function's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
     /// Fault injection for tests: makes this invocation fail on purpose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
@@ -68,6 +72,10 @@ pub struct ReduceTask {
     pub numel: usize,
     pub input_keys: Vec<String>,
     pub output_key: String,
+    /// The bucket the task's keys are in. A function whose store is another
+    /// bucket refuses the task, naming both (absent: the function's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 /// Injected failures (tests and the fault-schedule experiments only).
@@ -290,6 +298,7 @@ mod tests {
             round: 3,
             numel: 10,
             input_keys: vec!["a".into()],
+            bucket: None,
             output_key: "o".into(),
         });
         let j = serde_json::to_string(&t).unwrap();

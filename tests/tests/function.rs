@@ -269,6 +269,7 @@ async fn upload(store: &ObjectStore, run: &str, batches: &[BatchObject]) -> Grad
         params_digest: digest,
         batch_keys,
         output_key: p2pml_proto::task::output_key(run, "peer0", 0, "t0"),
+        bucket: Some(store.bucket().to_string()),
         fault: None,
     }
 }
@@ -345,6 +346,7 @@ fn gradients_match_in_process_stay_warm_and_reduce() {
             numel,
             input_keys: (0..2).map(|i| p2pml_proto::task::output_key("run-a", "peer0", 1, &format!("t{i}"))).collect(),
             output_key: p2pml_proto::task::output_key("run-a", "peer0", 1, "sum"),
+            bucket: None,
         });
         let r = invoke(&lambda, &reduce).await.ok();
         let sum = decode_grad_output(&store.get(&r.output_key).await.unwrap(), numel).unwrap();
