@@ -21,6 +21,10 @@ use tch::Device;
 /// Environment variable with the number of libtorch threads of a function (default 1).
 pub const TORCH_THREADS_ENV: &str = "P2PML_TORCH_THREADS";
 
+/// How a function's errors name its object store settings (see [`ObjectStore::named_by`]).
+pub const FUNCTION_ENDPOINT_SETTING: &str = "P2PML_S3_ENDPOINT of the function";
+pub const FUNCTION_BUCKET_SETTING: &str = "P2PML_S3_BUCKET of the function";
+
 /// Why an invocation failed. Each message names the key, field or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -47,6 +51,12 @@ pub enum HandlerError {
     NonFinite { index: usize },
     #[error(transparent)]
     Model(#[from] TrainError),
+    /// The task's objects are in another bucket than this function's store.
+    #[error(
+        "task's objects are in bucket {task} (the node's --s3-bucket) but this function's store is bucket {function} \
+         ({setting}): give both the same bucket"
+    )]
+    WrongBucket { task: String, function: String, setting: &'static str },
     #[error("injected fault: error")]
     Injected,
     #[error("{0}={1:?} is not a positive integer")]
@@ -68,6 +78,7 @@ impl HandlerError {
             | HandlerError::Shape { .. }
             | HandlerError::Label { .. }
             | HandlerError::Empty(_) => "p2pml.BadInput",
+            HandlerError::WrongBucket { .. } => "p2pml.WrongBucket",
             HandlerError::Injected => "p2pml.InjectedFault",
             HandlerError::NonFinite { .. } | HandlerError::Model(_) | HandlerError::Env(..) | HandlerError::Join(_) => {
                 "p2pml.Compute"
@@ -148,10 +159,29 @@ impl Handler {
         Handler { store, cache: None, handled: 0 }
     }
 
+    /// Refuses a task whose objects are in another bucket than this store's
+    /// (rather than failing later with a not-found key or, worse, reading
+    /// another run's objects).
+    pub fn check_bucket(&self, task: &Task) -> Result<(), HandlerError> {
+        let bucket = match task {
+            Task::Grad(t) => t.bucket.as_deref(),
+            Task::Reduce(t) => t.bucket.as_deref(),
+        };
+        match bucket {
+            Some(b) if b != self.store.bucket() => Err(HandlerError::WrongBucket {
+                task: b.to_string(),
+                function: self.store.bucket().to_string(),
+                setting: FUNCTION_BUCKET_SETTING,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs one task. A [`Fault::Panic`] panics, as asked.
     pub async fn handle(&mut self, task: Task) -> Result<TaskResult, HandlerError> {
         let cold = self.handled == 0;
         self.handled += 1;
+        self.check_bucket(&task)?;
         let r = match task {
             Task::Grad(t) => {
                 match t.fault {
@@ -388,6 +418,40 @@ mod tests {
         let label = BatchObject { labels: vec![10], ..ok };
         let e = check_batch("k2", &label, DatasetKind::FashionMnist, spec).unwrap_err().to_string();
         assert!(e.contains("label 10"), "{e}");
+    }
+
+    #[test]
+    fn tasks_of_another_bucket_are_refused_naming_both() {
+        let cfg = crate::objstore::StoreConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            bucket: "fn-bucket".into(),
+            region: "us-east-1".into(),
+            path_style: true,
+        };
+        let store = ObjectStore::with_credentials(&cfg, "k", "s", None).unwrap();
+        let h = Handler::new(store);
+        let ev = serde_json::json!({
+            "op": "reduce", "run": "r", "peer": "p", "round": 0, "numel": 3,
+            "input_keys": ["a"], "output_key": "o", "bucket": "node-bucket"
+        });
+        let task = parse_task(ev.clone()).unwrap();
+        let e = h.check_bucket(&task).unwrap_err();
+        assert_eq!(e.error_type(), "p2pml.WrongBucket");
+        let msg = e.to_string();
+        assert!(msg.contains("bucket node-bucket (the node's --s3-bucket)"), "{msg}");
+        assert!(msg.contains("bucket fn-bucket (P2PML_S3_BUCKET of the function)"), "{msg}");
+        // Refused before any fetch: the store (nothing listens there) is never asked.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut h = h;
+        let e = rt.block_on(h.handle(task)).unwrap_err();
+        assert!(matches!(e, HandlerError::WrongBucket { .. }), "{e}");
+        // The same bucket, or none named, passes.
+        let mut same = ev.clone();
+        same["bucket"] = "fn-bucket".into();
+        h.check_bucket(&parse_task(same).unwrap()).unwrap();
+        let mut none = ev;
+        none.as_object_mut().unwrap().remove("bucket");
+        h.check_bucket(&parse_task(none).unwrap()).unwrap();
     }
 
     #[test]

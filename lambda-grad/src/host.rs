@@ -11,10 +11,13 @@
 //!
 //! What clients see follows Lambda: a function error is HTTP 200 with
 //! `X-Amz-Function-Error: Unhandled` and an `{"errorMessage","errorType"}`
-//! payload; an unknown function is 404 `ResourceNotFoundException`. A non-AWS
-//! endpoint, `GET /p2pml/stats`, reports counts and billed GB-seconds.
+//! payload; an unknown function is 404 `ResourceNotFoundException`.
+//! `GetFunction` and `GetFunctionConfiguration` describe the function (its
+//! timeout, memory and the object store variables its environments get), so a
+//! client can check the endpoint, the function and its bucket before invoking.
+//! A non-AWS endpoint, `GET /p2pml/stats`, reports counts and billed GB-seconds.
 
-use crate::objstore::StoreConfig;
+use crate::objstore::{StoreConfig, ENV_BUCKET, ENV_ENDPOINT, ENV_PATH_STYLE, ENV_REGION};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -349,6 +352,56 @@ impl Shared {
         name == self.cfg.function_name || name == self.arn || name.ends_with(&format!(":function:{}", self.cfg.function_name))
     }
 
+    /// Lambda's 404 for a function this host does not serve.
+    fn not_found(&self, name: &str) -> Response<Body> {
+        let arn = if name.contains(":function:") {
+            name.to_string()
+        } else {
+            format!("{}:function:{name}", self.arn.rsplit_once(":function:").map_or("", |p| p.0))
+        };
+        aws_error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &format!("Function not found: {arn}"))
+    }
+
+    /// The variables every environment gets from the host's configuration
+    /// (not the ones it inherits): the extra ones, then the object store's.
+    fn environment(&self) -> serde_json::Map<String, serde_json::Value> {
+        let cfg = &self.cfg;
+        let mut vars: serde_json::Map<String, serde_json::Value> =
+            cfg.env.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+        vars.insert("AWS_REGION".into(), cfg.region.clone().into());
+        if let Some(store) = &cfg.store {
+            match &store.endpoint {
+                Some(e) => vars.insert(ENV_ENDPOINT.into(), e.clone().into()),
+                None => vars.remove(ENV_ENDPOINT),
+            };
+            vars.insert(ENV_BUCKET.into(), store.bucket.clone().into());
+            vars.insert(ENV_REGION.into(), store.region.clone().into());
+            vars.insert(ENV_PATH_STYLE.into(), if store.path_style { "1" } else { "0" }.into());
+        }
+        vars
+    }
+
+    /// The function's configuration, as Lambda's `GetFunctionConfiguration`
+    /// returns it (and `GetFunction` under `Configuration`). `Timeout` is whole
+    /// seconds, as Lambda's: the host's timeout rounded up.
+    fn configuration(&self) -> serde_json::Value {
+        let cfg = &self.cfg;
+        serde_json::json!({
+            "FunctionName": cfg.function_name,
+            "FunctionArn": self.arn,
+            "Runtime": "provided.al2023",
+            "Handler": "bootstrap",
+            "Timeout": (cfg.timeout.as_secs_f64().ceil() as u64).max(1),
+            "MemorySize": cfg.memory_mb,
+            "Version": "$LATEST",
+            "PackageType": "Zip",
+            "Architectures": [std::env::consts::ARCH.replace("aarch64", "arm64")],
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "Environment": { "Variables": self.environment() },
+        })
+    }
+
     /// Kills `env` and takes it out of the pool.
     fn remove(&self, env: &Env) {
         env.kill();
@@ -556,11 +609,20 @@ impl Shared {
             (&Method::GET, ["p2pml", "stats"]) => {
                 respond(StatusCode::OK, &[], serde_json::to_vec(&self.stats()).unwrap_or_default())
             }
+            (&Method::GET, ["2015-03-31", "functions", name, rest @ ..]) if rest.is_empty() || rest == ["configuration"] => {
+                let name = percent_decode(name);
+                let qualifier = query_param(req.uri().query(), "Qualifier");
+                if !self.is_function(&name) || qualifier.is_some_and(|q| q != "$LATEST") {
+                    return self.not_found(&name);
+                }
+                let config = self.configuration();
+                let body = if rest.is_empty() { serde_json::json!({ "Configuration": config }) } else { config };
+                respond(StatusCode::OK, &[("x-amzn-RequestId", request_id())], body.to_string())
+            }
             (&Method::POST, ["2015-03-31", "functions", name, "invocations"]) => {
                 let name = percent_decode(name);
                 if !self.is_function(&name) {
-                    let arn = format!("{}:function:{name}", self.arn.rsplit_once(":function:").map_or("", |p| p.0));
-                    return aws_error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &format!("Function not found: {arn}"));
+                    return self.not_found(&name);
                 }
                 let kind = req.headers().get("X-Amz-Invocation-Type").and_then(|v| v.to_str().ok()).unwrap_or("RequestResponse");
                 let kind = kind.to_string();
@@ -608,6 +670,14 @@ impl Shared {
             self.remove(&env);
         }
     }
+}
+
+/// The (decoded) value of `name` in a query string.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
 }
 
 /// Decodes `%XX` escapes (function names and ARNs arrive percent-encoded).

@@ -14,7 +14,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use futures::FutureExt;
-use p2pml_lambda_grad::handler::{panic_message, parse_task, torch_threads_from_env, Handler};
+use p2pml_lambda_grad::handler::{
+    panic_message, parse_task, torch_threads_from_env, Handler, FUNCTION_BUCKET_SETTING, FUNCTION_ENDPOINT_SETTING,
+};
 use p2pml_lambda_grad::host::{FunctionHost, HostConfig};
 use p2pml_lambda_grad::objstore::{ObjectStore, StoreConfig};
 use std::io::IsTerminal;
@@ -63,6 +65,10 @@ struct HostArgs {
     addr_file: Option<PathBuf>,
 }
 
+/// How the host's errors name its object store settings.
+const HOST_ENDPOINT_SETTING: &str = "P2PML_S3_ENDPOINT of the function host";
+const HOST_BUCKET_SETTING: &str = "P2PML_S3_BUCKET of the function host";
+
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(s)
         .ok()
@@ -93,8 +99,11 @@ fn host(a: HostArgs) -> anyhow::Result<()> {
     // Environments get the object store's settings as this process resolved them
     // (and inherit the credentials' variables).
     let store = StoreConfig::from_env()?;
-    // Missing credentials fail here, once, rather than in every environment's start.
-    ObjectStore::new(&store).context("the function's environments need the object store")?;
+    // Missing credentials and a missing bucket fail here, once, rather than in
+    // every environment's start or every invocation.
+    let client = ObjectStore::new(&store)
+        .context("the function's environments need the object store")?
+        .named_by(HOST_ENDPOINT_SETTING, HOST_BUCKET_SETTING);
     let cfg = HostConfig {
         listen: a.listen,
         function_name: a.function_name,
@@ -109,6 +118,7 @@ fn host(a: HostArgs) -> anyhow::Result<()> {
         store: Some(store),
     };
     tokio_runtime(true)?.block_on(async {
+        client.check_bucket().await?;
         let host = FunctionHost::start(cfg).await?;
         if let Some(f) = &a.addr_file {
             write_atomically(f, &host.url())?;
@@ -163,7 +173,7 @@ fn runtime() -> anyhow::Result<()> {
     }
     let init = || -> anyhow::Result<ObjectStore> {
         p2pml_lambda_grad::set_torch_threads(torch_threads_from_env()?);
-        Ok(ObjectStore::new(&StoreConfig::from_env()?)?)
+        Ok(ObjectStore::new(&StoreConfig::from_env()?)?.named_by(FUNCTION_ENDPOINT_SETTING, FUNCTION_BUCKET_SETTING))
     };
     let store = init().inspect_err(|e| report_init_error(&format!("{e:#}")))?;
     let handler = Arc::new(tokio::sync::Mutex::new(Handler::new(store)));
@@ -177,11 +187,21 @@ fn runtime() -> anyhow::Result<()> {
             // A panic (the handler's lock is released as it unwinds) is this
             // invocation's error; the environment stays up for the next one.
             async move {
-                match AssertUnwindSafe(work).catch_unwind().await {
-                    Ok(Ok(result)) => Ok(result),
-                    Ok(Err(e)) => Err(Diagnostic { error_type: e.error_type().into(), error_message: e.to_string() }),
-                    Err(p) => Err(Diagnostic { error_type: "p2pml.Panic".into(), error_message: panic_message(p.as_ref()) }),
-                }
+                // This runtime logs each failure once, as what it is (lambda_runtime's
+                // own log of a returned error is filtered out, see `log_filter`).
+                let (error_type, error_message) = match AssertUnwindSafe(work).catch_unwind().await {
+                    Ok(Ok(result)) => return Ok(result),
+                    Ok(Err(e)) => {
+                        tracing::warn!("function error {}: {e}", e.error_type());
+                        (e.error_type().to_string(), e.to_string())
+                    }
+                    Err(p) => {
+                        let message = panic_message(p.as_ref());
+                        tracing::error!("function panicked (p2pml.Panic): {message}");
+                        ("p2pml.Panic".to_string(), message)
+                    }
+                };
+                Err(Diagnostic { error_type, error_message })
             }
         }))
         .await
@@ -189,14 +209,31 @@ fn runtime() -> anyhow::Result<()> {
     })
 }
 
+/// Where lambda_runtime (1.x) logs every error a handler returns, at ERROR, as
+/// `Diagnostic { … }` (the target of its panic-catching layer, so that it reads
+/// like a panic). The runtime here logs its own line for each function error.
+const RUNTIME_ERROR_LOG_TARGET: &str = "lambda_runtime::layers::panic";
+
+/// `RUST_LOG` (default `warn`), without lambda_runtime's log of returned errors
+/// unless `RUST_LOG` names that target itself.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let names_target = spec.as_deref().is_some_and(|s| s.contains(RUNTIME_ERROR_LOG_TARGET));
+    let filter = spec
+        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    match format!("{RUNTIME_ERROR_LOG_TARGET}=off").parse() {
+        Ok(d) if !names_target => filter.add_directive(d),
+        _ => filter,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(log_filter())
         .init();
     let result = match cli.cmd {
         None => runtime(),

@@ -20,7 +20,7 @@ use p2pml_lambda_grad::objstore::{ObjectStore, StoreConfig, StoreError};
 use p2pml_proto::task::{self, BatchObject, Fault, GradOutput, GradTask, ReduceTask, Task, TaskResult};
 use p2pml_proto::{DatasetKind, ModelKind, Normalization};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,13 @@ pub struct ExecConfig {
     pub backup_after: f64,
     pub backup_min_ms: u64,
     pub store: StoreConfig,
+    /// Create the bucket when it is missing (otherwise a missing bucket fails the start).
+    pub create_bucket: bool,
+    /// Keep every object (no clean-up), for debugging.
+    pub keep: bool,
+    /// Consecutive task failures that open the circuit breaker, and its first back-off.
+    pub breaker_failures: u32,
+    pub breaker_backoff_ms: u64,
     pub pricing: Pricing,
     /// Test fault injection: (round, fault) for task 0 of that round, every attempt.
     pub faults: Vec<(u64, Fault)>,
@@ -101,6 +108,10 @@ impl Default for ExecConfig {
                 region: "us-east-1".into(),
                 path_style: false,
             },
+            create_bucket: false,
+            keep: false,
+            breaker_failures: 5,
+            breaker_backoff_ms: 10_000,
             pricing: Pricing::default(),
             faults: Vec::new(),
         }
@@ -112,6 +123,14 @@ fn parse_executor(s: &str) -> Result<ExecutorKind, String> {
         "local" => Ok(ExecutorKind::Local),
         "lambda" => Ok(ExecutorKind::Lambda),
         _ => Err(format!("unknown executor '{s}': expected local or lambda")),
+    }
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(format!("'{s}': expected 1 or 0")),
     }
 }
 
@@ -175,9 +194,28 @@ pub struct ExecArgs {
     /// Object store endpoint (the local S3 server's URL) [default: AWS S3].
     #[arg(long, env = "P2PML_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
-    /// Object store bucket.
+    /// Object store bucket; it must exist (see --s3-create-bucket). The function
+    /// tier must read the same bucket (its P2PML_S3_BUCKET).
     #[arg(long, env = "P2PML_S3_BUCKET", default_value = "p2pml")]
     pub s3_bucket: String,
+    /// Create the bucket if it is missing (otherwise a missing bucket stops the start).
+    #[arg(long, env = "P2PML_S3_CREATE_BUCKET")]
+    pub s3_create_bucket: bool,
+    /// Path-style addressing (ENDPOINT/BUCKET/KEY: 1) or virtual-hosted style
+    /// (BUCKET.ENDPOINT/KEY: 0) [default: 1 with --s3-endpoint, 0 for AWS S3].
+    #[arg(long, env = "P2PML_S3_PATH_STYLE", value_parser = parse_flag)]
+    pub s3_path_style: Option<bool>,
+    /// Keep every object in the store (batches, parameters, outputs) instead of
+    /// deleting what no task needs any more: for debugging.
+    #[arg(long, env = "P2PML_S3_KEEP")]
+    pub s3_keep: bool,
+    /// Consecutive task failures (any cause) after which the node computes
+    /// locally for a while, then probes the tier with one task.
+    #[arg(long, env = "P2PML_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// First back-off of the open breaker (doubles after a failed probe, up to 5 min).
+    #[arg(long, env = "P2PML_BREAKER_BACKOFF_MS", default_value_t = 10_000)]
+    pub breaker_backoff_ms: u64,
     /// AWS region of the function and the bucket.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub region: String,
@@ -203,8 +241,12 @@ impl ExecArgs {
                 endpoint: self.s3_endpoint.clone(),
                 bucket: self.s3_bucket.clone(),
                 region: self.region.clone(),
-                path_style: self.s3_endpoint.is_some(),
+                path_style: self.s3_path_style.unwrap_or(self.s3_endpoint.is_some()),
             },
+            create_bucket: self.s3_create_bucket,
+            keep: self.s3_keep,
+            breaker_failures: self.breaker_failures,
+            breaker_backoff_ms: self.breaker_backoff_ms,
             pricing: Pricing {
                 memory_mb: self.lambda_memory_mb,
                 gb_second: self.price_gb_second,
@@ -229,6 +271,22 @@ impl ExecConfig {
         if self.task_timeout_ms < 100 {
             return Err("--task-timeout-ms must be at least 100".into());
         }
+        if self.breaker_failures == 0 {
+            return Err("--breaker-failures must be at least 1".into());
+        }
+        if self.breaker_backoff_ms < 100 {
+            return Err("--breaker-backoff-ms must be at least 100".into());
+        }
+        use p2pml_lambda_grad::objstore::{check_bucket_name, check_endpoint};
+        if let Some(e) = &self.store.endpoint {
+            check_endpoint(&format!("--s3-endpoint {e}"), e).map_err(|e| e.to_string())?;
+        }
+        if let Some(e) = &self.lambda_endpoint {
+            check_endpoint(&format!("--lambda-endpoint {e}"), e).map_err(|e| e.to_string())?;
+        }
+        check_bucket_name(&self.store.bucket).map_err(|_| {
+            format!("--s3-bucket {}: not a valid bucket name (3-63 characters: lowercase letters, digits, '-' and '.')", self.store.bucket)
+        })?;
         Ok(())
     }
 }
@@ -269,7 +327,7 @@ pub struct ExecStats {
     pub retries: u64,
     pub backups: u64,
     pub backup_wins: u64,
-    /// Tasks computed locally after the tier failed them or was unreachable.
+    /// Tasks computed locally, whatever the cause (see `tasks_local`).
     pub fallbacks: u64,
     /// Invocations that found the parameters in the function's warm cache.
     pub params_cache_hits: u64,
@@ -294,6 +352,22 @@ pub struct ExecStats {
     pub grad_tasks_ok: u64,
     /// Invocations that started a new function environment.
     pub cold_starts: u64,
+    /// Every planned task ends in exactly one of: `tasks_ok` (in the tier, first
+    /// try), `tasks_ok_after_retry`, or `tasks_local` (computed here, by cause:
+    /// breaker_open, upload, unreachable, timeout, function_error, not_found,
+    /// bad_result, download). `fallbacks` is the sum of `tasks_local`.
+    pub tasks_planned: u64,
+    pub tasks_ok: u64,
+    pub tasks_ok_after_retry: u64,
+    pub tasks_local: BTreeMap<String, u64>,
+    /// Objects put back after a function found them missing.
+    pub reuploads: u64,
+    pub breaker_opens: u64,
+    pub breaker_probes: u64,
+    /// Whether the breaker is open now (at the last round).
+    pub breaker_open: bool,
+    /// Objects deleted once no task could need them (not with --s3-keep).
+    pub objects_deleted: u64,
 }
 
 /// The cost of one peer's run, measured and by the paper's formula.
@@ -382,6 +456,13 @@ pub struct RoundWork<'a> {
     /// Epoch-local indices of this round's batches (their object keys).
     pub batch_ids: &'a [usize],
     pub tasks: &'a [TaskPlan],
+    /// The peer's training split and the whole epoch's batches of this peer
+    /// (put in the store once per epoch).
+    pub train: &'a Split,
+    pub epoch_batches: &'a [Vec<usize>],
+    pub params: &'a [f32],
+    /// Whether this peer puts the parameters ([`params_uploader`]).
+    pub uploader: bool,
 }
 
 /// The round's outputs: gradients in task order, and the tasks left for local computation.
@@ -391,86 +472,389 @@ pub struct RoundOutput {
     pub failed: Vec<usize>,
 }
 
+/// Why a task was computed on the peer rather than in the function tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LocalCause {
+    /// The circuit breaker was open (the tier kept failing).
+    BreakerOpen,
+    /// This peer could not put the batches or the parameters in the store.
+    Upload,
+    /// The Lambda endpoint could not be reached.
+    Unreachable,
+    Timeout,
+    /// The function failed (its error type is in the log).
+    FunctionError,
+    /// The function could not find an input, even after this peer put it back.
+    NotFound,
+    /// The function answered something this peer cannot use.
+    BadResult,
+    /// The task's output could not be downloaded or decoded.
+    Download,
+}
+
+impl LocalCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalCause::BreakerOpen => "breaker_open",
+            LocalCause::Upload => "upload",
+            LocalCause::Unreachable => "unreachable",
+            LocalCause::Timeout => "timeout",
+            LocalCause::FunctionError => "function_error",
+            LocalCause::NotFound => "not_found",
+            LocalCause::BadResult => "bad_result",
+            LocalCause::Download => "download",
+        }
+    }
+
+    fn of(e: &ExecError) -> Self {
+        match e {
+            ExecError::Unreachable(_) => LocalCause::Unreachable,
+            ExecError::Timeout(_) => LocalCause::Timeout,
+            ExecError::Function { kind, .. } if kind == NOT_FOUND => LocalCause::NotFound,
+            ExecError::Function { .. } => LocalCause::FunctionError,
+            ExecError::BadResult(_) | ExecError::Output(_) => LocalCause::BadResult,
+            ExecError::Store(_) => LocalCause::Upload,
+        }
+    }
+}
+
+/// The function error type of a missing input (lambda-grad's handler).
+const NOT_FOUND: &str = "p2pml.NotFound";
+
+/// The key of a missing object in a NotFound message ("… s3://BUCKET/KEY not found").
+fn missing_key(message: &str, bucket: &str) -> Option<String> {
+    let rest = &message[message.find("s3://")? + 5..];
+    let url = rest.split_whitespace().next()?;
+    url.strip_prefix(bucket)?.strip_prefix('/').filter(|k| !k.is_empty()).map(str::to_string)
+}
+
+/// Whether this peer is the one to upload the parameters with `digest`: the
+/// member with the highest hash of (digest, member) among `members` (the live
+/// members computing this round), so that every peer agrees without a message
+/// and one upload is made per digest. A member that is not the uploader waits
+/// for the object, then uploads it itself if it did not come.
+pub fn params_uploader<'a>(digest: &str, members: impl IntoIterator<Item = &'a str>, me: &str) -> bool {
+    let score = |m: &str| {
+        let mut h = blake3::Hasher::new();
+        h.update(b"p2pml params uploader");
+        h.update(digest.as_bytes());
+        h.update(m.as_bytes());
+        *h.finalize().as_bytes()
+    };
+    members.into_iter().max_by_key(|m| score(m)).is_none_or(|m| m == me)
+}
+
+/// What the breaker lets through this round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    All,
+    /// Half-open: one task probes the tier, the others are computed locally.
+    Probe,
+    Nothing,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum BreakerState {
+    Closed,
+    Open { until: Instant },
+    HalfOpen,
+}
+
+/// A circuit breaker over the function tier: after `threshold` consecutive
+/// task failures of any cause (or at once when the endpoint is unreachable) it
+/// opens and the peer computes locally for a back-off period; then one task
+/// probes the tier: success closes it, failure re-opens it for twice as long
+/// (at most `cap`). Pure: the caller passes the time and logs the lines it returns.
+#[derive(Clone, Debug)]
+pub struct Breaker {
+    threshold: u32,
+    base: Duration,
+    cap: Duration,
+    backoff: Duration,
+    consecutive: u32,
+    state: BreakerState,
+    pub opens: u64,
+    pub probes: u64,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, base: Duration, cap: Duration) -> Self {
+        Breaker { threshold: threshold.max(1), base, cap: cap.max(base), backoff: base, consecutive: 0, state: BreakerState::Closed, opens: 0, probes: 0 }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state != BreakerState::Closed
+    }
+
+    pub fn admit(&mut self, now: Instant) -> Admit {
+        match self.state {
+            BreakerState::Closed => Admit::All,
+            BreakerState::Open { until } if now < until => Admit::Nothing,
+            BreakerState::Open { .. } | BreakerState::HalfOpen => {
+                self.state = BreakerState::HalfOpen;
+                self.probes += 1;
+                Admit::Probe
+            }
+        }
+    }
+
+    fn open(&mut self, now: Instant, why: String) -> String {
+        self.state = BreakerState::Open { until: now + self.backoff };
+        self.opens += 1;
+        let line = format!("{why}; computing locally for {:.0} s, then probing with one task", self.backoff.as_secs_f64());
+        self.backoff = (self.backoff * 2).min(self.cap);
+        line
+    }
+
+    /// One task's outcome in the tier; a line to log when the state changes.
+    pub fn record(&mut self, now: Instant, ok: bool, cause: &str) -> Option<String> {
+        if ok {
+            self.consecutive = 0;
+            if self.state == BreakerState::Closed {
+                return None;
+            }
+            self.state = BreakerState::Closed;
+            self.backoff = self.base;
+            return Some("function tier: a probe task succeeded; offloading again".into());
+        }
+        self.consecutive += 1;
+        match self.state {
+            BreakerState::HalfOpen => Some(self.open(now, format!("function tier: the probe task failed ({cause})"))),
+            BreakerState::Closed if self.consecutive >= self.threshold => {
+                Some(self.open(now, format!("function tier: {} tasks failed in a row (last: {cause})", self.consecutive)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Opens at once (the endpoint cannot be reached: every task would fail).
+    pub fn trip(&mut self, now: Instant, why: &str) -> Option<String> {
+        self.consecutive = self.consecutive.max(self.threshold);
+        match self.state {
+            BreakerState::Open { .. } => None,
+            _ => Some(self.open(now, format!("function tier: {why}"))),
+        }
+    }
+}
+
+/// How long a member that is not the parameters' uploader waits for them.
+const PARAMS_WAIT: Duration = Duration::from_secs(3);
+
+/// What a peer can put back into the store when a function reports it missing,
+/// and when each of its objects was last put.
+struct Supplier {
+    store: ObjectStore,
+    /// key → bytes: this epoch's batches and the current parameters.
+    owned: std::sync::Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    /// key → when it was put; a key here is believed to be in the store.
+    held: tokio::sync::Mutex<HashMap<String, Instant>>,
+    reuploads: std::sync::atomic::AtomicU64,
+}
+
+impl Supplier {
+    /// Puts `key` back unless it was put after `since` (another task already
+    /// did); Ok(false) when it is not this peer's to put.
+    async fn restore(&self, key: &str, since: Instant) -> Result<bool, StoreError> {
+        let Some(bytes) = self.owned.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned() else {
+            return Ok(false);
+        };
+        let mut held = self.held.lock().await;
+        if held.get(key).is_some_and(|t| *t > since) {
+            return Ok(true);
+        }
+        tracing::warn!("the function tier lost {key}: putting it back");
+        self.store.put(key, bytes.to_vec()).await?;
+        held.insert(key.to_string(), Instant::now());
+        self.reuploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn own(&self, key: String, bytes: Arc<Vec<u8>>) {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).insert(key, bytes);
+    }
+
+    fn disown(&self, key: &str) {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
 /// The function-tier executor of one peer.
 pub struct LambdaExecutor {
     cfg: ExecConfig,
     lambda: aws_sdk_lambda::Client,
-    store: ObjectStore,
-    params_present: HashSet<String>,
-    uploaded_epochs: HashSet<u64>,
+    supplier: Arc<Supplier>,
+    /// The epoch whose batches are in `supplier.owned`, and their keys.
+    epoch_batches: Option<(u64, Vec<String>)>,
+    /// The current parameters' key (in `supplier.owned`).
+    params_owned: Option<String>,
+    /// Parameters this peer put, by round, until they are two rounds old.
+    params_put: std::collections::VecDeque<(u64, String)>,
+    /// Keys no task needs any more, deleted once no invocation that could
+    /// still read them may be running.
+    doomed: Vec<String>,
+    /// An abandoned invocation (a backup's loser, a timeout) may run until then.
+    hold_deletes_until: Option<Instant>,
+    /// How long an invocation may run in the function (its configured timeout).
+    function_timeout: Duration,
+    breaker: Breaker,
     durations_ms: Vec<f64>,
     /// Round trips of gradient invocations since the metrics last took them.
     pub recent_ms: Vec<f64>,
     pub stats: ExecStats,
-    /// Rounds in which the tier could not be reached at all.
-    unreachable_since: Option<Instant>,
+}
+
+/// The Lambda endpoint as errors name it.
+fn lambda_endpoint_display(cfg: &ExecConfig) -> String {
+    cfg.lambda_endpoint.clone().unwrap_or_else(|| format!("https://lambda.{}.amazonaws.com", cfg.region))
 }
 
 impl LambdaExecutor {
+    /// A client of the function tier, after checking what can be checked at
+    /// start: the bucket (created only with --s3-create-bucket), the Lambda
+    /// endpoint and the function (GetFunction), and that the function's store
+    /// is this node's bucket. Each failure is one line naming the setting.
     pub async fn new(cfg: &ExecConfig) -> anyhow::Result<Self> {
-        let store = ObjectStore::new(&cfg.store)?;
-        store.ensure_bucket().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = ObjectStore::new(&cfg.store)?.named_by("--s3-endpoint (P2PML_S3_ENDPOINT) of this node", "--s3-bucket (P2PML_S3_BUCKET) of this node");
+        if cfg.create_bucket {
+            store.ensure_bucket().await?;
+        } else {
+            store.check_bucket().await.map_err(|e| anyhow::anyhow!("{e} (or pass --s3-create-bucket)"))?;
+        }
         let lambda = lambda_client(cfg.lambda_endpoint.as_deref(), &cfg.region, Duration::from_millis(cfg.task_timeout_ms))?;
+        let function_timeout = check_function(&lambda, cfg, store.bucket()).await?;
         Ok(LambdaExecutor {
             cfg: cfg.clone(),
             lambda,
-            store,
-            params_present: HashSet::new(),
-            uploaded_epochs: HashSet::new(),
+            supplier: Arc::new(Supplier { store, owned: Default::default(), held: Default::default(), reuploads: Default::default() }),
+            epoch_batches: None,
+            params_owned: None,
+            params_put: Default::default(),
+            doomed: Vec::new(),
+            hold_deletes_until: None,
+            function_timeout: function_timeout.unwrap_or(Duration::from_millis(cfg.task_timeout_ms)),
+            breaker: Breaker::new(cfg.breaker_failures, Duration::from_millis(cfg.breaker_backoff_ms), BREAKER_CAP),
             durations_ms: Vec::new(),
             recent_ms: Vec::new(),
             stats: ExecStats::default(),
-            unreachable_since: None,
         })
     }
 
-    /// Uploads this peer's batches of `epoch` (once per epoch), `in_flight` at a time.
-    pub async fn upload_epoch(&mut self, run: &str, peer: &str, epoch: u64, train: &Split, batches: &[Vec<usize>]) -> Result<(), StoreError> {
-        if !self.uploaded_epochs.insert(epoch) {
-            return Ok(());
-        }
-        use futures::stream::{self, StreamExt, TryStreamExt};
-        let t0 = Instant::now();
-        let shape = train.shape;
-        let jobs = batches.iter().enumerate().map(|(i, b)| {
-            let s = train.select(b);
-            let obj = BatchObject { shape: [shape[0] as u32, shape[1] as u32, shape[2] as u32], images: s.images, labels: s.labels };
-            let key = task::batch_key(run, peer, epoch, i);
-            let store = self.store.clone();
-            async move { store.put(&key, task::encode_batch(&obj)).await }
-        });
-        stream::iter(jobs).buffer_unordered(16).try_collect::<Vec<()>>().await?;
-        self.stats.batches_uploaded += batches.len() as u64;
-        self.stats.data_upload_seconds += t0.elapsed().as_secs_f64();
-        Ok(())
+    fn store(&self) -> &ObjectStore {
+        &self.supplier.store
     }
 
-    /// Makes sure the parameters with `digest` are in the store (skipped when they are).
-    pub async fn ensure_params(&mut self, run: &str, digest: &str, params: &[f32]) -> Result<(), StoreError> {
-        if self.params_present.contains(digest) {
+    /// Puts this peer's batches of `epoch` that the store does not hold, 16 at a
+    /// time. The first call of an epoch encodes them (kept for re-uploads) and
+    /// retires the previous epoch's; a failed put is tried again next round.
+    async fn upload_epoch(&mut self, run: &str, peer: &str, epoch: u64, train: &Split, batches: &[Vec<usize>]) -> Result<(), StoreError> {
+        use futures::stream::{self, StreamExt};
+        if self.epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            if let Some((_, old)) = self.epoch_batches.take() {
+                for k in &old {
+                    self.supplier.disown(k);
+                }
+                self.doomed.extend(old);
+            }
+            let shape = train.shape;
+            let mut keys = Vec::with_capacity(batches.len());
+            for (i, b) in batches.iter().enumerate() {
+                let s = train.select(b);
+                let obj = BatchObject { shape: [shape[0] as u32, shape[1] as u32, shape[2] as u32], images: s.images, labels: s.labels };
+                let key = task::batch_key(run, peer, epoch, i);
+                self.supplier.own(key.clone(), Arc::new(task::encode_batch(&obj)));
+                keys.push(key);
+            }
+            self.epoch_batches = Some((epoch, keys));
+        }
+        let keys = &self.epoch_batches.as_ref().expect("just set").1;
+        let missing: Vec<String> = {
+            let held = self.supplier.held.lock().await;
+            keys.iter().filter(|k| !held.contains_key(*k)).cloned().collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let sup = self.supplier.clone();
+        let results: Vec<(String, Result<(), StoreError>)> = stream::iter(missing)
+            .map(|key| {
+                let sup = sup.clone();
+                async move {
+                    let bytes = sup.owned.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned().unwrap_or_default();
+                    let r = sup.store.put(&key, bytes.to_vec()).await;
+                    (key, r)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut first_error = None;
+        let mut held = self.supplier.held.lock().await;
+        for (key, r) in results {
+            match r {
+                Ok(()) => {
+                    held.insert(key, Instant::now());
+                    self.stats.batches_uploaded += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.stats.data_upload_seconds += t0.elapsed().as_secs_f64();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Makes sure the parameters with `digest` are in the store: the uploader
+    /// ([`params_uploader`]) puts them; the others wait for them a little, then
+    /// put them themselves.
+    async fn ensure_params(&mut self, run: &str, round: u64, digest: &str, params: &[f32], uploader: bool) -> Result<(), StoreError> {
+        let key = task::params_key(run, digest);
+        // Parameters this peer put two rounds ago no task needs any more.
+        while self.params_put.front().is_some_and(|(r, _)| r + 2 <= round) {
+            let (_, k) = self.params_put.pop_front().expect("front exists");
+            self.supplier.held.lock().await.remove(&k);
+            self.doomed.push(k);
+        }
+        if self.params_owned.as_deref() != Some(key.as_str()) {
+            if let Some(old) = self.params_owned.take() {
+                self.supplier.disown(&old);
+            }
+            let bytes = p2pml_proto::encode_f32(params).map_err(|e| StoreError::Service { op: "encode", key: key.clone(), message: e.to_string() })?;
+            self.supplier.own(key.clone(), Arc::new(bytes));
+            self.params_owned = Some(key.clone());
+        }
+        if self.supplier.held.lock().await.contains_key(&key) {
             self.stats.params_upload_skips += 1;
             return Ok(());
         }
         let t0 = Instant::now();
-        let key = task::params_key(run, digest);
-        if self.store.exists(&key).await? {
+        let store = self.store().clone();
+        let deadline = t0 + if uploader { Duration::ZERO } else { PARAMS_WAIT };
+        let mut pause = Duration::from_millis(5);
+        let present = loop {
+            if store.exists(&key).await? {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        };
+        if present {
             self.stats.params_upload_skips += 1;
         } else {
-            let bytes = p2pml_proto::encode_f32(params).map_err(|e| StoreError::Service {
-                op: "encode",
-                key: key.clone(),
-                message: e.to_string(),
-            })?;
-            self.store.put(&key, bytes).await?;
+            if !uploader {
+                tracing::info!("round {round}: parameters {digest} did not appear within {} s; putting them", PARAMS_WAIT.as_secs());
+            }
+            let bytes = self.supplier.owned.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned().unwrap_or_default();
+            store.put(&key, bytes.to_vec()).await?;
             self.stats.params_uploads += 1;
+            self.params_put.push_back((round, key.clone()));
         }
+        self.supplier.held.lock().await.insert(key, Instant::now());
         self.stats.peer_upload_ms += t0.elapsed().as_secs_f64() * 1e3;
-        self.params_present.insert(digest.to_string());
-        // Parameters of rounds long gone are not needed again.
-        if self.params_present.len() > 64 {
-            self.params_present.clear();
-            self.params_present.insert(digest.to_string());
-        }
         Ok(())
     }
 
@@ -485,15 +869,62 @@ impl LambdaExecutor {
         Duration::from_millis(((median * self.cfg.backup_after) as u64).max(self.cfg.backup_min_ms))
     }
 
-    /// Runs a round's tasks in the function tier.
-    pub async fn run_round(&mut self, w: &RoundWork<'_>) -> RoundOutput {
-        // After the tier was unreachable, compute locally for a while before trying again.
-        if self.unreachable_since.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
-            self.stats.fallbacks += w.tasks.len() as u64;
-            return RoundOutput { outputs: Vec::new(), failed: w.tasks.iter().map(|t| t.index).collect() };
+    /// Feeds one outcome to the breaker, logging a change of state.
+    fn breaker_record(&mut self, ok: bool, cause: &str) {
+        if let Some(line) = self.breaker.record(Instant::now(), ok, cause) {
+            tracing::warn!("{line}");
         }
-        let tasks: Vec<GradTask> = w
-            .tasks
+    }
+
+    /// Runs a round's tasks in the function tier: puts this epoch's batches and
+    /// the parameters in the store, invokes, reduces, downloads. Every planned
+    /// task ends counted once: in the tier (first try or after retries), or
+    /// returned in `failed` for local computation, by cause.
+    pub async fn offload(&mut self, w: &RoundWork<'_>) -> RoundOutput {
+        self.stats.tasks_planned += w.tasks.len() as u64;
+        let mut local: Vec<(usize, LocalCause)> = Vec::new();
+        let admitted: Vec<&TaskPlan> = match self.breaker.admit(Instant::now()) {
+            Admit::All => w.tasks.iter().collect(),
+            Admit::Probe => w.tasks.iter().take(1).collect(),
+            Admit::Nothing => Vec::new(),
+        };
+        local.extend(w.tasks.iter().skip(admitted.len()).map(|t| (t.index, LocalCause::BreakerOpen)));
+        let mut outputs = Vec::new();
+        if !admitted.is_empty() {
+            let probe = admitted.len() < w.tasks.len() || self.breaker.is_open();
+            let up = match self.upload_epoch(w.run, w.peer, w.epoch, w.train, w.epoch_batches).await {
+                Ok(()) => self.ensure_params(w.run, w.round, w.params_digest, w.params, w.uploader).await,
+                Err(e) => Err(e),
+            };
+            match up {
+                Ok(()) => outputs = self.invoke_round(w, &admitted, probe, &mut local).await,
+                Err(e) => {
+                    tracing::warn!("round {}: cannot put the task inputs in the store ({e}); computing locally", w.round);
+                    for t in &admitted {
+                        local.push((t.index, LocalCause::Upload));
+                        self.breaker_record(false, "upload");
+                    }
+                }
+            }
+        }
+        for (_, cause) in &local {
+            *self.stats.tasks_local.entry(cause.as_str().to_string()).or_default() += 1;
+        }
+        self.stats.fallbacks += local.len() as u64;
+        self.stats.breaker_opens = self.breaker.opens;
+        self.stats.breaker_probes = self.breaker.probes;
+        self.stats.breaker_open = self.breaker.is_open();
+        self.stats.reuploads = self.supplier.reuploads.load(std::sync::atomic::Ordering::Relaxed);
+        self.flush(None).await;
+        let mut failed: Vec<usize> = local.into_iter().map(|(i, _)| i).collect();
+        failed.sort_unstable();
+        RoundOutput { outputs, failed }
+    }
+
+    /// Invokes `tasks` (and the reduce), downloads; failures go to `local`.
+    async fn invoke_round(&mut self, w: &RoundWork<'_>, tasks: &[&TaskPlan], probe: bool, local: &mut Vec<(usize, LocalCause)>) -> Vec<(usize, GradOutput)> {
+        let bucket = self.store().bucket().to_string();
+        let grads: Vec<GradTask> = tasks
             .iter()
             .map(|t| GradTask {
                 run: w.run.into(),
@@ -509,78 +940,117 @@ impl LambdaExecutor {
                 params_digest: w.params_digest.into(),
                 batch_keys: w.batch_ids[t.batches.clone()].iter().map(|&b| task::batch_key(w.run, w.peer, w.epoch, b)).collect(),
                 output_key: task::output_key(w.run, w.peer, w.round, &format!("t{}", t.index)),
-                bucket: Some(self.store.bucket().to_string()),
+                bucket: Some(bucket.clone()),
                 fault: (t.index == 0).then(|| self.cfg.faults.iter().find(|(r, _)| *r == w.round).map(|(_, f)| *f)).flatten(),
             })
             .collect();
+        // Whatever happens, no later round reads this round's outputs.
+        self.doomed.extend(grads.iter().map(|g| g.output_key.clone()));
         let sem = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_concurrency));
         let deadline = self.backup_deadline();
+        let retries = if probe { 0 } else { self.cfg.retries };
         let mut set = tokio::task::JoinSet::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let inv = Invoker::new(self, sem.clone());
-            let t = Task::Grad(t.clone());
-            set.spawn(async move { (i, inv.run_with_retries(t, Some(deadline)).await) });
+        for (t, g) in tasks.iter().zip(grads) {
+            let inv = Invoker::new(self, sem.clone(), retries);
+            let index = t.index;
+            set.spawn(async move { (index, inv.run_with_retries(Task::Grad(g), Some(deadline)).await) });
         }
-        let mut ok: BTreeMap<usize, (TaskResult, Outcome)> = BTreeMap::new();
-        let mut failed = Vec::new();
+        // (task index, output key, retried)
+        let mut ok: BTreeMap<usize, (String, bool)> = BTreeMap::new();
+        let mut unreachable = None;
         while let Some(joined) = set.join_next().await {
-            let Ok((i, (res, outcome))) = joined else { continue };
+            let (i, (res, outcome)) = match joined {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("round {}: an invocation task failed: {e}", w.round);
+                    continue;
+                }
+            };
             self.absorb(&outcome, true);
             match res {
                 Ok(r) => {
-                    ok.insert(i, (r, outcome));
+                    self.breaker_record(true, "");
+                    ok.insert(i, (r.output_key, outcome.retries > 0));
                 }
                 Err(e) => {
-                    tracing::warn!("round {} task {i}: {e}; computing it locally", w.round);
-                    if matches!(e, ExecError::Unreachable(_)) {
-                        self.unreachable_since = Some(Instant::now());
+                    let cause = LocalCause::of(&e);
+                    if cause == LocalCause::Unreachable {
+                        unreachable = Some(e.to_string());
+                    } else {
+                        tracing::warn!("round {} task {i}: {e}; computing it locally", w.round);
+                        self.breaker_record(false, cause.as_str());
                     }
-                    failed.push(i);
+                    local.push((i, cause));
                 }
             }
         }
-        self.stats.fallbacks += failed.len() as u64;
+        // A task whose invocation task was lost (it cannot panic, but be sure).
+        for t in tasks {
+            if !ok.contains_key(&t.index) && !local.iter().any(|(i, _)| *i == t.index) {
+                local.push((t.index, LocalCause::BadResult));
+            }
+        }
+        if let Some(why) = unreachable {
+            if let Some(line) = self.breaker.trip(Instant::now(), &why) {
+                tracing::warn!("{line}");
+            }
+        }
         let mut outputs = Vec::new();
-        let keys: Vec<(usize, String)> = ok.iter().map(|(i, (r, _))| (*i, r.output_key.clone())).collect();
-        if self.cfg.reduce && keys.len() > 1 {
-            let red = Task::Reduce(ReduceTask {
+        if self.cfg.reduce && ok.len() > 1 {
+            let red = ReduceTask {
                 run: w.run.into(),
                 peer: w.peer.into(),
                 round: w.round,
                 numel: w.numel,
-                input_keys: keys.iter().map(|(_, k)| k.clone()).collect(),
+                input_keys: ok.values().map(|(k, _)| k.clone()).collect(),
                 output_key: task::output_key(w.run, w.peer, w.round, "reduce"),
-                bucket: Some(self.store.bucket().to_string()),
-            });
-            let inv = Invoker::new(self, sem.clone());
-            let (res, outcome) = inv.run_with_retries(red, None).await;
+                bucket: Some(bucket.clone()),
+            };
+            self.doomed.push(red.output_key.clone());
+            let inv = Invoker::new(self, sem.clone(), retries);
+            let (res, outcome) = inv.run_with_retries(Task::Reduce(red), None).await;
             self.absorb(&outcome, false);
             self.stats.reduces += 1;
             match res {
                 Ok(r) => match self.download(&r.output_key, w.numel).await {
-                    Ok(o) => return RoundOutput { outputs: vec![(keys[0].0, o)], failed },
+                    Ok(o) => {
+                        self.count_ok(ok.values().map(|(_, retried)| *retried));
+                        return vec![(*ok.keys().next().expect("two or more"), o)];
+                    }
                     Err(e) => tracing::warn!("round {}: reduced output: {e}; downloading each task's", w.round),
                 },
                 Err(e) => tracing::warn!("round {}: reduce failed ({e}); downloading each task's output", w.round),
             }
         }
-        for (i, key) in keys {
+        for (i, (key, retried)) in ok {
             match self.download(&key, w.numel).await {
-                Ok(o) => outputs.push((i, o)),
+                Ok(o) => {
+                    self.count_ok([retried]);
+                    outputs.push((i, o));
+                }
                 Err(e) => {
                     tracing::warn!("round {} task {i}: {e}; computing it locally", w.round);
-                    self.stats.fallbacks += 1;
-                    failed.push(i);
+                    self.breaker_record(false, "download");
+                    local.push((i, LocalCause::Download));
                 }
             }
         }
-        failed.sort_unstable();
-        RoundOutput { outputs, failed }
+        outputs
+    }
+
+    fn count_ok(&mut self, retried: impl IntoIterator<Item = bool>) {
+        for r in retried {
+            if r {
+                self.stats.tasks_ok_after_retry += 1;
+            } else {
+                self.stats.tasks_ok += 1;
+            }
+        }
     }
 
     async fn download(&mut self, key: &str, numel: usize) -> Result<GradOutput, ExecError> {
         let t0 = Instant::now();
-        let bytes = self.store.get(key).await?;
+        let bytes = self.store().get(key).await?;
         self.stats.peer_download_ms += t0.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
         let o = task::decode_grad_output(&bytes, numel)?;
@@ -588,8 +1058,58 @@ impl LambdaExecutor {
         Ok(o)
     }
 
+    /// Deletes the doomed keys unless an abandoned invocation may still read
+    /// them; with `wait`, waits that long at most for it first.
+    async fn flush(&mut self, wait: Option<Duration>) {
+        if self.cfg.keep {
+            self.doomed.clear();
+            return;
+        }
+        if self.doomed.is_empty() {
+            return;
+        }
+        if let Some(until) = self.hold_deletes_until {
+            let now = Instant::now();
+            if until > now {
+                match wait {
+                    Some(w) if until - now <= w => tokio::time::sleep(until - now).await,
+                    _ => return,
+                }
+            }
+            self.hold_deletes_until = None;
+        }
+        let keys = std::mem::take(&mut self.doomed);
+        match self.store().delete_keys(&keys).await {
+            Ok(n) => self.stats.objects_deleted += n as u64,
+            Err(e) => {
+                tracing::warn!("cannot delete {} objects no task needs ({e}); trying again later", keys.len());
+                // Bounded: a store that never deletes leaves them to a lifecycle rule.
+                if keys.len() < 100_000 {
+                    self.doomed = keys;
+                }
+            }
+        }
+    }
+
+    /// At the end of the run: deletes this peer's batches and what is left to
+    /// delete (unless --s3-keep). The parameters of the last two rounds stay:
+    /// another peer's last tasks may still read them.
+    pub async fn finish(&mut self) {
+        if let Some((_, keys)) = self.epoch_batches.take() {
+            self.doomed.extend(keys);
+        }
+        self.flush(Some(Duration::from_secs(10))).await;
+        if !self.doomed.is_empty() && !self.cfg.keep {
+            tracing::warn!("left {} objects in the store for an invocation that may still run", self.doomed.len());
+        }
+    }
+
     /// Adds a task's counters; `grad`: a gradient task, whose duration feeds the backup deadline.
     fn absorb(&mut self, o: &Outcome, grad: bool) {
+        if o.abandoned {
+            let until = Instant::now() + self.function_timeout;
+            self.hold_deletes_until = Some(self.hold_deletes_until.map_or(until, |t| t.max(until)));
+        }
         let s = &mut self.stats;
         s.invocations += o.invocations;
         s.errors += o.errors;
@@ -622,6 +1142,48 @@ impl LambdaExecutor {
     }
 }
 
+/// The longest the breaker stays open between probes.
+const BREAKER_CAP: Duration = Duration::from_secs(300);
+
+/// GetFunction: the endpoint answers, the function exists, and its store is
+/// this node's bucket (when the function's variables are visible). Returns the
+/// function's timeout. A refused GetFunction (a role with only
+/// lambda:InvokeFunction) is a warning: the tasks will tell.
+async fn check_function(lambda: &aws_sdk_lambda::Client, cfg: &ExecConfig, bucket: &str) -> anyhow::Result<Option<Duration>> {
+    use aws_sdk_lambda::error::ProvideErrorMetadata;
+    let ep = lambda_endpoint_display(cfg);
+    let out = match lambda.get_function().function_name(&cfg.function_name).send().await {
+        Ok(out) => out,
+        Err(e) => {
+            let code = e.code().unwrap_or_default().to_string();
+            return match classify_sdk_error(e, &ep) {
+                ExecError::Unreachable(m) => Err(anyhow::anyhow!("{m}")),
+                _ if code == "ResourceNotFoundException" => Err(anyhow::anyhow!(
+                    "function {} not found at {ep}: check --function-name (P2PML_FUNCTION_NAME) and the region (AWS_REGION)",
+                    cfg.function_name
+                )),
+                _ if code.contains("AccessDenied") => {
+                    tracing::warn!("cannot check function {} at {ep} ({code}): going on; its tasks will tell", cfg.function_name);
+                    Ok(None)
+                }
+                ExecError::Function { message, .. } => {
+                    Err(anyhow::anyhow!("cannot check function {} at {ep}: {message} (--lambda-endpoint, --function-name)", cfg.function_name))
+                }
+                other => Err(anyhow::anyhow!("cannot check function {} at {ep}: {other}", cfg.function_name)),
+            };
+        }
+    };
+    let conf = out.configuration();
+    let theirs = conf.and_then(|c| c.environment()).and_then(|e| e.variables()).and_then(|v| v.get(p2pml_lambda_grad::objstore::ENV_BUCKET));
+    if let Some(theirs) = theirs.filter(|b| b.as_str() != bucket) {
+        anyhow::bail!(
+            "function {} reads bucket {theirs} (its P2PML_S3_BUCKET) but this node puts the tasks' objects in bucket {bucket} (--s3-bucket / P2PML_S3_BUCKET): give both the same bucket",
+            cfg.function_name
+        );
+    }
+    Ok(conf.and_then(|c| c.timeout()).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64)))
+}
+
 /// What happened to one task across its attempts.
 #[derive(Default)]
 struct Outcome {
@@ -632,6 +1194,8 @@ struct Outcome {
     backups: u64,
     backup_wins: u64,
     billed_ms: u64,
+    /// An invocation was left running (a backup's loser, or past the client's timeout).
+    abandoned: bool,
     /// The winning result and its round-trip time in ms.
     result: Option<(TaskResult, f64)>,
 }
@@ -641,56 +1205,82 @@ struct Outcome {
 struct Invoker {
     lambda: aws_sdk_lambda::Client,
     function: String,
+    endpoint: String,
     timeout: Duration,
     retries: u32,
     backoff: Duration,
     sem: Arc<tokio::sync::Semaphore>,
+    supplier: Arc<Supplier>,
 }
 
 impl Invoker {
-    fn new(e: &LambdaExecutor, sem: Arc<tokio::sync::Semaphore>) -> Self {
+    fn new(e: &LambdaExecutor, sem: Arc<tokio::sync::Semaphore>, retries: u32) -> Self {
         Invoker {
             lambda: e.lambda.clone(),
             function: e.cfg.function_name.clone(),
+            endpoint: lambda_endpoint_display(&e.cfg),
             timeout: Duration::from_millis(e.cfg.task_timeout_ms),
-            retries: e.cfg.retries,
+            retries,
             backoff: Duration::from_millis(e.cfg.backoff_ms),
             sem,
+            supplier: e.supplier.clone(),
         }
     }
 
     /// Attempts with retries and exponential backoff; with `backup`, an attempt
     /// running past that deadline gets a second, concurrent invocation and the
-    /// first answer wins (the task is idempotent by output key).
+    /// first answer wins (the task is idempotent by output key). A missing input
+    /// is not retried blindly: if it is this peer's, it is put back and the task
+    /// tried once more; otherwise, or if it is missing again, the task fails.
     async fn run_with_retries(&self, t: Task, backup: Option<Duration>) -> (Result<TaskResult, ExecError>, Outcome) {
         let mut o = Outcome::default();
         let payload = match serde_json::to_vec(&t) {
             Ok(p) => p,
             Err(e) => return (Err(ExecError::BadResult(format!("cannot encode the task: {e}"))), o),
         };
-        let mut last = ExecError::BadResult("no attempt".into());
-        for attempt in 0..=self.retries {
-            if attempt > 0 {
-                o.retries += 1;
-                tokio::time::sleep(self.backoff * 2u32.pow(attempt - 1)).await;
-            }
+        let (mut retries_left, mut restored) = (self.retries, false);
+        let mut pause = self.backoff;
+        loop {
+            let started = Instant::now();
             let r = match backup {
                 Some(d) => self.attempt_with_backup(&payload, d, &mut o).await,
                 None => self.attempt(&payload, &mut o).await,
             };
-            match r {
+            let e = match r {
                 Ok(res) => return (Ok(res), o),
-                Err(ExecError::Unreachable(m)) => return (Err(ExecError::Unreachable(m)), o),
-                Err(e) => {
-                    o.errors += 1;
-                    if matches!(e, ExecError::Timeout(_)) {
-                        o.timeouts += 1;
+                Err(e @ ExecError::Unreachable(_)) => return (Err(e), o),
+                Err(e) => e,
+            };
+            o.errors += 1;
+            if let ExecError::Timeout(_) = e {
+                o.timeouts += 1;
+                o.abandoned = true;
+            }
+            if let ExecError::Function { kind, message } = &e {
+                if kind == NOT_FOUND {
+                    if restored {
+                        return (Err(e), o);
                     }
-                    last = e;
+                    let Some(key) = missing_key(message, self.supplier.store.bucket()) else { return (Err(e), o) };
+                    match self.supplier.restore(&key, started).await {
+                        Ok(true) => {
+                            restored = true;
+                            o.retries += 1;
+                            continue;
+                        }
+                        Ok(false) => return (Err(e), o),
+                        Err(se) => return (Err(ExecError::Store(se)), o),
+                    }
                 }
             }
+            if retries_left == 0 {
+                return (Err(e), o);
+            }
+            retries_left -= 1;
+            o.retries += 1;
+            tokio::time::sleep(pause).await;
+            pause *= 2;
         }
-        (Err(last), o)
     }
 
     async fn attempt_with_backup(&self, payload: &[u8], deadline: Duration, o: &mut Outcome) -> Result<TaskResult, ExecError> {
@@ -701,6 +1291,8 @@ impl Invoker {
             _ = tokio::time::sleep(deadline) => {}
         }
         o.backups += 1;
+        // The loser of the race is dropped here but keeps running in the function.
+        o.abandoned = true;
         let second = self.invoke(payload);
         tokio::pin!(second);
         tokio::select! {
@@ -748,7 +1340,7 @@ impl Invoker {
             .send();
         let r = match tokio::time::timeout(self.timeout + Duration::from_secs(1), call).await {
             Err(_) => Err(ExecError::Timeout(self.timeout.as_millis() as u64)),
-            Ok(Err(e)) => Err(classify_sdk_error(e)),
+            Ok(Err(e)) => Err(classify_sdk_error(e, &self.endpoint)),
             Ok(Ok(out)) => {
                 let body = out.payload().map(|b| b.as_ref().to_vec()).unwrap_or_default();
                 match out.function_error() {
@@ -770,12 +1362,26 @@ impl Invoker {
     }
 }
 
-fn classify_sdk_error<E: std::fmt::Debug, R: std::fmt::Debug>(e: aws_sdk_lambda::error::SdkError<E, R>) -> ExecError {
+/// One line for a failed Lambda request: unreachable (naming the flag), timed
+/// out, or the service's error code and message.
+fn classify_sdk_error<E, R>(e: aws_sdk_lambda::error::SdkError<E, R>, endpoint: &str) -> ExecError
+where
+    E: aws_sdk_lambda::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
     use aws_sdk_lambda::error::SdkError;
     match &e {
-        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => ExecError::Unreachable(format!("{e:?}")),
+        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => ExecError::Unreachable(format!(
+            "function endpoint {endpoint} unreachable: {} — is the function host running, and is --lambda-endpoint (P2PML_LAMBDA_ENDPOINT) right?",
+            p2pml_lambda_grad::objstore::root_cause(&e)
+        )),
         SdkError::TimeoutError(_) => ExecError::Timeout(0),
-        _ => ExecError::Function { kind: "InvokeError".into(), message: format!("{e:?}") },
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("ServiceError").to_string();
+            ExecError::Function { kind: code, message: err.message().unwrap_or("(no message)").to_string() }
+        }
+        _ => ExecError::Function { kind: "InvokeError".into(), message: p2pml_lambda_grad::objstore::root_cause(&e) },
     }
 }
 
@@ -812,6 +1418,7 @@ fn lambda_client(endpoint: Option<&str>, region: &str, timeout: Duration) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[test]
     fn rounds_are_cut_into_tasks_with_distinct_stable_seeds() {
@@ -849,5 +1456,70 @@ mod tests {
         let local = cost(&ExecConfig::default(), &ExecStats::default(), 100.0, 4);
         assert_eq!(local.requests, 0);
         assert!((local.total_usd - 100.0 * cfg.pricing.local_instance_per_s).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_breaker_opens_after_k_failures_probes_and_closes_or_backs_off() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut b = Breaker::new(3, Duration::from_secs(10), Duration::from_secs(25));
+        assert_eq!(b.admit(t0), Admit::All);
+        assert_eq!(b.record(t0, false, "timeout"), None);
+        assert_eq!(b.record(t0, true, ""), None, "a success resets the count");
+        assert_eq!(b.record(t0, false, "timeout"), None);
+        assert_eq!(b.record(t0, false, "timeout"), None);
+        let line = b.record(t0, false, "not_found").expect("opens on the third failure in a row");
+        assert!(line.contains("3 tasks failed in a row (last: not_found)") && line.contains("10 s"), "{line}");
+        assert_eq!(b.admit(s(9)), Admit::Nothing);
+        assert_eq!(b.admit(s(10)), Admit::Probe);
+        let line = b.record(s(10), false, "timeout").expect("a failed probe re-opens");
+        assert!(line.contains("probe task failed") && line.contains("20 s"), "{line}");
+        assert_eq!(b.admit(s(29)), Admit::Nothing);
+        assert_eq!(b.admit(s(30)), Admit::Probe);
+        assert!(b.record(s(30), false, "timeout").unwrap().contains("25 s"), "capped");
+        assert_eq!(b.admit(s(55)), Admit::Probe);
+        assert!(b.record(s(55), true, "").unwrap().contains("offloading again"));
+        assert_eq!(b.admit(s(55)), Admit::All);
+        assert_eq!((b.opens, b.probes), (3, 3));
+        // Closed again, the back-off starts over; unreachable opens at once.
+        assert!(b.trip(s(60), "unreachable").unwrap().contains("10 s"));
+        assert_eq!(b.trip(s(61), "unreachable"), None, "already open");
+        assert_eq!(b.admit(s(65)), Admit::Nothing);
+    }
+
+    #[test]
+    fn missing_keys_are_read_from_not_found_messages_of_this_bucket_only() {
+        let m = "cannot read batch: object s3://p2pml/run1/data/peer/e0/b3 not found";
+        assert_eq!(missing_key(m, "p2pml").as_deref(), Some("run1/data/peer/e0/b3"));
+        assert_eq!(missing_key(m, "other"), None);
+        assert_eq!(missing_key("cannot read batch: gone", "p2pml"), None);
+        assert_eq!(missing_key("object s3://p2pml/ not found", "p2pml"), None);
+    }
+
+    #[test]
+    fn exactly_one_member_uploads_each_digest_and_all_agree() {
+        let members = ["a", "b", "c", "d"];
+        let mut by = std::collections::HashMap::new();
+        for d in 0..64 {
+            let digest = format!("{d:064x}");
+            let ups: Vec<&str> = members.iter().copied().filter(|m| params_uploader(&digest, members, m)).collect();
+            assert_eq!(ups.len(), 1, "{digest}: {ups:?}");
+            *by.entry(ups[0]).or_insert(0) += 1;
+        }
+        assert_eq!(by.len(), 4, "the work is spread: {by:?}");
+        assert!(params_uploader("x", [], "a"), "no members known: upload");
+    }
+
+    #[test]
+    fn bad_endpoints_and_buckets_name_the_flag() {
+        let mut c = ExecConfig::default();
+        c.store.endpoint = Some("127.0.0.1:9000".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("--s3-endpoint 127.0.0.1:9000") && e.contains("http://HOST:PORT"), "{e}");
+        let mut c = ExecConfig { lambda_endpoint: Some("localhost:9001".into()), ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("--lambda-endpoint localhost:9001"));
+        c.lambda_endpoint = None;
+        c.store.bucket = "My_Bucket".into();
+        assert!(c.validate().unwrap_err().contains("--s3-bucket My_Bucket"));
     }
 }

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,6 +63,12 @@ pub struct Metrics {
     pub function_cold_starts: IntCounter,
     pub function_duration: Histogram,
     pub function_gb_seconds: prometheus::Counter,
+    /// Planned function tasks by how they ended: outcome tier|tier_after_retry|local, and the local cause.
+    pub function_tasks: IntCounterVec,
+    /// 1 while the circuit breaker keeps tasks off the function tier.
+    pub function_breaker_open: IntGauge,
+    pub function_reuploads: IntCounter,
+    pub function_objects_deleted: IntCounter,
     pub cost_usd: prometheus::Counter,
     /// Pushes refused and gradients dropped as invalid (added to the invalid-message count).
     pub invalid_pushes: IntCounter,
@@ -151,6 +157,11 @@ impl Metrics {
             "Billed function time times memory (GB-seconds)",
         )?;
         r.register(Box::new(function_gb_seconds.clone()))?;
+        let function_tasks = IntCounterVec::new(
+            prometheus::Opts::new("p2pml_function_tasks_total", "Planned function tasks by how they ended (outcome: tier, tier_after_retry, local; cause of a local one)"),
+            &["outcome", "cause"],
+        )?;
+        r.register(Box::new(function_tasks.clone()))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         r.register(Box::new(TrafficCollector::new(traffic)?))?;
@@ -178,6 +189,10 @@ impl Metrics {
             function_cold_starts: counter(&r, "p2pml_function_cold_starts_total", "Invocations that started a new function environment")?,
             function_duration,
             function_gb_seconds,
+            function_tasks,
+            function_breaker_open: int_gauge(&r, "p2pml_function_breaker_open", "1 while the circuit breaker computes the function tasks locally")?,
+            function_reuploads: counter(&r, "p2pml_function_reuploads_total", "Objects put back after a function found them missing")?,
+            function_objects_deleted: counter(&r, "p2pml_function_objects_deleted_total", "Objects deleted from the store once no task needed them")?,
             cost_usd: {
                 let c = prometheus::Counter::new("p2pml_estimated_cost_usd_total", "This node's estimated cost so far: function billing plus instance time")?;
                 r.register(Box::new(c.clone()))?;
@@ -205,6 +220,14 @@ impl Metrics {
         up(&self.function_timeouts, before.timeouts, now.timeouts);
         up(&self.function_retries, before.retries, now.retries);
         up(&self.function_cold_starts, before.cold_starts, now.cold_starts);
+        up(&self.function_reuploads, before.reuploads, now.reuploads);
+        up(&self.function_objects_deleted, before.objects_deleted, now.objects_deleted);
+        up(&self.function_tasks.with_label_values(&["tier", ""]), before.tasks_ok, now.tasks_ok);
+        up(&self.function_tasks.with_label_values(&["tier_after_retry", ""]), before.tasks_ok_after_retry, now.tasks_ok_after_retry);
+        for (cause, n) in &now.tasks_local {
+            up(&self.function_tasks.with_label_values(&["local", cause]), before.tasks_local.get(cause).copied().unwrap_or(0), *n);
+        }
+        self.function_breaker_open.set(i64::from(now.breaker_open));
         let billed = now.billed_ms.saturating_sub(before.billed_ms) as f64 / 1000.0;
         self.function_gb_seconds.inc_by(billed * memory_mb as f64 / 1024.0);
         for d in durations_ms {

@@ -1332,25 +1332,15 @@ pub(crate) struct Offload<'a> {
     pub(crate) tasks: &'a [TaskPlan],
     pub(crate) params: Arc<Vec<f32>>,
     pub(crate) params_digest: String,
+    /// Whether this peer puts the parameters in the store ([`exec::params_uploader`]).
+    pub(crate) uploader: bool,
 }
 
-/// Runs a round's tasks in the function tier: puts the epoch's batches and the
-/// parameters in the object store, then invokes. Returns the outputs, the tasks
-/// to compute locally instead (all of them if the store is unreachable), and
-/// the seconds spent uploading.
+/// Runs a round's tasks in the function tier ([`LambdaExecutor::offload`]).
+/// Returns the outputs, the tasks to compute locally instead, and the seconds
+/// spent putting the inputs in the store.
 pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(usize, GradOutput)>, Vec<usize>, f64) {
-    let all: Vec<usize> = w.tasks.iter().map(|t| t.index).collect();
-    let t0 = Instant::now();
-    if let Err(e) = lx.upload_epoch(w.run, w.peer, w.epoch, w.train, w.epoch_batches).await {
-        tracing::warn!("cannot upload the epoch's batches ({e}); computing locally");
-        return (Vec::new(), all, t0.elapsed().as_secs_f64());
-    }
-    let up = lx.ensure_params(w.run, &w.params_digest, &w.params).await;
-    let upload = t0.elapsed().as_secs_f64();
-    if let Err(e) = up {
-        tracing::warn!("cannot upload the parameters ({e}); computing locally");
-        return (Vec::new(), all, upload);
-    }
+    let before = lx.stats.peer_upload_ms / 1e3 + lx.stats.data_upload_seconds;
     let work = exec::RoundWork {
         run: w.run,
         peer: w.peer,
@@ -1364,8 +1354,13 @@ pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(us
         params_digest: &w.params_digest,
         batch_ids: &w.batch_ids,
         tasks: w.tasks,
+        train: w.train,
+        epoch_batches: w.epoch_batches,
+        params: &w.params,
+        uploader: w.uploader,
     };
-    let out = lx.run_round(&work).await;
+    let out = lx.offload(&work).await;
+    let upload = lx.stats.peer_upload_ms / 1e3 + lx.stats.data_upload_seconds - before;
     (out.outputs, out.failed, upload)
 }
 
@@ -1464,6 +1459,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
     let (compression, rule, attack) = wire_rules(&p2p)?;
+    // The function tier's settings are checked before the network starts: a
+    // wrong bucket or endpoint costs seconds, not a joined run.
+    let mut lambda = match p2p.exec.executor {
+        ExecutorKind::Lambda if !(p2p.garbage || p2p.heartbeat_only) => Some(LambdaExecutor::new(&p2p.exec).await?),
+        _ => None,
+    };
 
     let mut bootstrap = Vec::new();
     for a in &p2p.bootstrap {
@@ -1608,10 +1609,6 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     }
     let withhold = matches!(attack, Some(Attack::Withhold));
     let me_s = me.to_string();
-    let mut lambda = match p2p.exec.executor {
-        ExecutorKind::Local => None,
-        ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
-    };
     let mut latest_params: Option<(Digest, Arc<Vec<f32>>)> = None;
 
     // A run that is ahead of us (a peer past our round: past round 0, or past the
@@ -1775,6 +1772,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     }
                 };
                 let digest_hex = hex(&latest_params.as_ref().expect("just set").0);
+                let members: Vec<String> = node.rs.active_members().iter().map(|p| p.to_string()).collect();
+                let uploader = exec::params_uploader(&digest_hex, members.iter().map(String::as_str), &me_s);
                 let work = Offload {
                     run: &run_id,
                     peer: &me_s,
@@ -1788,6 +1787,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     tasks: &tasks,
                     params,
                     params_digest: digest_hex,
+                    uploader,
                 };
                 let (out, failed, upload) = node.while_pumping(offload(lx, work)).await?;
                 outputs = out;
@@ -2118,6 +2118,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
     let tr = &client.traffic;
     let wall_secs = wall.elapsed().as_secs_f64();
+    if let Some(lx) = lambda.as_mut() {
+        lx.finish().await;
+    }
     let report = NodeReport {
         role: "peer".into(),
         peer_id: me.to_string(),

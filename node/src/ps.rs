@@ -847,6 +847,10 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         bail!("--ps {ps} must end in /p2p/<peer id> (the id the server prints at start)");
     };
     crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
+    let mut lambda = match p2p.exec.executor {
+        ExecutorKind::Local => None,
+        ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
+    };
     let device = cfg.device.resolve()?;
     let spec = run_spec(&cfg, &p2p);
     let run_id = spec.run_id();
@@ -900,10 +904,6 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         }
     });
 
-    let mut lambda = match p2p.exec.executor {
-        ExecutorKind::Local => None,
-        ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
-    };
     let mut trainer = Some(Trainer { model, opt, train });
     let mut sched: Option<Schedule> = None;
     let mut next = 0u64;
@@ -987,6 +987,10 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 tasks: &tasks,
                 params: params.clone(),
                 params_digest: hex(&work.params_digest),
+                uploader: {
+                    let members: Vec<String> = sc.members.iter().map(|p| p.to_string()).collect();
+                    exec::params_uploader(&hex(&work.params_digest), members.iter().map(String::as_str), &me_s)
+                },
             };
             let (out, failed, _) = offload(lx, w).await;
             outputs = out;
@@ -1080,6 +1084,9 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     let wall_secs = wall.elapsed().as_secs_f64();
     if link.stalled > 0.0 {
         tracing::info!("stalled {:.1} s waiting for the parameter server", link.stalled);
+    }
+    if let Some(lx) = lambda.as_mut() {
+        lx.finish().await;
     }
     let report = NodeReport {
         role: "worker".into(),

@@ -80,34 +80,51 @@ struct Tier {
     host_url: String,
 }
 
+/// A real `testnet s3` serving [`BUCKET`] under `dir`: the process and its URL.
+fn start_s3(dir: &Path) -> (Proc, String) {
+    let root = dir.join("s3");
+    std::fs::create_dir_all(&root).unwrap();
+    let s3_file = dir.join("s3.addr");
+    let mut s3 = Proc(
+        Command::new(bin("testnet"))
+            .args(["s3", "--root", root.to_str().unwrap(), "--listen", "127.0.0.1:0", "--bucket", BUCKET])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--addr-file"])
+            .arg(&s3_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start testnet s3"),
+    );
+    let s3_url = read_addr(&s3_file, "testnet s3", &mut s3.0);
+    (s3, s3_url)
+}
+
+/// `lambda-grad host` with the test store's settings (not yet started).
+fn host_command(s3_url: &str, host_args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("lambda-grad"));
+    cmd.args(["host", "--listen", "127.0.0.1:0", "--function-name", FUNCTION])
+        .args(host_args)
+        .envs(store_env(s3_url))
+        .env("P2PML_TORCH_THREADS", "1")
+        .stdout(Stdio::null());
+    cmd
+}
+
 impl Tier {
     fn start(host_args: &[&str]) -> Tier {
+        Self::start_logging(host_args, None)
+    }
+
+    /// As [`Tier::start`]; the host's stderr (and so its environments') goes to `stderr` if given.
+    fn start_logging(host_args: &[&str], stderr: Option<&Path>) -> Tier {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("s3");
-        std::fs::create_dir_all(&root).unwrap();
-        let s3_file = dir.path().join("s3.addr");
-        let mut s3 = Proc(
-            Command::new(bin("testnet"))
-                .args(["s3", "--root", root.to_str().unwrap(), "--listen", "127.0.0.1:0", "--bucket", BUCKET])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--addr-file"])
-                .arg(&s3_file)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start testnet s3"),
-        );
-        let s3_url = read_addr(&s3_file, "testnet s3", &mut s3.0);
+        let (s3, s3_url) = start_s3(dir.path());
         let host_file = dir.path().join("host.addr");
-        let mut host = Proc(
-            Command::new(bin("lambda-grad"))
-                .args(["host", "--listen", "127.0.0.1:0", "--function-name", FUNCTION, "--addr-file"])
-                .arg(&host_file)
-                .args(host_args)
-                .envs(store_env(&s3_url))
-                .env("P2PML_TORCH_THREADS", "1")
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start lambda-grad host"),
-        );
+        let mut cmd = host_command(&s3_url, host_args);
+        cmd.arg("--addr-file").arg(&host_file);
+        if let Some(f) = stderr {
+            cmd.stderr(std::fs::File::create(f).unwrap());
+        }
+        let mut host = Proc(cmd.spawn().expect("start lambda-grad host"));
         let host_url = read_addr(&host_file, "lambda-grad host", &mut host.0);
         Tier { host, _s3: s3, _dir: dir, s3_url, host_url }
     }
@@ -472,4 +489,98 @@ fn busy_environments_make_invocations_wait_and_idle_ones_stop() {
     let r = rt.block_on(invoke(&lambda, &Task::Grad(task))).ok();
     assert!(!r.params_cached);
     assert_eq!(tier.stats()["cold_starts"].as_u64(), Some(2));
+}
+
+#[test]
+fn get_function_describes_the_function_and_tasks_of_another_bucket_are_refused() {
+    let logs = tempfile::tempdir().unwrap();
+    let stderr = logs.path().join("host.stderr");
+    let tier = Tier::start_logging(&["--concurrency", "1", "--timeout-s", "7", "--memory-mb", "1024"], Some(&stderr));
+    let data = batches(1);
+    rt().block_on(async {
+        let lambda = tier.lambda();
+
+        // GetFunction: what a node checks before it invokes anything.
+        let out = lambda.get_function().function_name(FUNCTION).send().await.expect("get_function");
+        let c = out.configuration().expect("configuration");
+        assert_eq!(c.function_name(), Some(FUNCTION));
+        assert_eq!(c.function_arn(), Some(format!("arn:aws:lambda:{REGION}:000000000000:function:{FUNCTION}").as_str()));
+        assert_eq!(c.timeout(), Some(7));
+        assert_eq!(c.memory_size(), Some(1024));
+        assert_eq!(c.runtime().map(|r| r.as_str()), Some("provided.al2023"));
+        assert_eq!(c.state().map(|s| s.as_str()), Some("Active"));
+        assert_eq!(c.last_update_status().map(|s| s.as_str()), Some("Successful"));
+        let vars = c.environment().and_then(|e| e.variables()).expect("environment variables");
+        assert_eq!(vars.get("P2PML_S3_BUCKET").map(String::as_str), Some(BUCKET), "{vars:?}");
+        assert_eq!(vars.get("P2PML_S3_ENDPOINT"), Some(&tier.s3_url), "{vars:?}");
+        assert_eq!(vars.get("AWS_REGION").map(String::as_str), Some(REGION), "{vars:?}");
+        assert_eq!(vars.get("P2PML_S3_PATH_STYLE").map(String::as_str), Some("1"), "{vars:?}");
+        assert!(!vars.contains_key("AWS_SECRET_ACCESS_KEY"), "{vars:?}");
+        // By ARN and with $LATEST too; GetFunctionConfiguration is the same object.
+        let arn = c.function_arn().unwrap().to_string();
+        let by_arn = lambda.get_function().function_name(&arn).qualifier("$LATEST").send().await.expect("by ARN");
+        assert_eq!(by_arn.configuration().and_then(|c| c.timeout()), Some(7));
+        let conf = lambda.get_function_configuration().function_name(FUNCTION).send().await.expect("configuration");
+        assert_eq!(conf.timeout(), Some(7));
+        assert_eq!(conf.environment().and_then(|e| e.variables()).and_then(|v| v.get("P2PML_S3_BUCKET")).map(String::as_str), Some(BUCKET));
+
+        // An unknown function is ResourceNotFoundException, as for Invoke.
+        let err = lambda.get_function().function_name("nope").send().await.unwrap_err();
+        let service = err.into_service_error();
+        assert!(service.is_resource_not_found_exception(), "{service:?}");
+        let err = lambda.get_function_configuration().function_name("nope").send().await.unwrap_err();
+        assert!(err.into_service_error().is_resource_not_found_exception());
+
+        // A task whose objects are in another bucket is refused, naming both buckets.
+        let store = tier.store();
+        let task = upload(&store, "run-e", &data).await;
+        let e = invoke(&lambda, &with(&task, |t| t.bucket = Some("p2pml-elsewhere".into()))).await.error();
+        assert_eq!(e["errorType"], "p2pml.WrongBucket", "{e}");
+        let msg = e["errorMessage"].as_str().unwrap();
+        assert!(msg.contains("bucket p2pml-elsewhere (the node's --s3-bucket)"), "{msg}");
+        assert!(msg.contains(&format!("bucket {BUCKET} (P2PML_S3_BUCKET of the function)")), "{msg}");
+        let reduce = Task::Reduce(ReduceTask {
+            run: "run-e".into(),
+            peer: "peer0".into(),
+            round: 0,
+            numel: task.numel,
+            input_keys: vec![task.output_key.clone()],
+            output_key: p2pml_proto::task::output_key("run-e", "peer0", 0, "sum"),
+            bucket: Some("p2pml-elsewhere".into()),
+        });
+        assert_eq!(invoke(&lambda, &reduce).await.error()["errorType"], "p2pml.WrongBucket");
+        // Its own bucket named: runs.
+        invoke(&lambda, &Task::Grad(task.clone())).await.ok();
+        let e = invoke(&lambda, &with(&task, |t| t.batch_keys.push("run-e/data/peer0/e0/b99".into()))).await.error();
+        assert_eq!(e["errorType"], "p2pml.NotFound");
+    });
+
+    // Function errors are logged as function errors, once, not as panics.
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("function error p2pml.WrongBucket: task's objects are in bucket p2pml-elsewhere"), "{log}");
+    assert!(log.contains("function error p2pml.NotFound: cannot read batch"), "{log}");
+    assert!(!log.to_lowercase().contains("panic"), "{log}");
+    assert!(!log.contains("Diagnostic"), "{log}");
+}
+
+#[test]
+fn a_host_whose_bucket_is_missing_fails_at_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s3, s3_url) = start_s3(dir.path());
+    let start = std::time::Instant::now();
+    let out = host_command(&s3_url, &[])
+        .env("P2PML_S3_BUCKET", "p2pml-missing")
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run lambda-grad host");
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line = lines[0];
+    assert!(line.starts_with("lambda-grad: "), "{line}");
+    assert!(line.contains("p2pml-missing") && line.contains("P2PML_S3_BUCKET of the function host"), "{line}");
+    assert!(line.contains("testnet s3 --bucket p2pml-missing"), "{line}");
 }
