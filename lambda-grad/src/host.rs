@@ -791,6 +791,14 @@ mod tests {
     }
 
     #[test]
+    fn query_parameters_are_found_and_decoded() {
+        assert_eq!(query_param(Some("Qualifier=%24LATEST"), "Qualifier").as_deref(), Some("$LATEST"));
+        assert_eq!(query_param(Some("a=1&Qualifier=v2"), "Qualifier").as_deref(), Some("v2"));
+        assert_eq!(query_param(Some("a=1"), "Qualifier"), None);
+        assert_eq!(query_param(None, "Qualifier"), None);
+    }
+
+    #[test]
     fn percent_decoding_of_names() {
         assert_eq!(percent_decode("f%3A%24LATEST"), "f:$LATEST");
         assert_eq!(percent_decode("plain"), "plain");

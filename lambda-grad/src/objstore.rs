@@ -609,7 +609,7 @@ mod tests {
         let e = StoreError::NotFound { bucket: "p2pml".into(), key: "run/x".into() };
         assert_eq!(e.to_string(), "object s3://p2pml/run/x not found");
         let e = StoreError::Unreachable { endpoint: "http://127.0.0.1:9".into(), message: "connection refused".into(), setting: ENV_ENDPOINT.into() };
-        assert_eq!(e.to_string(), "object store at http://127.0.0.1:9 unreachable: connection refused — is the store running? (P2PML_S3_ENDPOINT)");
+        assert_eq!(e.to_string(), "object store at http://127.0.0.1:9 unreachable: connection refused — is the store running, and is P2PML_S3_ENDPOINT right?");
         let io = std::io::Error::other("Connection refused (os error 111)");
         assert_eq!(root_cause(&io), "connection refused");
     }

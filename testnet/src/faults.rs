@@ -54,6 +54,9 @@ pub(crate) enum Action {
     Revive { peer: usize },
     Partition { sides: Vec<Vec<usize>>, secs: f64 },
     Heal,
+    /// The object store stops and loses its objects; it serves again, empty, after `secs`.
+    StoreOutage { secs: f64 },
+    StoreBack,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -114,6 +117,18 @@ pub(crate) fn parse_partition(s: &str, peers: Nodes) -> Result<Vec<Scheduled>, S
         return Err(format!("{flag} {s}: a peer is on two sides"));
     }
     Ok(vec![Scheduled { at, action: Action::Partition { sides, secs } }])
+}
+
+/// `T+SECONDS` of `--store-outage`.
+pub(crate) fn parse_store_outage(s: &str) -> Result<Scheduled, String> {
+    let flag = "--store-outage";
+    let (t, dur) = s.split_once('+').ok_or_else(|| format!("{flag} {s}: expected T+SECONDS, e.g. r3+4 or 20+5"))?;
+    let at = parse_at(t).map_err(|e| format!("{flag} {s}: {e}"))?;
+    if matches!(at, At::AfterKill(_)) {
+        return Err(format!("{flag} {s}: T is seconds (20) or a round (r3)"));
+    }
+    let secs = crate::units::parse_secs(&format!("{flag} {s}: the duration"), dur, crate::units::Zero::Refused)?;
+    Ok(Scheduled { at, action: Action::StoreOutage { secs } })
 }
 
 /// `--random-kills N --interval S --down D`: N kills, one every S seconds from S
@@ -286,7 +301,7 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
                     }),
                 };
             }
-            Action::Heal => {}
+            Action::Heal | Action::StoreOutage { .. } | Action::StoreBack => {}
         }
         if let (Some(s), true) = (e.stalled_s, round_s > 0.0) {
             e.rounds_stalled = Some((s / round_s).round() as u64);

@@ -141,6 +141,15 @@ struct RunArgs {
     /// SECONDS: "0,1|2,3@r5+30". Repeatable.
     #[arg(long, value_name = "A,B|C,D@T+SECONDS")]
     partition: Vec<String>,
+    /// With `-- --executor lambda`: the object store stops at T, loses every
+    /// object, and serves again (empty) SECONDS later: "r3+4". Repeatable.
+    #[arg(long, value_name = "T+SECONDS")]
+    store_outage: Vec<String>,
+    /// With `-- --executor lambda`: give the function host a store of its own,
+    /// as a misconfigured deployment would (the functions find none of the
+    /// nodes' objects; the nodes' circuit breakers must take over).
+    #[arg(long)]
+    fn_separate_store: bool,
     /// p2p: --peers peers of a decentralized run; ps: a parameter server (named
     /// `ps` in the fault schedule) and --peers workers.
     #[arg(long, default_value = "p2p", value_parser = ["p2p", "ps"])]
@@ -549,6 +558,11 @@ struct Plan {
 
 /// Checks every argument of a run (flags, durations, the fault schedule, the
 /// per-peer arguments) and resolves the node binary. Touches no file.
+/// Whether the node arguments ask for the function tier (`--executor lambda`).
+fn offloads(node_args: &[String]) -> bool {
+    node_args.windows(2).any(|w| w[0] == "--executor" && w[1] == "lambda") || node_args.iter().any(|x| x == "--executor=lambda")
+}
+
 fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
     use units::{check_secs, parse_secs, Zero};
     let bad = |e: String| anyhow::anyhow!(e);
@@ -622,6 +636,13 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         for ev in faults::parse_partition(p, nodes).map_err(bad)? {
             schedule.push((ev, format!("partition {p}")));
         }
+    }
+    let lambda = offloads(&a.node_args);
+    if !lambda && (!a.store_outage.is_empty() || a.fn_separate_store) {
+        return Err(bad("--store-outage and --fn-separate-store need the function tier: add `-- --executor lambda`".into()));
+    }
+    for o in &a.store_outage {
+        schedule.push((faults::parse_store_outage(o).map_err(bad)?, format!("store outage {o}")));
     }
     let mut extra: Vec<Vec<String>> = vec![Vec::new(); n_nodes];
     for pa in &a.peer_args {
@@ -767,13 +788,13 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         args.push("--control-stdin".into());
     }
     // Nodes that offload to the function tier get a local object store and function host.
-    let lambda = a.node_args.windows(2).any(|w| w[0] == "--executor" && w[1] == "lambda")
-        || a.node_args.iter().any(|x| x == "--executor=lambda");
-    let tier = if lambda {
+    let lambda = offloads(&a.node_args);
+    let mut tier = if lambda {
         let settings = tier::TierSettings {
             concurrency: a.fn_concurrency.unwrap_or(cores),
             timeout_s: a.fn_timeout_s,
             memory_mb: a.fn_memory_mb,
+            separate_store: a.fn_separate_store,
         };
         let t = tier::FunctionTier::start(&a.out, &tier::lambda_bin()?, &settings).await?;
         eprintln!("testnet: object store {}, function host {} ({} environments)", t.s3_endpoint, t.lambda_endpoint, settings.concurrency);
@@ -1044,6 +1065,19 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                     }
                     say(&bar, format!("fault: {spec} at {now:.1} s"));
                 }
+                faults::Action::StoreOutage { secs } => {
+                    if let Some(t) = tier.as_mut() {
+                        t.store_down().await?;
+                    }
+                    schedule.push((faults::Scheduled { at: faults::At::Secs(now + secs), action: faults::Action::StoreBack }, format!("store back ({spec})")));
+                    say(&bar, format!("fault: {spec} at {now:.1} s (round {furthest}): the store is down and its objects are lost"));
+                }
+                faults::Action::StoreBack => {
+                    if let Some(t) = tier.as_mut() {
+                        t.store_back().await?;
+                    }
+                    say(&bar, format!("fault: {spec} at {now:.1} s: the store serves again, empty"));
+                }
             }
             fired.push((now, spec, ev.action.clone()));
         }
@@ -1170,10 +1204,13 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
     let down_at_end: Vec<bool> = st.killed[..n_nodes].to_vec();
     let fault_reports = faults::effects(&fired, &obs, &ids[..n_nodes], server);
     let host_stats = match tier {
-        Some(t) => {
+        Some(mut t) => {
             let s = t.stats().await;
+            // A run that ended during an outage: count what the store holds.
+            let _ = t.store_back().await;
+            let store = t.leftovers();
             t.stop().await;
-            Some(s.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })))
+            Some((s.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })), store))
         }
         None => None,
     };

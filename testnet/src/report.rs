@@ -43,8 +43,31 @@ pub(crate) struct TierSummary {
     pub(crate) retries: u64,
     pub(crate) timeouts: u64,
     pub(crate) backups: u64,
+    /// Tasks computed locally (the sum of `tasks_local`).
     pub(crate) fallbacks: u64,
     pub(crate) cold_starts: u64,
+    /// Every planned task, once: in the tier (first try, after retries) or
+    /// locally by cause. `tasks_ok + tasks_ok_after_retry + fallbacks == tasks_planned`.
+    #[serde(default)]
+    pub(crate) tasks_planned: u64,
+    #[serde(default)]
+    pub(crate) tasks_ok: u64,
+    #[serde(default)]
+    pub(crate) tasks_ok_after_retry: u64,
+    #[serde(default)]
+    pub(crate) tasks_local: BTreeMap<String, u64>,
+    /// Objects the nodes put back after a function found them missing.
+    #[serde(default)]
+    pub(crate) reuploads: u64,
+    #[serde(default)]
+    pub(crate) params_uploads: u64,
+    #[serde(default)]
+    pub(crate) breaker_opens: u64,
+    #[serde(default)]
+    pub(crate) objects_deleted: u64,
+    /// What the nodes' bucket held after the run: {objects, bytes}.
+    #[serde(default)]
+    pub(crate) store_at_end: Value,
 }
 
 /// A rogue node (--rogues) and what the peers thought of it.
@@ -165,7 +188,7 @@ pub(crate) fn collect(
     wall: Duration,
     exits: &[Option<Option<i32>>],
     down_at_end: &[bool],
-    host_stats: Option<Value>,
+    host_stats: Option<(Value, Value)>,
     server: Option<usize>,
     ids: &[String],
     rogue_kind: &str,
@@ -330,9 +353,24 @@ pub(crate) fn collect(
                 row
             })
             .collect(),
-        function_tier: host_stats.map(|host| {
+        function_tier: host_stats.map(|(host, store_at_end)| {
             let sum = |k: &str| summaries.iter().map(|p| p.function_tier[k].as_u64().unwrap_or(0)).sum();
+            let mut tasks_local = BTreeMap::new();
+            for p in &summaries {
+                for (cause, n) in p.function_tier["tasks_local"].as_object().into_iter().flatten() {
+                    *tasks_local.entry(cause.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
+                }
+            }
             TierSummary {
+                tasks_planned: sum("tasks_planned"),
+                tasks_ok: sum("tasks_ok"),
+                tasks_ok_after_retry: sum("tasks_ok_after_retry"),
+                tasks_local,
+                reuploads: sum("reuploads"),
+                params_uploads: sum("params_uploads"),
+                breaker_opens: sum("breaker_opens"),
+                objects_deleted: sum("objects_deleted"),
+                store_at_end,
                 cold_starts: host["cold_starts"].as_u64().unwrap_or(0),
                 host,
                 invocations: sum("invocations"),
@@ -506,8 +544,10 @@ pub(crate) fn print_summary(r: &Report) {
     }
     if let Some(t) = &r.function_tier {
         println!(
-            "function tier: {} invocations, {} retries, {} timeouts, {} backups, {} computed locally, {} cold starts",
-            t.invocations, t.retries, t.timeouts, t.backups, t.fallbacks, t.cold_starts
+            "function tier: {} tasks: {} in the tier ({} after retries), {} computed locally {:?}; {} invocations, {} retries, {} timeouts, {} backups, {} cold starts, {} re-uploads, {} breaker openings; store at the end: {} objects",
+            t.tasks_planned, t.tasks_ok + t.tasks_ok_after_retry, t.tasks_ok_after_retry, t.fallbacks, t.tasks_local,
+            t.invocations, t.retries, t.timeouts, t.backups, t.cold_starts, t.reuploads, t.breaker_opens,
+            t.store_at_end["objects"].as_u64().unwrap_or(0)
         );
     }
     if !r.cost_table.is_empty() {

@@ -178,6 +178,7 @@ mod fast {
     use bytes::Bytes;
     use futures::StreamExt;
     use s3s::dto::*;
+    use s3s::crypto::{Checksum as _, Crc64Nvme};
     use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
     use std::future::Future;
     use std::path::{Path, PathBuf};
@@ -404,33 +405,85 @@ mod fast {
                 return self.fs.put_object(req).await;
             }
             let len = req.input.content_length.unwrap_or_default() as usize;
-            let mut body = req.input.body.take().unwrap_or_else(|| StreamingBlob::from(s3s::Body::empty()));
-            let mut data = Vec::with_capacity(len);
+            let Some(mut body) = req.input.body.take() else { return Err(s3_error!(IncompleteBody)) };
+            // The body goes to the file as it arrives (a blocking thread writes
+            // what the connection reads), so the copy into the page cache
+            // overlaps the transfer instead of following it.
+            let tmp = self.tmp_path();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+            let file = tmp.clone();
+            let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&file)?;
+                while let Some(chunk) = rx.blocking_recv() {
+                    std::io::Write::write_all(&mut f, &chunk)?;
+                }
+                Ok(())
+            });
+            let mut crc = <Crc64Nvme as s3s::crypto::Checksum>::new();
+            let (mut n, mut broke) = (0, None);
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| s3_error!(IncompleteBody, "the request body broke off: {e}"))?;
-                data.extend_from_slice(&chunk);
+                match chunk {
+                    Ok(c) => {
+                        crc.update(&c);
+                        n += c.len();
+                        if tx.send(c).await.is_err() {
+                            break; // The writer failed; its error says why.
+                        }
+                    }
+                    Err(e) => {
+                        broke = Some(e.to_string());
+                        break;
+                    }
+                }
             }
-            if data.len() != len {
-                return Err(s3_error!(IncompleteBody, "{} bytes of a body of {len}", data.len()));
+            drop(tx);
+            let written = writer.await;
+            let fail = |e: s3s::S3Error| {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            };
+            match written {
+                Err(e) => return fail(s3_error!(e, InternalError)),
+                Ok(Err(e)) => return fail(s3_error!(e, InternalError)),
+                Ok(Ok(())) => {}
+            }
+            if let Some(e) = broke {
+                return fail(s3_error!(IncompleteBody, "the request body broke off: {e}"));
+            }
+            if n != len {
+                return fail(s3_error!(IncompleteBody, "{n} bytes of a body of {len}"));
             }
             // An ETag from a fast hash, not MD5; the "-1" suffix (as of a one-part
             // multipart upload) tells clients not to compare it with an MD5.
-            let e_tag = format!("{}-1", hex(&<s3s::crypto::Crc64Nvme as s3s::crypto::Checksum>::checksum(&data)));
-            let attrs = match &req.input.content_type {
-                Some(t) => serde_json::json!({ "content_type": t }),
-                None => serde_json::json!({}),
-            };
-            let info = serde_json::json!({ "e_tag": e_tag });
+            let e_tag = format!("{}-1", hex(&crc.finalize()));
             let (b, k) = (&req.input.bucket, &req.input.key);
-            let files = [
-                (self.tmp_path(), self.root.join(b).join(k), data),
-                (self.tmp_path(), sidecar(&self.root, b, k, "metadata.json"), attrs.to_string().into_bytes()),
-                (self.tmp_path(), sidecar(&self.root, b, k, "internal.json"), info.to_string().into_bytes()),
-            ];
-            tokio::task::spawn_blocking(move || files.iter().try_for_each(|(tmp, dest, data)| write_renamed(tmp, dest, data)))
-                .await
-                .map_err(|e| s3_error!(e, InternalError))?
-                .map_err(|e| s3_error!(e, InternalError))?;
+            let dest = self.root.join(b).join(k);
+            let meta = sidecar(&self.root, b, k, "metadata.json");
+            // s3s-fs writes `{}` when there is nothing to say; no file means the same.
+            let attrs = req.input.content_type.as_ref().map(|t| serde_json::json!({ "content_type": t }).to_string());
+            let attrs = (self.tmp_path(), meta, attrs);
+            let info = (self.tmp_path(), sidecar(&self.root, b, k, "internal.json"), serde_json::json!({ "e_tag": e_tag }).to_string());
+            let done = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let placed = match dest.parent() {
+                    Some(dir) => std::fs::create_dir_all(dir),
+                    None => Ok(()),
+                }
+                .and_then(|()| std::fs::rename(&tmp, &dest));
+                if placed.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                placed?;
+                let (attrs_tmp, meta, attrs) = attrs;
+                match attrs {
+                    Some(a) => write_renamed(&attrs_tmp, &meta, a.as_bytes())?,
+                    None => match std::fs::remove_file(&meta) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    },
+                }
+                write_renamed(&info.0, &info.1, info.2.as_bytes())
+            });
+            done.await.map_err(|e| s3_error!(e, InternalError))?.map_err(|e| s3_error!(e, InternalError))?;
             Ok(S3Response::new(PutObjectOutput { e_tag: Some(ETag::Strong(e_tag)), ..Default::default() }))
         }
     }

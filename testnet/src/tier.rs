@@ -19,10 +19,21 @@ pub(crate) struct TierSettings {
     pub(crate) concurrency: usize,
     pub(crate) timeout_s: f64,
     pub(crate) memory_mb: u64,
+    /// Give the function host a store of its own (a misconfigured deployment:
+    /// the functions find none of the nodes' objects).
+    pub(crate) separate_store: bool,
 }
 
+/// The bucket the nodes and the functions use.
+pub(crate) const BUCKET: &str = "p2pml";
+
 pub(crate) struct FunctionTier {
-    s3: crate::s3::S3Server,
+    /// None while an outage (--store-outage) has it stopped.
+    s3: Option<crate::s3::S3Server>,
+    s3_root: PathBuf,
+    s3_addr: SocketAddr,
+    /// The function host's own store (--fn-separate-store).
+    fn_s3: Option<crate::s3::S3Server>,
     host: Child,
     host_addr: String,
     pub(crate) s3_endpoint: String,
@@ -32,10 +43,20 @@ pub(crate) struct FunctionTier {
 impl FunctionTier {
     pub(crate) async fn start(out: &Path, lambda_bin: &Path, s: &TierSettings) -> anyhow::Result<FunctionTier> {
         let root = out.join("s3");
-        std::fs::create_dir_all(root.join("p2pml")).with_context(|| format!("cannot create {}", root.display()))?;
+        std::fs::create_dir_all(root.join(BUCKET)).with_context(|| format!("cannot create {}", root.display()))?;
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let s3 = crate::s3::start(&root, listen, ACCESS_KEY, SECRET_KEY).await?;
         let s3_endpoint = s3.endpoint();
+        let s3_addr = s3.addr();
+        let fn_s3 = match s.separate_store {
+            true => {
+                let root = out.join("s3-functions");
+                std::fs::create_dir_all(root.join(BUCKET)).with_context(|| format!("cannot create {}", root.display()))?;
+                Some(crate::s3::start(&root, listen, ACCESS_KEY, SECRET_KEY).await?)
+            }
+            false => None,
+        };
+        let host_store = fn_s3.as_ref().map_or(s3_endpoint.clone(), |s| s.endpoint());
         let dir = out.join("function-host");
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let addr_file = dir.join("addr");
@@ -49,7 +70,7 @@ impl FunctionTier {
             .stdout(Stdio::from(std::fs::File::create(dir.join("stdout.log"))?))
             .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?))
             .kill_on_drop(true);
-        for (k, v) in env(&s3_endpoint) {
+        for (k, v) in env(&host_store) {
             cmd.env(k, v);
         }
         let mut host = cmd.spawn().with_context(|| format!("cannot start {}", lambda_bin.display()))?;
@@ -68,7 +89,7 @@ impl FunctionTier {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let host_addr = lambda_endpoint.trim_start_matches("http://").to_string();
-        Ok(FunctionTier { s3, host, host_addr, s3_endpoint, lambda_endpoint })
+        Ok(FunctionTier { s3: Some(s3), s3_root: root, s3_addr, fn_s3, host, host_addr, s3_endpoint, lambda_endpoint })
     }
 
     /// Arguments that point a node at this tier.
@@ -97,6 +118,46 @@ impl FunctionTier {
         serde_json::from_str(body.trim()).with_context(|| format!("function host stats: not JSON: {body}"))
     }
 
+    /// An outage of the store: it stops, and its objects are lost (as an
+    /// in-memory store's, or after a lifecycle rule) until [`FunctionTier::store_back`].
+    pub(crate) async fn store_down(&mut self) -> anyhow::Result<()> {
+        if let Some(s3) = self.s3.take() {
+            s3.shutdown().await;
+        }
+        let bucket = self.s3_root.join(BUCKET);
+        std::fs::remove_dir_all(&bucket).with_context(|| format!("cannot empty {}", bucket.display()))?;
+        std::fs::create_dir_all(&bucket).with_context(|| format!("cannot create {}", bucket.display()))?;
+        Ok(())
+    }
+
+    /// The store serves again, on the same address, empty.
+    pub(crate) async fn store_back(&mut self) -> anyhow::Result<()> {
+        if self.s3.is_none() {
+            self.s3 = Some(crate::s3::start(&self.s3_root, self.s3_addr, ACCESS_KEY, SECRET_KEY).await?);
+        }
+        Ok(())
+    }
+
+    /// The objects left in the nodes' bucket, and their bytes.
+    pub(crate) fn leftovers(&self) -> Value {
+        fn walk(dir: &Path, n: &mut u64, bytes: &mut u64) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&e.path(), n, bytes),
+                    // s3s-fs keeps its metadata beside the objects, in hidden files.
+                    Ok(_) if !e.file_name().to_string_lossy().starts_with('.') => {
+                        *n += 1;
+                        *bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (mut n, mut bytes) = (0, 0);
+        walk(&self.s3_root.join(BUCKET), &mut n, &mut bytes);
+        serde_json::json!({ "objects": n, "bytes": bytes })
+    }
+
     pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.host.id() {
             // SIGTERM lets the host stop its environments; then make sure.
@@ -105,7 +166,12 @@ impl FunctionTier {
                 let _ = self.host.kill().await;
             }
         }
-        self.s3.shutdown().await;
+        if let Some(s3) = self.s3.take() {
+            s3.shutdown().await;
+        }
+        if let Some(s3) = self.fn_s3.take() {
+            s3.shutdown().await;
+        }
     }
 }
 
@@ -115,7 +181,7 @@ fn env(s3_endpoint: &str) -> Vec<(String, String)> {
         ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
         ("AWS_REGION", "us-east-1"),
         ("P2PML_S3_ENDPOINT", s3_endpoint),
-        ("P2PML_S3_BUCKET", "p2pml"),
+        ("P2PML_S3_BUCKET", BUCKET),
         ("P2PML_S3_PATH_STYLE", "1"),
     ]
     .into_iter()
