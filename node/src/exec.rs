@@ -362,6 +362,10 @@ pub struct ExecStats {
     pub tasks_local: BTreeMap<String, u64>,
     /// Objects put back after a function found them missing.
     pub reuploads: u64,
+    /// Tasks that met a missing input, and the most invocations any of them
+    /// took (at most 2: the input put back and one more try, never blind retries).
+    pub not_found_tasks: u64,
+    pub not_found_max_invocations: u64,
     pub breaker_opens: u64,
     pub breaker_probes: u64,
     /// Whether the breaker is open now (at the last round).
@@ -1111,6 +1115,10 @@ impl LambdaExecutor {
             self.hold_deletes_until = Some(self.hold_deletes_until.map_or(until, |t| t.max(until)));
         }
         let s = &mut self.stats;
+        if o.not_found {
+            s.not_found_tasks += 1;
+            s.not_found_max_invocations = s.not_found_max_invocations.max(o.invocations);
+        }
         s.invocations += o.invocations;
         s.errors += o.errors;
         s.timeouts += o.timeouts;
@@ -1196,6 +1204,8 @@ struct Outcome {
     billed_ms: u64,
     /// An invocation was left running (a backup's loser, or past the client's timeout).
     abandoned: bool,
+    /// An invocation reported a missing input.
+    not_found: bool,
     /// The winning result and its round-trip time in ms.
     result: Option<(TaskResult, f64)>,
 }
@@ -1258,6 +1268,7 @@ impl Invoker {
             }
             if let ExecError::Function { kind, message } = &e {
                 if kind == NOT_FOUND {
+                    o.not_found = true;
                     if restored {
                         return (Err(e), o);
                     }

@@ -71,7 +71,8 @@ pub(crate) async fn start(root: &Path, listen: SocketAddr, access_key: &str, sec
     // s3s_fs's error has no Display: check the usual mistake first.
     let root = std::fs::canonicalize(root).with_context(|| format!("cannot serve {}", root.display()))?;
     let fs = s3s_fs::FileSystem::new(&root).map_err(|e| anyhow::anyhow!("cannot serve {}: {e:?}", root.display()))?;
-    let mut b = if legacy_data_plane() { S3ServiceBuilder::new(fs) } else { S3ServiceBuilder::new(FastFs::new(fs, root.clone())) };
+    let legacy = legacy_data_plane();
+    let mut b = if legacy { S3ServiceBuilder::new(fs) } else { S3ServiceBuilder::new(FastFs::new(fs, root.clone())) };
     b.set_auth(SimpleAuth::from_single(access_key, secret_key));
     let service = b.build();
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
@@ -94,6 +95,11 @@ pub(crate) async fn start(root: &Path, listen: SocketAddr, access_key: &str, sec
                 // A stop signal, or the handle dropped.
                 _ = &mut stopped => break,
             };
+            // Responses go out as written: a body written after its headers
+            // must not wait for the client's delayed ACK (Nagle).
+            if !legacy {
+                let _ = socket.set_nodelay(true);
+            }
             let conn = graceful.watch(http.serve_connection(TokioIo::new(socket), service.clone()).into_owned());
             tokio::spawn(async move {
                 let _ = conn.await;

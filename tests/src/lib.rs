@@ -72,3 +72,44 @@ pub fn testnet(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_
     (o.status.success(), report)
 }
 
+
+/// A real `testnet s3` process serving one bucket; killed when dropped.
+pub struct S3Proc {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+}
+
+impl Drop for S3Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `testnet s3` on port 0 with its buckets under `root`/data, creating
+/// `bucket`, accepting `access_key`/`secret_key`; waits (bounded) for its address.
+pub fn start_s3(root: &std::path::Path, bucket: &str, access_key: &str, secret_key: &str) -> S3Proc {
+    use std::process::{Command, Stdio};
+    std::fs::create_dir_all(root).expect("create the store's directory");
+    let addr_file = root.join("s3.addr");
+    let log = root.join("s3.log");
+    let child = Command::new(bin("testnet"))
+        .args(["s3", "--root"])
+        .arg(root.join("data"))
+        .args(["--listen", "127.0.0.1:0", "--bucket", bucket, "--access-key", access_key, "--secret-key", secret_key, "--addr-file"])
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the store's log"))
+        .spawn()
+        .expect("start testnet s3");
+    let mut p = S3Proc { child, endpoint: String::new() };
+    wait_for("testnet s3's address file", Duration::from_secs(30), || {
+        let exited = p.child.try_wait().expect("poll testnet s3").is_some();
+        assert!(!exited, "testnet s3 exited early: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        addr_file.exists()
+    });
+    p.endpoint = std::fs::read_to_string(&addr_file).expect("read the address file");
+    assert!(p.endpoint.starts_with("http://127.0.0.1:"), "{}", p.endpoint);
+    p
+}

@@ -74,28 +74,17 @@ fn store_env(endpoint: &str) -> Vec<(&'static str, String)> {
 /// The S3 server and the function host, both real processes.
 struct Tier {
     host: Proc,
-    _s3: Proc,
+    _s3: p2pml_tests::S3Proc,
     _dir: tempfile::TempDir,
     s3_url: String,
     host_url: String,
 }
 
 /// A real `testnet s3` serving [`BUCKET`] under `dir`: the process and its URL.
-fn start_s3(dir: &Path) -> (Proc, String) {
-    let root = dir.join("s3");
-    std::fs::create_dir_all(&root).unwrap();
-    let s3_file = dir.join("s3.addr");
-    let mut s3 = Proc(
-        Command::new(bin("testnet"))
-            .args(["s3", "--root", root.to_str().unwrap(), "--listen", "127.0.0.1:0", "--bucket", BUCKET])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--addr-file"])
-            .arg(&s3_file)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start testnet s3"),
-    );
-    let s3_url = read_addr(&s3_file, "testnet s3", &mut s3.0);
-    (s3, s3_url)
+fn start_s3(dir: &Path) -> (p2pml_tests::S3Proc, String) {
+    let s3 = p2pml_tests::start_s3(&dir.join("s3"), BUCKET, ACCESS_KEY, SECRET_KEY);
+    let url = s3.endpoint.clone();
+    (s3, url)
 }
 
 /// `lambda-grad host` with the test store's settings (not yet started).

@@ -2,50 +2,16 @@
 //! S3 protocol (SigV4, path-style, on loopback).
 
 use p2pml_lambda_grad::objstore::{ObjectStore, StoreConfig, StoreError};
-use p2pml_tests::{bin, wait_for};
+use p2pml_tests::{wait_for, S3Proc};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const ACCESS_KEY: &str = "objstore-test";
 const SECRET_KEY: &str = "objstore-test-secret";
 
-/// A `testnet s3` process, killed when dropped.
-struct S3Proc {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for S3Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `testnet s3` on port 0 under `root` and waits (bounded) for its address file.
 fn start_s3(root: &Path) -> S3Proc {
-    let addr_file = root.join("s3.addr");
-    let child = Command::new(bin("testnet"))
-        .args(["s3", "--root"])
-        .arg(root.join("data"))
-        .args(["--listen", "127.0.0.1:0", "--bucket", "p2pml", "--addr-file"])
-        .arg(&addr_file)
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(root.join("s3.log")).unwrap())
-        .spawn()
-        .expect("start testnet s3");
-    let mut p = S3Proc { child, endpoint: String::new() };
-    wait_for("testnet s3's address file", Duration::from_secs(30), || {
-        let exited = p.child.try_wait().unwrap().is_some();
-        assert!(!exited, "testnet s3 exited early: {}", std::fs::read_to_string(root.join("s3.log")).unwrap_or_default());
-        addr_file.exists()
-    });
-    p.endpoint = std::fs::read_to_string(&addr_file).unwrap();
-    assert!(p.endpoint.starts_with("http://127.0.0.1:"), "{}", p.endpoint);
-    p
+    p2pml_tests::start_s3(root, "p2pml", ACCESS_KEY, SECRET_KEY)
 }
 
 fn store_at(endpoint: &str, bucket: &str) -> ObjectStore {
