@@ -162,6 +162,10 @@ impl Metrics {
             &["outcome", "cause"],
         )?;
         r.register(Box::new(function_tasks.clone()))?;
+        for outcome in ["tier", "tier_after_retry"] {
+            // The series exist from the start (zero), as a dashboard expects.
+            function_tasks.with_label_values(&[outcome, ""]);
+        }
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         r.register(Box::new(TrafficCollector::new(traffic)?))?;

@@ -109,6 +109,8 @@ fn bad_input_gives_one_clear_line_fast_and_touches_nothing() {
         (&["--rogues", "1", "--rogue-heartbeat", "--rogue-forge"], "--rogue-heartbeat"),
         (&["--threads-per-node", "0"], "--threads-per-node"),
         (&["--role", "ps", "--rogues", "1"], "--rogues"),
+        (&["--store-outage", "r3+4"], "--store-outage"),
+        (&["--fn-separate-store"], "--executor lambda"),
     ];
     let mut cases: Vec<(Vec<String>, String, PathBuf)> = Vec::new();
     for (k, (extra, names)) in run_cases.iter().enumerate() {
