@@ -605,6 +605,16 @@ mod tests {
     }
 
     #[test]
+    fn payloads_go_unsigned_only_over_tls_or_loopback() {
+        for e in [None, Some("https://minio.example"), Some("http://127.0.0.1:9000"), Some("http://localhost:9000/"), Some("http://[::1]:9000")] {
+            assert!(payload_signing_optional(e), "{e:?}");
+        }
+        for e in ["http://10.0.0.5:9000", "http://minio.example", "http://127.0.0.1.example:80"] {
+            assert!(!payload_signing_optional(Some(e)), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_display_as_one_line() {
         let e = StoreError::NotFound { bucket: "p2pml".into(), key: "run/x".into() };
         assert_eq!(e.to_string(), "object s3://p2pml/run/x not found");

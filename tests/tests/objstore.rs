@@ -98,7 +98,7 @@ fn wrong_credentials_and_missing_buckets_are_one_line_errors() {
         let e = nobucket.get("k").await.unwrap_err();
         assert!(matches!(e, StoreError::Service { .. }), "{e:?}");
         let msg = e.to_string();
-        assert!(msg.contains("NoSuchBucket") && msg.contains("no-such-bucket") && msg.contains("ensure_bucket"), "{msg}");
+        assert!(msg.contains("NoSuchBucket") && msg.contains("no-such-bucket") && msg.contains("aws s3 mb s3://no-such-bucket") && msg.contains("mc mb") && !msg.contains("ensure_bucket"), "{msg}");
         let e = nobucket.exists("k").await.unwrap_err();
         assert!(e.to_string().contains("NoSuchBucket"), "{e}");
 
