@@ -138,7 +138,12 @@ where
                 _ = stop.wait_for(|s| *s) => return,
             };
             let stream = match accepted {
-                Ok((s, _)) => s,
+                // Small answers (a Runtime API event, an invocation's result) must
+                // not wait for the peer's delayed ACK.
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    s
+                }
                 Err(e) => {
                     tracing::warn!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -376,18 +376,25 @@ fn open_index(state_dir: &Path) -> Result<(sled::Db, bool), CheckpointError> {
     match first {
         Ok(db) => Ok((db, false)),
         Err(e) if is_damaged(&e) => {
-            let aside = fresh_name(state_dir, &format!("{INDEX_DIR}.corrupt"));
-            std::fs::rename(&path, &aside).map_err(file_err(&path))?;
-            tracing::warn!(
-                "the checkpoint index {} is damaged ({e}): moved it to {} and rebuilding it from the record files that verify",
-                path.display(),
-                aside.display()
-            );
+            set_aside_index(state_dir, &e)?;
             let db = open_sled(&path).map_err(|e| CheckpointError::Open { path: path.clone(), msg: describe(&e) })?;
             Ok((db, true))
         }
         Err(e) => Err(CheckpointError::Open { msg: describe(&e), path }),
     }
+}
+
+/// Moves a damaged index aside (`checkpoints.sled.corrupt-<unix>`), saying why.
+fn set_aside_index(state_dir: &Path, why: &dyn std::fmt::Display) -> Result<(), CheckpointError> {
+    let path = state_dir.join(INDEX_DIR);
+    let aside = fresh_name(state_dir, &format!("{INDEX_DIR}.corrupt"));
+    std::fs::rename(&path, &aside).map_err(file_err(&path))?;
+    tracing::warn!(
+        "the checkpoint index {} is damaged ({why}): moved it to {} and rebuilding it from the record files that verify",
+        path.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 /// The incarnation the index holds (0 when it holds none or cannot be read:
@@ -489,14 +496,7 @@ impl Checkpoints {
             Err(e) => {
                 // Opened, but its contents are damaged: set aside like one that does not open.
                 drop(db);
-                let path = state_dir.join(INDEX_DIR);
-                let aside = fresh_name(state_dir, &format!("{INDEX_DIR}.corrupt"));
-                std::fs::rename(&path, &aside).map_err(file_err(&path))?;
-                tracing::warn!(
-                    "the checkpoint index {} is damaged ({e}): moved it to {} and rebuilding it from the record files that verify",
-                    path.display(),
-                    aside.display()
-                );
+                set_aside_index(state_dir, &e)?;
                 (db, _) = open_index(state_dir)?;
                 replaced = true;
                 db.open_tree(format!("run/{run_id}"))?

@@ -338,6 +338,7 @@ pub struct ExecStats {
     pub data_upload_seconds: f64,
     /// Sum over successful invocations of the function-side stages, and of the
     /// peer-side round trip minus the function's own time (invoke overhead).
+    /// (Gradient tasks only: a reduce's time is in `reduce_fn_ms`/`reduce_rtt_ms`.)
     pub fn_fetch_ms: f64,
     pub fn_decode_ms: f64,
     pub fn_compute_ms: f64,
@@ -347,6 +348,9 @@ pub struct ExecStats {
     pub peer_upload_ms: f64,
     pub peer_download_ms: f64,
     pub peer_decode_ms: f64,
+    /// Reduce invocations: the function's own time and the round trip, summed.
+    pub reduce_fn_ms: f64,
+    pub reduce_rtt_ms: f64,
     /// Billed milliseconds (each invocation's duration rounded up to 1 ms).
     pub billed_ms: u64,
     pub grad_tasks_ok: u64,
@@ -1128,6 +1132,13 @@ impl LambdaExecutor {
         s.billed_ms += o.billed_ms;
         if let Some((r, rtt_ms)) = &o.result {
             let own = r.fetch_ms + r.decode_ms + r.compute_ms + r.encode_ms + r.write_ms;
+            s.cold_starts += u64::from(r.cold);
+            if !grad {
+                // A reduce's stages are its own: the per-task sums are gradient tasks'.
+                s.reduce_fn_ms += own;
+                s.reduce_rtt_ms += rtt_ms;
+                return;
+            }
             s.fn_fetch_ms += r.fetch_ms;
             s.fn_decode_ms += r.decode_ms;
             s.fn_compute_ms += r.compute_ms;
@@ -1135,16 +1146,13 @@ impl LambdaExecutor {
             s.fn_write_ms += r.write_ms;
             s.invoke_overhead_ms += (rtt_ms - own).max(0.0);
             s.params_cache_hits += u64::from(r.params_cached);
-            s.cold_starts += u64::from(r.cold);
-            if grad {
-                s.grad_tasks_ok += 1;
-                self.durations_ms.push(*rtt_ms);
-                if self.recent_ms.len() < 4096 {
-                    self.recent_ms.push(*rtt_ms);
-                }
-                if self.durations_ms.len() > 256 {
-                    self.durations_ms.drain(..128);
-                }
+            s.grad_tasks_ok += 1;
+            self.durations_ms.push(*rtt_ms);
+            if self.recent_ms.len() < 4096 {
+                self.recent_ms.push(*rtt_ms);
+            }
+            if self.durations_ms.len() > 256 {
+                self.durations_ms.drain(..128);
             }
         }
     }
