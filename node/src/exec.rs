@@ -344,6 +344,8 @@ pub struct ExecStats {
     pub fn_compute_ms: f64,
     pub fn_encode_ms: f64,
     pub fn_write_ms: f64,
+    /// The handlers' whole time (stages and what lies between them).
+    pub fn_handler_ms: f64,
     pub invoke_overhead_ms: f64,
     pub peer_upload_ms: f64,
     pub peer_download_ms: f64,
@@ -1144,6 +1146,7 @@ impl LambdaExecutor {
             s.fn_compute_ms += r.compute_ms;
             s.fn_encode_ms += r.encode_ms;
             s.fn_write_ms += r.write_ms;
+            s.fn_handler_ms += r.handler_ms;
             s.invoke_overhead_ms += (rtt_ms - own).max(0.0);
             s.params_cache_hits += u64::from(r.params_cached);
             s.grad_tasks_ok += 1;

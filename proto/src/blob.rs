@@ -17,10 +17,17 @@ pub fn encode_f32(values: &[f32]) -> Result<Vec<u8>, BlobError> {
         return Err(BlobError::NonFinite { index });
     }
     let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_f32s(&mut out, values);
     Ok(out)
+}
+
+/// Appends `values` little-endian to `out` (one pass the compiler vectorises).
+pub fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
+    let start = out.len();
+    out.resize(start + values.len() * 4, 0);
+    for (c, v) in out[start..].chunks_exact_mut(4).zip(values) {
+        c.copy_from_slice(&v.to_le_bytes());
+    }
 }
 
 /// Decodes a blob of exactly `expected` finite values.

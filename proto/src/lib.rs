@@ -20,7 +20,7 @@ mod state;
 pub mod task;
 pub mod wire;
 
-pub use blob::{decode_f32, encode_f32, BlobError};
+pub use blob::{decode_f32, encode_f32, put_f32s, BlobError};
 
 /// Encodes a gradient for the wire as `compression` says; `seed` drives QSGD's
 /// stochastic rounding (derive it from run, round and peer).

@@ -108,6 +108,10 @@ pub struct TaskResult {
     /// The first task of a new function environment (a cold start).
     #[serde(default)]
     pub cold: bool,
+    /// The handler's whole time, event parsed to result ready (its stages and
+    /// what lies between them).
+    #[serde(default)]
+    pub handler_ms: f64,
 }
 
 /// A task's output object: summed gradient, summed loss, sample count.
@@ -154,9 +158,7 @@ pub fn encode_grad_output(out: &GradOutput) -> Vec<u8> {
     b.extend_from_slice(&out.samples.to_le_bytes());
     b.extend_from_slice(&out.loss_sum.to_le_bytes());
     b.extend_from_slice(&(out.grad.len() as u64).to_le_bytes());
-    for v in &out.grad {
-        b.extend_from_slice(&v.to_le_bytes());
-    }
+    crate::put_f32s(&mut b, &out.grad);
     b
 }
 
