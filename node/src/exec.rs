@@ -358,6 +358,11 @@ pub struct ExecStats {
     pub grad_tasks_ok: u64,
     /// Invocations that started a new function environment.
     pub cold_starts: u64,
+    /// Gradient tasks that started a new environment, and the sum of their
+    /// round trips beyond the function's own time (the environment's start);
+    /// `invoke_overhead_ms` is the same over the warm ones.
+    pub cold_grad_tasks: u64,
+    pub cold_start_ms: f64,
     /// Every planned task ends in exactly one of: `tasks_ok` (in the tier, first
     /// try), `tasks_ok_after_retry`, or `tasks_local` (computed here, by cause:
     /// breaker_open, upload, unreachable, timeout, function_error, not_found,
@@ -1147,7 +1152,14 @@ impl LambdaExecutor {
             s.fn_encode_ms += r.encode_ms;
             s.fn_write_ms += r.write_ms;
             s.fn_handler_ms += r.handler_ms;
-            s.invoke_overhead_ms += (rtt_ms - own).max(0.0);
+            // A cold start's wait is the environment starting (libtorch loading):
+            // apart from the per-invocation overhead of a warm one.
+            if r.cold {
+                s.cold_start_ms += (rtt_ms - own).max(0.0);
+                s.cold_grad_tasks += 1;
+            } else {
+                s.invoke_overhead_ms += (rtt_ms - own).max(0.0);
+            }
             s.params_cache_hits += u64::from(r.params_cached);
             s.grad_tasks_ok += 1;
             self.durations_ms.push(*rtt_ms);
