@@ -707,8 +707,10 @@ pub struct LambdaExecutor {
     /// Keys no task needs any more, deleted once no invocation that could
     /// still read them may be running.
     doomed: Vec<String>,
-    /// An abandoned invocation (a backup's loser, a timeout) may run until then.
+    /// An invocation the client timed out on may still run in the function until then.
     hold_deletes_until: Option<Instant>,
+    /// Backup races' losers still running.
+    stragglers: Arc<Stragglers>,
     /// How long an invocation may run in the function (its configured timeout).
     function_timeout: Duration,
     breaker: Breaker,
@@ -746,6 +748,7 @@ impl LambdaExecutor {
             params_put: Default::default(),
             doomed: Vec::new(),
             hold_deletes_until: None,
+            stragglers: Default::default(),
             function_timeout: function_timeout.unwrap_or(Duration::from_millis(cfg.task_timeout_ms)),
             breaker: Breaker::new(cfg.breaker_failures, Duration::from_millis(cfg.breaker_backoff_ms), BREAKER_CAP),
             durations_ms: Vec::new(),
@@ -930,6 +933,7 @@ impl LambdaExecutor {
         self.stats.breaker_probes = self.breaker.probes;
         self.stats.breaker_open = self.breaker.is_open();
         self.stats.reuploads = self.supplier.reuploads.load(std::sync::atomic::Ordering::Relaxed);
+        self.count_stragglers();
         self.flush(None).await;
         let mut failed: Vec<usize> = local.into_iter().map(|(i, _)| i).collect();
         failed.sort_unstable();
@@ -1053,6 +1057,13 @@ impl LambdaExecutor {
         outputs
     }
 
+    /// Adds the invocations of backup races' losers that have ended.
+    fn count_stragglers(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.invocations += self.stragglers.invocations.swap(0, Relaxed);
+        self.stats.billed_ms += self.stragglers.billed_ms.swap(0, Relaxed);
+    }
+
     fn count_ok(&mut self, retried: impl IntoIterator<Item = bool>) {
         for r in retried {
             if r {
@@ -1082,6 +1093,12 @@ impl LambdaExecutor {
         }
         if self.doomed.is_empty() {
             return;
+        }
+        if self.stragglers.running() > 0 {
+            match wait {
+                Some(w) if self.stragglers.wait(w).await => {}
+                _ => return,
+            }
         }
         if let Some(until) = self.hold_deletes_until {
             let now = Instant::now();
@@ -1113,7 +1130,9 @@ impl LambdaExecutor {
         if let Some((_, keys)) = self.epoch_batches.take() {
             self.doomed.extend(keys);
         }
-        self.flush(Some(Duration::from_secs(10))).await;
+        // A straggler ends within the client's timeout of an invocation.
+        self.flush(Some(Duration::from_millis(self.cfg.task_timeout_ms) + Duration::from_secs(2))).await;
+        self.count_stragglers();
         if !self.doomed.is_empty() && !self.cfg.keep {
             tracing::warn!("left {} objects in the store for an invocation that may still run", self.doomed.len());
         }
@@ -1225,7 +1244,7 @@ struct Outcome {
     backups: u64,
     backup_wins: u64,
     billed_ms: u64,
-    /// An invocation was left running (a backup's loser, or past the client's timeout).
+    /// An invocation may still run in the function (the client timed out on it).
     abandoned: bool,
     /// An invocation reported a missing input.
     not_found: bool,
@@ -1244,6 +1263,56 @@ struct Invoker {
     backoff: Duration,
     sem: Arc<tokio::sync::Semaphore>,
     supplier: Arc<Supplier>,
+    stragglers: Arc<Stragglers>,
+}
+
+/// Invocations left running after a backup race was won: counted (and billed)
+/// when they end, and waited for before deleting what they may still read.
+#[derive(Default)]
+struct Stragglers {
+    in_flight: std::sync::atomic::AtomicUsize,
+    invocations: std::sync::atomic::AtomicU64,
+    billed_ms: std::sync::atomic::AtomicU64,
+    done: tokio::sync::Notify,
+}
+
+impl Stragglers {
+    fn leave_running(self: &Arc<Self>, h: tokio::task::JoinHandle<(Result<TaskResult, ExecError>, f64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.in_flight.fetch_add(1, Relaxed);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (_, ms) = joined(h.await);
+            me.invocations.fetch_add(1, Relaxed);
+            me.billed_ms.fetch_add(ms.ceil() as u64, Relaxed);
+            me.in_flight.fetch_sub(1, Relaxed);
+            me.done.notify_waiters();
+        });
+    }
+
+    fn running(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (at most `limit`) until none runs; whether none does.
+    async fn wait(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.running() > 0 {
+            let notified = self.done.notified();
+            if self.running() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.running() == 0;
+            }
+        }
+        true
+    }
+}
+
+/// An invocation task's answer; a task that died is a bad result.
+fn joined(r: Result<(Result<TaskResult, ExecError>, f64), tokio::task::JoinError>) -> (Result<TaskResult, ExecError>, f64) {
+    r.unwrap_or_else(|e| (Err(ExecError::BadResult(format!("the invocation task failed: {e}"))), 0.0))
 }
 
 impl Invoker {
@@ -1257,6 +1326,7 @@ impl Invoker {
             backoff: Duration::from_millis(e.cfg.backoff_ms),
             sem,
             supplier: e.supplier.clone(),
+            stragglers: e.stragglers.clone(),
         }
     }
 
@@ -1268,7 +1338,7 @@ impl Invoker {
     async fn run_with_retries(&self, t: Task, backup: Option<Duration>) -> (Result<TaskResult, ExecError>, Outcome) {
         let mut o = Outcome::default();
         let payload = match serde_json::to_vec(&t) {
-            Ok(p) => p,
+            Ok(p) => Arc::new(p),
             Err(e) => return (Err(ExecError::BadResult(format!("cannot encode the task: {e}"))), o),
         };
         let (mut retries_left, mut restored) = (self.retries, false);
@@ -1317,37 +1387,39 @@ impl Invoker {
         }
     }
 
-    async fn attempt_with_backup(&self, payload: &[u8], deadline: Duration, o: &mut Outcome) -> Result<TaskResult, ExecError> {
-        let first = self.invoke(payload);
-        tokio::pin!(first);
+    /// One invocation on its own task (so that the loser of a backup race can
+    /// be left to finish, and be counted, rather than dropped unseen).
+    fn spawn_invoke(&self, payload: &Arc<Vec<u8>>) -> tokio::task::JoinHandle<(Result<TaskResult, ExecError>, f64)> {
+        let (inv, payload) = (self.clone(), payload.clone());
+        tokio::spawn(async move { inv.invoke(&payload).await })
+    }
+
+    async fn attempt_with_backup(&self, payload: &Arc<Vec<u8>>, deadline: Duration, o: &mut Outcome) -> Result<TaskResult, ExecError> {
+        let mut first = self.spawn_invoke(payload);
         tokio::select! {
-            r = &mut first => return self.settle(r, o),
+            r = &mut first => return self.settle(joined(r), o),
             _ = tokio::time::sleep(deadline) => {}
         }
         o.backups += 1;
-        // The loser of the race is dropped here but keeps running in the function.
-        o.abandoned = true;
-        let second = self.invoke(payload);
-        tokio::pin!(second);
-        tokio::select! {
-            r = &mut first => {
-                let r = self.settle(r, o);
-                if r.is_ok() { return r; }
-                let r2 = second.await;
-                let r2 = self.settle(r2, o);
-                if r2.is_ok() { o.backup_wins += 1; }
-                r2
-            }
-            r = &mut second => {
-                let r = self.settle(r, o);
-                if r.is_ok() { o.backup_wins += 1; return r; }
-                let r1 = first.await;
-                self.settle(r1, o)
-            }
+        let mut second = self.spawn_invoke(payload);
+        let (r, loser, backup_first) = tokio::select! {
+            r = &mut first => (r, second, false),
+            r = &mut second => (r, first, true),
+        };
+        let r = self.settle(joined(r), o);
+        if r.is_ok() {
+            o.backup_wins += u64::from(backup_first);
+            self.stragglers.leave_running(loser);
+            return r;
         }
+        let r2 = self.settle(joined(loser.await), o);
+        if r2.is_ok() && !backup_first {
+            o.backup_wins += 1;
+        }
+        r2
     }
 
-    async fn attempt(&self, payload: &[u8], o: &mut Outcome) -> Result<TaskResult, ExecError> {
+    async fn attempt(&self, payload: &Arc<Vec<u8>>, o: &mut Outcome) -> Result<TaskResult, ExecError> {
         let r = self.invoke(payload).await;
         self.settle(r, o)
     }

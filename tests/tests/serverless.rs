@@ -39,6 +39,11 @@ fn lambda_executor_reaches_the_local_accuracy_and_reports_the_tier() {
     assert_eq!(t["invocations"].as_u64().unwrap(), 4 * (3 * 5 + 1), "{t}");
     assert!(t["cold_starts"].as_u64().unwrap() >= 1, "{t}");
     assert_eq!(t["fallbacks"], 0, "{t}");
+    // One upload per digest: the same parameters are put once, by one peer.
+    assert_eq!(t["params_uploads"].as_u64().unwrap(), rounds, "{t}");
+    assert_eq!(t["tasks_ok"].as_u64().unwrap(), t["tasks_planned"].as_u64().unwrap(), "{t}");
+    // What no task needs any more is gone: the last two rounds' parameters stay.
+    assert!(t["store_at_end"]["objects"].as_u64().unwrap() <= 2, "{t}");
     assert!(t["host"]["invocations"].as_u64().unwrap() >= t["invocations"].as_u64().unwrap(), "{t}");
     for p in lambda["peer_reports"].as_array().unwrap() {
         let f = &p["function_tier"];
@@ -75,6 +80,12 @@ fn failing_tasks_are_retried_then_computed_locally_and_the_run_completes() {
     assert!(t["fallbacks"].as_u64().unwrap() >= 4, "and then computed them locally: {t}");
     assert!(t["timeouts"].as_u64().unwrap() >= 4, "{t}");
     assert!(t["host"]["timeouts"].as_u64().unwrap() >= 4, "{t}");
+    // Each failing task ended once, computed locally, by its cause; its retries
+    // found their inputs (deletion waits for the round to end).
+    assert_eq!(t["tasks_local"]["not_found"], Value::Null, "{t}");
+    let local: u64 = t["tasks_local"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(local, t["fallbacks"].as_u64().unwrap(), "{t}");
+    assert_eq!(t["tasks_ok"].as_u64().unwrap() + t["tasks_ok_after_retry"].as_u64().unwrap() + local, t["tasks_planned"].as_u64().unwrap(), "{t}");
     for p in r["peer_reports"].as_array().unwrap() {
         assert!(p["rounds"].as_u64().unwrap() >= 4);
     }

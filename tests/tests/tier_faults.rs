@@ -184,3 +184,27 @@ fn wrong_bucket_closed_lambda_port_and_schemeless_endpoints_fail_at_start_in_one
         assert!(!e.stderr.contains("panicked") && !e.stderr.contains("DispatchFailure"), "{}", e.stderr);
     }
 }
+
+#[test]
+fn a_backup_races_loser_is_billed_and_deletion_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Task 0 of round 2 takes 2.5 s on every attempt: past the 2 s backup
+    // deadline, so a backup starts and the first attempt wins while the backup
+    // still runs, reading the round's inputs.
+    let args = ["--seed", "3", "--executor", "lambda", "--fault-task", "sleep:2500@2", "--failure-timeout-ms", "20000"];
+    let (ok, r) = testnet(dir.path(), 2, &["--threads-per-node", "1"], &small_run(1800, 300, 100, 1, &args));
+    assert!(ok, "run: {}", r["problems"]);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    assert_counts_add_up(&r);
+    for p in r["peer_reports"].as_array().unwrap() {
+        let f = &p["function_tier"];
+        let n = |k: &str| f[k].as_u64().unwrap();
+        assert!(n("backups") >= 1, "{f}");
+        assert_eq!(n("not_found_tasks"), 0, "the backup and the later rounds found their inputs: {f}");
+        assert_eq!(n("tasks_ok") + n("tasks_ok_after_retry"), n("tasks_planned"), "{f}");
+        // Every invocation is counted, the race's loser included.
+        assert_eq!(n("invocations"), n("tasks_planned") + n("reduces") + n("backups"), "{f}");
+    }
+    let left = bucket_listing(dir.path());
+    assert!(left.len() <= 2 && left.iter().all(|k| k.contains("/params/")), "{left:?}");
+}
