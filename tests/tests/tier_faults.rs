@@ -30,6 +30,18 @@ fn assert_counts_add_up(r: &Value) {
     assert_eq!(n("tasks_ok") + n("tasks_ok_after_retry") + n("fallbacks"), n("tasks_planned"), "{t}");
 }
 
+/// A 2-peer testnet run of `train` samples with `node_args`: it succeeds, the
+/// peers agree every round, and the task counts add up.
+fn tier_run(out: &Path, testnet_args: &[&str], train: u32, node_args: &[&str]) -> Value {
+    let mut t = vec!["--threads-per-node", "1"];
+    t.extend(testnet_args);
+    let (ok, r) = testnet(out, 2, &t, &small_run(train, 300, 100, 1, node_args));
+    assert!(ok, "run: {}", r["problems"]);
+    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
+    assert_counts_add_up(&r);
+    r
+}
+
 /// The objects left in the run's bucket (the local store keeps them as files).
 fn bucket_listing(out: &Path) -> Vec<String> {
     fn walk(dir: &Path, base: &Path, keys: &mut Vec<String>) {
@@ -96,10 +108,7 @@ fn functions_wired_to_another_store_open_the_breaker_and_the_run_finishes_locall
         "--seed", "3", "--executor", "lambda", "--breaker-failures", "3", "--breaker-backoff-ms", "2000",
         "--failure-timeout-ms", "20000",
     ];
-    let (ok, r) = testnet(dir.path(), 2, &["--threads-per-node", "1", "--fn-separate-store"], &small_run(2400, 300, 100, 1, &args));
-    assert!(ok, "run: {}", r["problems"]);
-    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
-    assert_counts_add_up(&r);
+    let r = tier_run(dir.path(), &["--fn-separate-store"], 2400, &args);
     for p in r["peer_reports"].as_array().unwrap() {
         let f = &p["function_tier"];
         let n = |k: &str| f[k].as_u64().unwrap();
@@ -192,10 +201,7 @@ fn a_backup_races_loser_is_billed_and_deletion_waits_for_it() {
     // deadline, so a backup starts and the first attempt wins while the backup
     // still runs, reading the round's inputs.
     let args = ["--seed", "3", "--executor", "lambda", "--fault-task", "sleep:2500@2", "--failure-timeout-ms", "20000"];
-    let (ok, r) = testnet(dir.path(), 2, &["--threads-per-node", "1"], &small_run(1800, 300, 100, 1, &args));
-    assert!(ok, "run: {}", r["problems"]);
-    assert_eq!(r["rounds_with_equal_digests"], r["common_rounds"]);
-    assert_counts_add_up(&r);
+    let r = tier_run(dir.path(), &[], 1800, &args);
     for p in r["peer_reports"].as_array().unwrap() {
         let f = &p["function_tier"];
         let n = |k: &str| f[k].as_u64().unwrap();
