@@ -68,6 +68,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The cap on one operation, retries included.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// The most a GET reserves up front from the announced Content-Length.
+const MAX_PREALLOC: usize = 256 << 20;
 /// Attempts per operation, the first included.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -366,7 +368,8 @@ impl ObjectStore {
         };
         // Into one buffer of the announced size as the chunks come: no doubling,
         // no second copy.
-        let cap = out.content_length().and_then(|n| usize::try_from(n).ok()).unwrap_or_default();
+        // (The announced size is the server's word: capped, the buffer grows past it.)
+        let cap = out.content_length().and_then(|n| usize::try_from(n).ok()).unwrap_or_default().min(MAX_PREALLOC);
         let mut bytes = Vec::with_capacity(cap);
         let mut body = out.body;
         loop {
@@ -381,6 +384,17 @@ impl ObjectStore {
                     })
                 }
             }
+        }
+    }
+
+    /// Whether `key` exists, in one HEAD request (a missing bucket reads as a
+    /// missing key: for polling, after the bucket was checked).
+    pub async fn head(&self, key: &str) -> Result<bool, StoreError> {
+        check_key(key)?;
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(404) => Ok(false),
+            Err(e) => Err(self.error("exists", key.to_string(), e)),
         }
     }
 
@@ -430,7 +444,17 @@ impl ObjectStore {
     pub async fn delete_keys(&self, keys: &[String]) -> Result<usize, StoreError> {
         for chunk in keys.chunks(1000) {
             let ids = chunk.iter().filter_map(|k| ObjectIdentifier::builder().key(k).build().ok()).collect();
-            self.delete_batch(ids, &chunk[0]).await?;
+            match self.delete_batch(ids, &chunk[0]).await {
+                Ok(()) => {}
+                // A store that refuses DeleteObjects (some want Content-MD5 rather
+                // than the SDK's CRC32, some lack it): one DeleteObject per key.
+                Err(StoreError::Service { op: "delete", .. }) => {
+                    for k in chunk {
+                        self.client.delete_object().bucket(&self.bucket).key(k).send().await.map_err(|e| self.error("delete", k.clone(), e))?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(keys.len())
     }

@@ -381,7 +381,8 @@ pub struct ExecStats {
     pub breaker_probes: u64,
     /// Whether the breaker is open now (at the last round).
     pub breaker_open: bool,
-    /// Objects deleted once no task could need them (not with --s3-keep).
+    /// Keys asked to be deleted once no task could need them (not with
+    /// --s3-keep; a task that failed before writing its output counts too).
     pub objects_deleted: u64,
 }
 
@@ -664,24 +665,31 @@ struct Supplier {
     /// key → when it was put; a key here is believed to be in the store.
     held: tokio::sync::Mutex<HashMap<String, Instant>>,
     reuploads: std::sync::atomic::AtomicU64,
+    /// Set when a restore proved the store lost an object this peer had put:
+    /// then it may have lost them all, and the next round puts everything back.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 impl Supplier {
-    /// Puts `key` back unless it was put after `since` (another task already
-    /// did); Ok(false) when it is not this peer's to put.
-    async fn restore(&self, key: &str, since: Instant) -> Result<bool, StoreError> {
-        let Some(bytes) = self.owned.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned() else {
-            return Ok(false);
-        };
-        let mut held = self.held.lock().await;
-        if held.get(key).is_some_and(|t| *t > since) {
-            return Ok(true);
+    /// Puts back every one of `keys` this peer owns unless it was put after
+    /// `since` (another task already did); Ok(false) when none is its to put.
+    async fn restore(&self, keys: &[String], since: Instant) -> Result<bool, StoreError> {
+        let mut any = false;
+        for key in keys {
+            let Some(bytes) = self.owned.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned() else { continue };
+            any = true;
+            let mut held = self.held.lock().await;
+            match held.get(key) {
+                Some(t) if *t > since => continue,
+                Some(_) => self.lost.store(true, std::sync::atomic::Ordering::Relaxed),
+                None => {}
+            }
+            tracing::warn!("the function tier could not find {key}: putting it back");
+            self.store.put(key, bytes.to_vec()).await?;
+            held.insert(key.clone(), Instant::now());
+            self.reuploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        tracing::warn!("the function tier lost {key}: putting it back");
-        self.store.put(key, bytes.to_vec()).await?;
-        held.insert(key.to_string(), Instant::now());
-        self.reuploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+        Ok(any)
     }
 
     fn own(&self, key: String, bytes: Arc<Vec<u8>>) {
@@ -735,21 +743,31 @@ impl LambdaExecutor {
         if cfg.create_bucket {
             store.ensure_bucket().await?;
         } else {
-            store.check_bucket().await.map_err(|e| anyhow::anyhow!("{e} (or pass --s3-create-bucket)"))?;
+            store.check_bucket().await.map_err(|e| match e.to_string() {
+                m if m.contains("NoSuchBucket") => anyhow::anyhow!("{m} (or pass --s3-create-bucket)"),
+                m => anyhow::anyhow!("{m}"),
+            })?;
         }
         let lambda = lambda_client(cfg.lambda_endpoint.as_deref(), &cfg.region, Duration::from_millis(cfg.task_timeout_ms))?;
         let function_timeout = check_function(&lambda, cfg, store.bucket()).await?;
         Ok(LambdaExecutor {
             cfg: cfg.clone(),
             lambda,
-            supplier: Arc::new(Supplier { store, owned: Default::default(), held: Default::default(), reuploads: Default::default() }),
+            supplier: Arc::new(Supplier {
+                store,
+                owned: Default::default(),
+                held: Default::default(),
+                reuploads: Default::default(),
+                lost: Default::default(),
+            }),
             epoch_batches: None,
             params_owned: None,
             params_put: Default::default(),
             doomed: Vec::new(),
             hold_deletes_until: None,
             stragglers: Default::default(),
-            function_timeout: function_timeout.unwrap_or(Duration::from_millis(cfg.task_timeout_ms)),
+            // Unknown (GetFunction refused): Lambda's longest timeout, to be safe.
+            function_timeout: function_timeout.unwrap_or(Duration::from_secs(900)),
             breaker: Breaker::new(cfg.breaker_failures, Duration::from_millis(cfg.breaker_backoff_ms), BREAKER_CAP),
             durations_ms: Vec::new(),
             recent_ms: Vec::new(),
@@ -828,9 +846,16 @@ impl LambdaExecutor {
     /// put them themselves.
     async fn ensure_params(&mut self, run: &str, round: u64, digest: &str, params: &[f32], uploader: bool) -> Result<(), StoreError> {
         let key = task::params_key(run, digest);
-        // Parameters this peer put two rounds ago no task needs any more.
-        while self.params_put.front().is_some_and(|(r, _)| r + 2 <= round) {
-            let (_, k) = self.params_put.pop_front().expect("front exists");
+        // Parameters this peer put and that no round used for two rounds are not
+        // needed any more (a digest that comes back is used again: kept).
+        for (r, k) in self.params_put.iter_mut() {
+            if *k == key {
+                *r = round;
+            }
+        }
+        let (old, keep): (Vec<_>, Vec<_>) = self.params_put.drain(..).partition(|(r, k)| r + 2 <= round && *k != key);
+        self.params_put = keep.into();
+        for (_, k) in old {
             self.supplier.held.lock().await.remove(&k);
             self.doomed.push(k);
         }
@@ -851,7 +876,7 @@ impl LambdaExecutor {
         let deadline = t0 + if uploader { Duration::ZERO } else { PARAMS_WAIT };
         let mut pause = Duration::from_millis(5);
         let present = loop {
-            if store.exists(&key).await? {
+            if store.head(&key).await? {
                 break true;
             }
             if Instant::now() >= deadline {
@@ -869,7 +894,9 @@ impl LambdaExecutor {
             let bytes = self.supplier.owned.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned().unwrap_or_default();
             store.put(&key, bytes.to_vec()).await?;
             self.stats.params_uploads += 1;
-            self.params_put.push_back((round, key.clone()));
+            if !self.params_put.iter().any(|(_, k)| *k == key) {
+                self.params_put.push_back((round, key.clone()));
+            }
         }
         self.supplier.held.lock().await.insert(key, Instant::now());
         self.stats.peer_upload_ms += t0.elapsed().as_secs_f64() * 1e3;
@@ -910,18 +937,22 @@ impl LambdaExecutor {
         let mut outputs = Vec::new();
         if !admitted.is_empty() {
             let probe = admitted.len() < w.tasks.len() || self.breaker.is_open();
-            let up = match self.upload_epoch(w.run, w.peer, w.epoch, w.train, w.epoch_batches).await {
-                Ok(()) => self.ensure_params(w.run, w.round, w.params_digest, w.params, w.uploader).await,
+            if self.supplier.lost.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("round {}: the store lost objects this peer had put: putting all of this epoch's back", w.round);
+                self.supplier.held.lock().await.clear();
+            }
+            // The parameters first: the other members wait for them.
+            let up = match self.ensure_params(w.run, w.round, w.params_digest, w.params, w.uploader).await {
+                Ok(()) => self.upload_epoch(w.run, w.peer, w.epoch, w.train, w.epoch_batches).await,
                 Err(e) => Err(e),
             };
             match up {
                 Ok(()) => outputs = self.invoke_round(w, &admitted, probe, &mut local).await,
                 Err(e) => {
                     tracing::warn!("round {}: cannot put the task inputs in the store ({e}); computing locally", w.round);
-                    for t in &admitted {
-                        local.push((t.index, LocalCause::Upload));
-                        self.breaker_record(false, "upload");
-                    }
+                    local.extend(admitted.iter().map(|t| (t.index, LocalCause::Upload)));
+                    // One failure of the store, however many tasks it held up.
+                    self.breaker_record(false, "upload");
                 }
             }
         }
@@ -977,6 +1008,7 @@ impl LambdaExecutor {
         // (task index, output key, retried)
         let mut ok: BTreeMap<usize, (String, bool)> = BTreeMap::new();
         let mut unreachable = None;
+        let mut reached = false;
         while let Some(joined) = set.join_next().await {
             let (i, (res, outcome)) = match joined {
                 Ok(x) => x,
@@ -988,6 +1020,7 @@ impl LambdaExecutor {
             self.absorb(&outcome, true);
             match res {
                 Ok(r) => {
+                    reached = true;
                     self.breaker_record(true, "");
                     ok.insert(i, (r.output_key, outcome.retries > 0));
                 }
@@ -996,6 +1029,7 @@ impl LambdaExecutor {
                     if cause == LocalCause::Unreachable {
                         unreachable = Some(e.to_string());
                     } else {
+                        reached = true;
                         tracing::warn!("round {} task {i}: {e}; computing it locally", w.round);
                         self.breaker_record(false, cause.as_str());
                     }
@@ -1009,10 +1043,15 @@ impl LambdaExecutor {
                 local.push((t.index, LocalCause::BadResult));
             }
         }
-        if let Some(why) = unreachable {
-            if let Some(line) = self.breaker.trip(Instant::now(), &why) {
-                tracing::warn!("{line}");
+        match unreachable {
+            // Nothing reached the tier: every task would fail.
+            Some(why) if !reached => {
+                if let Some(line) = self.breaker.trip(Instant::now(), &why) {
+                    tracing::warn!("{line}");
+                }
             }
+            Some(why) => self.breaker_record(false, &why),
+            None => {}
         }
         let mut outputs = Vec::new();
         if self.cfg.reduce && ok.len() > 1 {
@@ -1062,6 +1101,10 @@ impl LambdaExecutor {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.invocations += self.stragglers.invocations.swap(0, Relaxed);
         self.stats.billed_ms += self.stragglers.billed_ms.swap(0, Relaxed);
+        if self.stragglers.timed_out.swap(false, Relaxed) {
+            let until = Instant::now() + self.function_timeout;
+            self.hold_deletes_until = Some(self.hold_deletes_until.map_or(until, |t| t.max(until)));
+        }
     }
 
     fn count_ok(&mut self, retried: impl IntoIterator<Item = bool>) {
@@ -1095,9 +1138,8 @@ impl LambdaExecutor {
             return;
         }
         if self.stragglers.running() > 0 {
-            match wait {
-                Some(w) if self.stragglers.wait(w).await => {}
-                _ => return,
+            if let Some(w) = wait {
+                self.stragglers.wait(w).await;
             }
         }
         if let Some(until) = self.hold_deletes_until {
@@ -1110,14 +1152,19 @@ impl LambdaExecutor {
             }
             self.hold_deletes_until = None;
         }
-        let keys = std::mem::take(&mut self.doomed);
+        // What a backup race's loser still reads or writes waits for it.
+        let (waiting, keys): (Vec<String>, Vec<String>) = std::mem::take(&mut self.doomed).into_iter().partition(|k| self.stragglers.in_use(k));
+        self.doomed = waiting;
+        if keys.is_empty() {
+            return;
+        }
         match self.store().delete_keys(&keys).await {
             Ok(n) => self.stats.objects_deleted += n as u64,
             Err(e) => {
                 tracing::warn!("cannot delete {} objects no task needs ({e}); trying again later", keys.len());
                 // Bounded: a store that never deletes leaves them to a lifecycle rule.
-                if keys.len() < 100_000 {
-                    self.doomed = keys;
+                if self.doomed.len() + keys.len() < 100_000 {
+                    self.doomed.extend(keys);
                 }
             }
         }
@@ -1273,21 +1320,49 @@ struct Stragglers {
     in_flight: std::sync::atomic::AtomicUsize,
     invocations: std::sync::atomic::AtomicU64,
     billed_ms: std::sync::atomic::AtomicU64,
+    /// A straggler the client timed out on (its function may still run).
+    timed_out: std::sync::atomic::AtomicBool,
+    /// The keys the running stragglers read or write (counted).
+    in_use: std::sync::Mutex<HashMap<String, usize>>,
     done: tokio::sync::Notify,
 }
 
 impl Stragglers {
-    fn leave_running(self: &Arc<Self>, h: tokio::task::JoinHandle<(Result<TaskResult, ExecError>, f64)>) {
+    fn leave_running(self: &Arc<Self>, h: tokio::task::JoinHandle<(Result<TaskResult, ExecError>, f64)>, keys: Vec<String>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.in_flight.fetch_add(1, Relaxed);
+        {
+            let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+            for k in &keys {
+                *in_use.entry(k.clone()).or_default() += 1;
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move {
-            let (_, ms) = joined(h.await);
+            let (res, ms) = joined(h.await);
             me.invocations.fetch_add(1, Relaxed);
             me.billed_ms.fetch_add(ms.ceil() as u64, Relaxed);
+            if matches!(res, Err(ExecError::Timeout(_))) {
+                me.timed_out.store(true, Relaxed);
+            }
+            {
+                let mut in_use = me.in_use.lock().unwrap_or_else(|e| e.into_inner());
+                for k in &keys {
+                    if let Some(n) = in_use.get_mut(k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            in_use.remove(k);
+                        }
+                    }
+                }
+            }
             me.in_flight.fetch_sub(1, Relaxed);
             me.done.notify_waiters();
         });
+    }
+
+    fn in_use(&self, key: &str) -> bool {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner()).contains_key(key)
     }
 
     fn running(&self) -> usize {
@@ -1307,6 +1382,14 @@ impl Stragglers {
             }
         }
         true
+    }
+}
+
+/// Every key a task reads or writes.
+fn task_keys(t: &Task) -> Vec<String> {
+    match t {
+        Task::Grad(g) => std::iter::once(g.params_key.clone()).chain(g.batch_keys.iter().cloned()).chain([g.output_key.clone()]).collect(),
+        Task::Reduce(r) => r.input_keys.iter().cloned().chain([r.output_key.clone()]).collect(),
     }
 }
 
@@ -1346,7 +1429,7 @@ impl Invoker {
         loop {
             let started = Instant::now();
             let r = match backup {
-                Some(d) => self.attempt_with_backup(&payload, d, &mut o).await,
+                Some(d) => self.attempt_with_backup(&payload, &task_keys(&t), d, &mut o).await,
                 None => self.attempt(&payload, &mut o).await,
             };
             let e = match r {
@@ -1365,8 +1448,15 @@ impl Invoker {
                     if restored {
                         return (Err(e), o);
                     }
+                    // The function names the first input it missed; put back all of
+                    // the task's inputs that are this peer's, then try once more.
                     let Some(key) = missing_key(message, self.supplier.store.bucket()) else { return (Err(e), o) };
-                    match self.supplier.restore(&key, started).await {
+                    let mut keys = vec![key];
+                    if let Task::Grad(g) = &t {
+                        keys.push(g.params_key.clone());
+                        keys.extend(g.batch_keys.iter().cloned());
+                    }
+                    match self.supplier.restore(&keys, started).await {
                         Ok(true) => {
                             restored = true;
                             o.retries += 1;
@@ -1394,7 +1484,7 @@ impl Invoker {
         tokio::spawn(async move { inv.invoke(&payload).await })
     }
 
-    async fn attempt_with_backup(&self, payload: &Arc<Vec<u8>>, deadline: Duration, o: &mut Outcome) -> Result<TaskResult, ExecError> {
+    async fn attempt_with_backup(&self, payload: &Arc<Vec<u8>>, keys: &[String], deadline: Duration, o: &mut Outcome) -> Result<TaskResult, ExecError> {
         let mut first = self.spawn_invoke(payload);
         tokio::select! {
             r = &mut first => return self.settle(joined(r), o),
@@ -1409,7 +1499,7 @@ impl Invoker {
         let r = self.settle(joined(r), o);
         if r.is_ok() {
             o.backup_wins += u64::from(backup_first);
-            self.stragglers.leave_running(loser);
+            self.stragglers.leave_running(loser, keys.to_vec());
             return r;
         }
         let r2 = self.settle(joined(loser.await), o);
@@ -1428,6 +1518,10 @@ impl Invoker {
         let (res, ms) = r;
         o.invocations += 1;
         o.billed_ms += ms.ceil() as u64;
+        if matches!(res, Err(ExecError::Timeout(_))) {
+            // The client gave up; the function may still run until its own timeout.
+            o.abandoned = true;
+        }
         if let Ok(t) = &res {
             o.result = Some((t.clone(), ms));
         }

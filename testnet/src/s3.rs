@@ -360,7 +360,22 @@ mod fast {
 
         async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
             let i = &req.input;
-            if i.range.is_some() || i.part_number.is_some() || i.version_id.is_some() || !plain(&i.bucket, &i.key) {
+            // Conditions, response overrides and checksum mode are s3s-fs's to answer.
+            let special = i.range.is_some()
+                || i.part_number.is_some()
+                || i.version_id.is_some()
+                || i.checksum_mode.is_some()
+                || i.if_match.is_some()
+                || i.if_none_match.is_some()
+                || i.if_modified_since.is_some()
+                || i.if_unmodified_since.is_some()
+                || i.response_cache_control.is_some()
+                || i.response_content_disposition.is_some()
+                || i.response_content_encoding.is_some()
+                || i.response_content_language.is_some()
+                || i.response_content_type.is_some()
+                || i.response_expires.is_some();
+            if special || !plain(&i.bucket, &i.key) {
                 return self.fs.get_object(req).await;
             }
             let (root, bucket, key) = (self.root.clone(), i.bucket.clone(), i.key.clone());
