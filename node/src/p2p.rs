@@ -502,6 +502,10 @@ struct Node {
     planned_next: Option<Vec<PeerId>>,
     /// When we last dialed a known peer we are not connected to.
     redialed: HashMap<PeerId, Instant>,
+    /// When a not-yet-admitted peer was last dialed at its heartbeat's addresses
+    /// (apart from `redialed`: the periodic redial of stale known addresses must
+    /// not starve the dial at the fresh ones).
+    admission_dialed: HashMap<PeerId, Instant>,
     /// Every peer's last known addresses: from --bootstrap, the restored
     /// checkpoint and heartbeats. Peers not connected are redialed.
     known: HashMap<PeerId, Vec<String>>,
@@ -564,8 +568,14 @@ impl Node {
             return;
         }
         if !self.connected.contains(&author) {
-            if self.redialed.get(&author).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(2)) {
-                self.redialed.insert(author, now);
+            // A peer we knew (from the checkpoint or --bootstrap) that came back
+            // elsewhere: its signed heartbeat has its new addresses, and the
+            // periodic redial should use them rather than the dead ones.
+            if !h.addrs.is_empty() && self.known.contains_key(&author) {
+                self.known.insert(author, h.addrs.iter().take(MAX_ADDRS_PER_PEER).cloned().collect());
+            }
+            if self.admission_dialed.get(&author).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(2)) {
+                self.admission_dialed.insert(author, now);
                 for a in h.addrs.iter().take(MAX_ADDRS_PER_PEER) {
                     if let Ok(addr) = a.parse::<Multiaddr>() {
                         let _ = self.client.dial(Some(author), addr).await;
@@ -1557,6 +1567,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         membership_log: Vec::new(),
         planned_next: None,
         redialed: HashMap::new(),
+        admission_dialed: HashMap::new(),
         known: known_addresses(&bootstrap, restored.as_ref().map(|r| &r.meta), &me),
         boot: started_unix_ms,
         catch_up_failed: HashMap::new(),
