@@ -797,7 +797,9 @@ impl Node {
         self.views
             .iter()
             .filter(|(p, _)| self.catch_up_failed.get(p).is_none_or(|t| now.duration_since(*t) > Duration::from_secs(10)))
-            .filter(|(p, v)| v.ready && !v.finished && v.round >= self.round + 2 && self.rs.is_alive(p))
+            // A finished peer holds the run's final state: a peer left behind
+            // (the minority side of a partition) catches up from it too.
+            .filter(|(p, v)| v.ready && v.round >= self.round + 2 && self.rs.is_alive(p))
             .max_by_key(|(_, v)| v.round)
             .map(|(p, _)| *p)
     }
