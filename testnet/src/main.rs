@@ -875,7 +875,28 @@ async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
                 None => bail!("lost the nodes' output"),
             },
             Some(e) = exit_rx.recv() => {
-                bail!("{} exited before it listened ({}): {}", name(first), e.describe(), report::error_line(&log(first), st.stderr_from[first]))
+                // Its last lines may still be on their way (the exit can be seen
+                // first): a node that listened and then ended did listen.
+                let grace = tokio::time::sleep(Duration::from_millis(500));
+                tokio::pin!(grace);
+                loop {
+                    tokio::select! {
+                        m = rx.recv() => match m {
+                            Some(NodeLine::Listening(i, addr)) if i == first => {
+                                boot = addr;
+                                break;
+                            }
+                            Some(m) => early.push_back(m),
+                            None => break,
+                        },
+                        _ = &mut grace => break,
+                    }
+                }
+                if boot.is_empty() {
+                    bail!("{} exited before it listened ({}): {}", name(first), e.describe(), report::error_line(&log(first), st.stderr_from[first]))
+                }
+                // The run loop handles the exit.
+                let _ = exit_tx.send(e).await;
             }
             _ = tokio::time::sleep_until(listen_by.into()) => {
                 bail!("{} did not start listening within 60 s: {}", name(first), report::error_line(&log(first), st.stderr_from[first]))
