@@ -1228,7 +1228,11 @@ impl LambdaExecutor {
             }
             s.params_cache_hits += u64::from(r.params_cached);
             s.grad_tasks_ok += 1;
-            self.durations_ms.push(*rtt_ms);
+            // A cold start says nothing of how long a task takes: the backup
+            // deadline follows warm ones.
+            if !r.cold {
+                self.durations_ms.push(*rtt_ms);
+            }
             if self.recent_ms.len() < 4096 {
                 self.recent_ms.push(*rtt_ms);
             }

@@ -197,10 +197,10 @@ fn wrong_bucket_closed_lambda_port_and_schemeless_endpoints_fail_at_start_in_one
 #[test]
 fn a_backup_races_loser_is_billed_and_deletion_waits_for_it() {
     let dir = tempfile::tempdir().unwrap();
-    // Task 0 of round 2 takes 2.5 s on every attempt: past the 2 s backup
-    // deadline, so a backup starts and the first attempt wins while the backup
-    // still runs, reading the round's inputs.
-    let args = ["--seed", "3", "--executor", "lambda", "--fault-task", "sleep:2500@2", "--failure-timeout-ms", "20000"];
+    // Task 0 of round 3 takes 6 s more on every attempt: past the backup
+    // deadline (3x the median warm task, at least 2 s), so a backup starts and
+    // the first attempt wins while the backup still runs, reading the round's inputs.
+    let args = ["--seed", "3", "--executor", "lambda", "--fault-task", "sleep:6000@3", "--failure-timeout-ms", "30000"];
     let r = tier_run(dir.path(), &[], 1800, &args);
     for p in r["peer_reports"].as_array().unwrap() {
         let f = &p["function_tier"];
