@@ -1619,6 +1619,55 @@ fn lambda_client(endpoint: Option<&str>, region: &str, timeout: Duration) -> any
     Ok(aws_sdk_lambda::Client::from_conf(b.build()))
 }
 
+/// One round's work for the function tier.
+pub(crate) struct Offload<'a> {
+    pub(crate) run: &'a str,
+    pub(crate) peer: &'a str,
+    pub(crate) round: u64,
+    pub(crate) epoch: u64,
+    pub(crate) cfg: &'a crate::config::TrainConfig,
+    pub(crate) numel: usize,
+    pub(crate) train: &'a p2pml_lambda_grad::data::Split,
+    /// The whole epoch's batches of this peer (uploaded once per epoch).
+    pub(crate) epoch_batches: &'a [Vec<usize>],
+    /// Indices into `epoch_batches` of this round's batches.
+    pub(crate) batch_ids: Vec<usize>,
+    pub(crate) tasks: &'a [TaskPlan],
+    pub(crate) params: Arc<Vec<f32>>,
+    pub(crate) params_digest: String,
+    /// Whether this peer puts the parameters in the store ([`exec::params_uploader`]).
+    pub(crate) uploader: bool,
+}
+
+/// Runs a round's tasks in the function tier ([`LambdaExecutor::offload`]).
+/// Returns the outputs, the tasks to compute locally instead, and the seconds
+/// spent putting the inputs in the store.
+pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(usize, GradOutput)>, Vec<usize>, f64) {
+    let before = lx.stats.peer_upload_ms / 1e3 + lx.stats.data_upload_seconds;
+    let work = RoundWork {
+        run: w.run,
+        peer: w.peer,
+        round: w.round,
+        epoch: w.epoch,
+        model: w.cfg.model,
+        dataset: w.cfg.dataset,
+        normalization: w.cfg.normalization,
+        seed: w.cfg.seed,
+        numel: w.numel,
+        params_digest: &w.params_digest,
+        batch_ids: &w.batch_ids,
+        tasks: w.tasks,
+        train: w.train,
+        epoch_batches: w.epoch_batches,
+        params: &w.params,
+        uploader: w.uploader,
+    };
+    let out = lx.offload(&work).await;
+    let upload = lx.stats.peer_upload_ms / 1e3 + lx.stats.data_upload_seconds - before;
+    (out.outputs, out.failed, upload)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 //! - [`config`]: the one serde `Config`, filled from the command line in `main`.
 //! - [`standalone`]: training on one machine with no network (`p2pml-node train`).
 //! - [`exec`]: where gradients are computed: locally or in the function tier.
-//! - [`p2p`]: the decentralized run; [`ps`]: the parameter-server baseline.
+//! - [`peer`]: the decentralized run; [`ps`]: the parameter-server baseline.
+//! - [`report`]: what a node reports at the end of a run.
 
 pub mod checkpoint;
 pub mod config;
@@ -13,6 +14,10 @@ pub mod metrics;
 pub mod standalone;
 pub mod net;
 pub mod round;
-pub mod p2p;
+pub mod peer;
 pub mod ps;
+pub mod report;
+mod fetch;
+mod setup;
+mod train;
 pub mod store;

@@ -126,7 +126,7 @@ fn main() -> ExitCode {
                 let (train, p2p) = (cli.join.train.to_config(), cli.join.p2p.to_config());
                 let r = rt.block_on(async move {
                     match p2p.role {
-                        Role::P2p => p2pml_node::p2p::run(train, p2p).await,
+                        Role::P2p => p2pml_node::peer::run(train, p2p).await,
                         Role::Ps => p2pml_node::ps::run_server(train, p2p).await,
                         Role::Worker => p2pml_node::ps::run_worker(train, p2p).await,
                     }

@@ -6,7 +6,11 @@
 //! series carries the node's `role` (p2p, ps or worker) and `peer` (its id).
 //! The list is in the README; the dashboards in dashboards/ use them.
 
-use crate::net::Traffic;
+use crate::config::P2pConfig;
+use crate::exec::{self, ExecConfig, LambdaExecutor};
+use crate::net::{Client, Traffic};
+use crate::report::StageTimes;
+use libp2p::PeerId;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
@@ -332,3 +336,78 @@ pub async fn serve(addr: &str, role: &str, peer: &str, traffic: Arc<Traffic>) ->
     });
     Ok(local)
 }
+
+// Recording a node's figures: shared by every role.
+
+/// Serves this node's metrics (unless `--metrics-addr none`) and prints where:
+/// testnet reads the line.
+pub(crate) async fn start_metrics(p2p: &P2pConfig, role: &str, me: &PeerId, client: &Client) -> anyhow::Result<()> {
+    if let Some(addr) = &p2p.metrics_addr {
+        let a = crate::metrics::serve(addr, role, &me.to_string(), client.traffic.clone()).await?;
+        println!("metrics listening on http://{a}/metrics");
+    }
+    Ok(())
+}
+
+/// A round's figures into the log (one info line) and the metrics (if they are on).
+pub(crate) fn record_round(round: u64, epoch: u64, contributors: usize, samples: u64, st: &StageTimes, train_loss: f64, lr: f64) {
+    tracing::info!(
+        round,
+        epoch = epoch + 1,
+        contributors,
+        samples,
+        loss = format!("{train_loss:.4}"),
+        lr,
+        compute_s = format!("{:.3}", st.compute),
+        barrier_s = format!("{:.3}", st.barrier_wait),
+        update_s = format!("{:.3}", st.update),
+        "round done"
+    );
+    let Some(m) = get() else { return };
+    for (name, secs) in [
+        ("compute", st.compute),
+        ("encode", st.encode),
+        ("send", st.send),
+        ("barrier_wait", st.barrier_wait),
+        ("decode", st.decode),
+        ("aggregate", st.aggregate),
+        ("update", st.update),
+    ] {
+        // A stage this node did not run this round (the server computes nothing,
+        // a demoted peer only follows) is not an observation of zero.
+        if secs > 0.0 {
+            m.stage_seconds.with_label_values(&[name]).observe(secs);
+        }
+    }
+    m.round.set(round as i64 + 1);
+    m.epoch.set(epoch as i64 + 1);
+    m.rounds.inc();
+    m.train_loss.set(train_loss);
+    m.learning_rate.set(lr);
+}
+
+/// The function tier's counters (from `seen` to now), state syncs and the cost
+/// estimate into the metrics.
+pub(crate) fn record_costs(lambda: Option<&mut LambdaExecutor>, seen: &mut exec::ExecStats, cfg: &ExecConfig, wall_secs: f64, bpr: usize, state_syncs: u64) {
+    let Some(m) = get() else { return };
+    m.state_syncs.inc_by(state_syncs.saturating_sub(m.state_syncs.get()));
+    let stats = match lambda {
+        Some(lx) => {
+            m.function_stats(seen, &lx.stats, cfg.pricing.memory_mb, &std::mem::take(&mut lx.recent_ms));
+            *seen = lx.stats.clone();
+            lx.stats.clone()
+        }
+        None => exec::ExecStats::default(),
+    };
+    let cost = exec::cost(cfg, &stats, wall_secs, bpr).total_usd;
+    m.cost_usd.inc_by((cost - m.cost_usd.get()).max(0.0));
+}
+
+/// An epoch's evaluation into the metrics.
+pub(crate) fn record_epoch(test_accuracy: f64, test_loss: f64) {
+    if let Some(m) = get() {
+        m.test_accuracy.set(test_accuracy);
+        m.test_loss.set(test_loss);
+    }
+}
+

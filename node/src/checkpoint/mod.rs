@@ -51,6 +51,8 @@
 //! the differing fields and `--fresh`, which moves every earlier checkpoint
 //! into `old-<unix>/` (never deleting them).
 
+mod writer;
+pub(crate) use writer::CheckpointWriter;
 use p2pml_proto::wire::RunSpec;
 use p2pml_proto::{StateError, StateHeader};
 use serde::{Deserialize, Serialize};

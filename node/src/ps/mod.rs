@@ -14,11 +14,13 @@ use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::exec::{self, ExecutorKind, LambdaExecutor};
 use crate::net::{Client, Event, InboundRequest};
-use crate::p2p::{
-    aggregate, compute_tasks, digest_of, fetch_blob, gradient_seed, hex, ids, offload, peer_ids, report_path,
-    record_costs, record_epoch, wire_rules, max_round_samples, encode_own, start_net, record_round, responder, restore_checkpoint, state_blob, sum_outputs, CheckpointStats, CheckpointWriter, Convergence, EpochInfo,
-    EpochRecord, MembershipEvent, NodeReport, Offload, RoundRecord, Schedule, StageTimes, Trainer, unix_ms,
-};
+use crate::fetch::*;
+use crate::metrics::{record_costs, record_epoch, record_round};
+use crate::report::*;
+use crate::setup::*;
+use crate::train::*;
+use crate::checkpoint::CheckpointWriter;
+use crate::exec::{offload, Offload};
 use crate::round::{Barrier, Change, RoundState};
 use crate::store::{chunks, SharedStore, Store};
 use anyhow::{anyhow, bail, Context};

@@ -1,0 +1,13 @@
+//! The decentralized role (`--role peer`): one node of a run with no coordinator.
+//!
+//! - [`node`]: the node's state and its handlers of network events.
+//! - [`run`]: the training loop (rounds, barrier, update, epochs, linger).
+//! - [`sync`]: joining a run in progress and state sync.
+//! - [`rogue`]: fault injection, a node that only misbehaves.
+
+mod node;
+mod rogue;
+mod run;
+mod sync;
+
+pub use run::run;

@@ -1,0 +1,746 @@
+//! The P2P training loop.
+
+use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
+use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::exec::{self, offload, ExecutorKind, LambdaExecutor, Offload};
+use crate::checkpoint::CheckpointWriter;
+use super::rogue::run_rogue;
+use crate::round::{Barrier, RoundState, Stragglers};
+use crate::store::{SharedStore, StateBlob, Store};
+use crate::report::*;
+use crate::train::*;
+use crate::fetch::*;
+use crate::metrics::{record_costs, record_epoch, record_round};
+use crate::setup::*;
+use anyhow::{anyhow, bail, Context};
+use libp2p::{Multiaddr, PeerId};
+use p2pml_lambda_grad::data::Partition;
+use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_proto::wire::{self, Announce, Digest, Gossip, SyncMode, ValStats};
+use p2pml_proto::Attack;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use super::node::*;
+
+/// Joins (or starts) a decentralized run and trains until it ends.
+pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
+    cfg.validate()?;
+    p2p.validate().map_err(|e| anyhow!(e))?;
+    // A mistake in --state-dir or --report costs seconds, not a training run.
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
+    if cfg.threads > 0 {
+        p2pml_lambda_grad::set_torch_threads(cfg.threads);
+    }
+    let device = cfg.device.resolve()?;
+    let spec = run_spec(&cfg, &p2p);
+    let run_id = spec.run_id();
+    let (compression, rule, attack) = wire_rules(&p2p)?;
+    // The function tier's settings are checked before the network starts: a
+    // wrong bucket or endpoint costs seconds, not a joined run.
+    let mut lambda = match p2p.exec.executor {
+        ExecutorKind::Lambda if !(p2p.garbage || p2p.heartbeat_only) => Some(LambdaExecutor::new(&p2p.exec).await?),
+        _ => None,
+    };
+
+    let mut bootstrap = Vec::new();
+    for a in &p2p.bootstrap {
+        let addr: Multiaddr = a.parse().map_err(|e| anyhow!("--bootstrap {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+            _ => bail!("--bootstrap {a} must end in /p2p/<peer id> (the id the bootstrap node prints at start)"),
+        };
+        bootstrap.push((peer, addr));
+    }
+
+    // Data and model before the network, so that a bad flag fails fast.
+    let ds = cfg.load_dataset()?;
+    let n_train = ds.train.len();
+    let val_partition = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?;
+    let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
+    let val_all: Vec<usize> = val_partition.validation().to_vec();
+    let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
+    let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
+    let opt = Optimizer::new(cfg.optimizer);
+    let numel = model.numel();
+    let max_samples = max_round_samples(&p2p, cfg.batch_size);
+
+    // --state-dir and --report writable (a probe file), before any training.
+    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
+    let started_unix_ms = unix_ms();
+    // Checkpoints (and the incarnation counter) before the network: a restarted
+    // node announces a higher incarnation from its first heartbeat.
+    let ckpt = Arc::new(Checkpoints::open_for(&p2p, &spec)?);
+    let incarnation = ckpt.next_incarnation()?;
+    let mut ckpt_stats = CheckpointStats::default();
+    let mut model = model;
+    let mut opt = opt;
+    let mut conv = Convergence::new(&p2p);
+    let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
+    let Net { client, events, requests, me } = start_net(&p2p, &run_id).await?;
+    let store: SharedStore = Arc::new(Mutex::new(Store::default()));
+    if p2p.heartbeat_only {
+        // The outsider answers nothing: requests are dropped unanswered.
+        let mut requests = requests;
+        tokio::spawn(async move { while requests.recv().await.is_some() {} });
+    } else {
+        tokio::spawn(responder(client.clone(), store.clone(), spec.clone(), requests));
+    }
+
+    let (fetch_tx, fetch_rx) = mpsc::channel(256);
+    let (hello_tx, hello_rx) = mpsc::channel(64);
+    let (recovered_tx, recovered_rx) = mpsc::channel(64);
+    let mut node = Node {
+        rs: RoundState::new(me, incarnation, p2p.min_peers, p2p.failure_timeout_ms),
+        p2p: p2p.clone(),
+        spec: spec.clone(),
+        run_id: run_id.clone(),
+        client: client.clone(),
+        events,
+        store: store.clone(),
+        announces: HashMap::new(),
+        fetching: HashSet::new(),
+        fetch_tx,
+        fetch_rx,
+        digests: BTreeMap::new(),
+        views: HashMap::new(),
+        accepted: HashSet::new(),
+        hello_tx,
+        hello_rx,
+        round: 0,
+        epoch: 0,
+        last_digest: None,
+        finished: false,
+        start: Instant::now(),
+        next_heartbeat: Instant::now(),
+        gradient_bytes_sent: 0,
+        digest_mismatches: 0,
+        applied: HashSet::new(),
+        ready: false,
+        hello_round: 0,
+        last_contributors: Vec::new(),
+        asked: HashSet::new(),
+        subscribed: HashSet::from([0]),
+        bootstrap_peers: bootstrap.iter().map(|(p, _)| *p).collect(),
+        compression,
+        numel,
+        recovered_tx,
+        recovered_rx,
+        n_train_minus_val: n_train - cfg.val_size,
+        batch_size: cfg.batch_size,
+        connected: HashSet::new(),
+        scores: BTreeMap::new(),
+        garbage_sent: 0,
+        membership_log: Vec::new(),
+        planned_next: None,
+        redialed: HashMap::new(),
+        admission_dialed: HashMap::new(),
+        known: known_addresses(&bootstrap, restored.as_ref().map(|r| &r.meta), &me),
+        boot: started_unix_ms,
+        catch_up_failed: HashMap::new(),
+        ckpt: ckpt.clone(),
+        last_dial_error: None,
+        stragglers: Stragglers::new(p2p.straggler.factor, p2p.straggler.floor_ms, p2p.straggler.cap_ms, p2p.straggler.demote_after),
+        withheld: HashMap::new(),
+        admission: AdmissionReport::default(),
+        unadmitted_heartbeats: BTreeMap::new(),
+        hello_sent: HashMap::new(),
+        wake: None,
+    };
+    if let Some(r) = &restored {
+        node.round = r.header.round + 1;
+        node.epoch = r.header.epoch;
+        let d = digest_of(&r.params);
+        node.last_digest = Some((r.header.round, d));
+        store.lock().expect("store lock").set_state(StateBlob { round: r.header.round, epoch: r.header.epoch, bytes: Arc::new(r.state.clone()) });
+    }
+    client.subscribe(&node.control_topic()).await?;
+    client.subscribe(&node.epoch_topic(0)).await?;
+    for (peer, addr) in &bootstrap {
+        client.dial(Some(*peer), addr.clone()).await?;
+    }
+    if !bootstrap.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let peers: Vec<PeerId> = bootstrap.iter().map(|(p, _)| *p).collect();
+        // Any bootstrap peer will do, or a peer the checkpoint remembers.
+        // (The heartbeat-only outsider only needs a connection.)
+        let reached = |n: &Node| {
+            n.accepted.iter().any(|p| peers.contains(p) || n.known.contains_key(p)) || (n.p2p.heartbeat_only && !n.connected.is_empty())
+        };
+        while !reached(&node) {
+            if Instant::now() > deadline {
+                let why = node.last_dial_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                bail!(
+                    "cannot reach any bootstrap peer ({}) within 30 s{why}: check the address, that the peer runs, and that both use the same --swarm-key (or neither)",
+                    p2p.bootstrap.join(", ")
+                );
+            }
+            tokio::select! {
+                r = node.pump() => r?,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    if p2p.garbage || p2p.heartbeat_only {
+        return run_rogue(node, spec, device, report_path(&p2p)).await;
+    }
+    let withhold = matches!(attack, Some(Attack::Withhold));
+    let me_s = me.to_string();
+    let mut latest_params: Option<(Digest, Arc<Vec<f32>>)> = None;
+
+    // A run that is ahead of us (a peer past our round: past round 0, or past the
+    // checkpoint we resumed from) is joined by state sync. Otherwise a new run
+    // starts, or the run resumes from our checkpoint, once --peers peers are live
+    // (or --min-peers, and --start-grace-ms has passed).
+    let ahead = |n: &Node| n.remote_round() > n.round;
+    let mut trainer = Some(Trainer { model, opt, train });
+    let mut state_syncs = 0u64;
+    if !ahead(&node) {
+        tracing::info!("waiting for {} live peers ({} at least)", p2p.peers, p2p.min_peers);
+        let (all, min, grace) = (p2p.peers, p2p.min_peers, Duration::from_millis(p2p.start_grace_ms));
+        let mut quorum_since: Option<Instant> = None;
+        node.wait_until("peers to join", |n| {
+            let live = n.rs.live().len();
+            quorum_since = if live >= min { quorum_since.or(Some(Instant::now())) } else { None };
+            live >= all || quorum_since.is_some_and(|t| t.elapsed() >= grace) || ahead(n)
+        })
+        .await?;
+        // Give late heartbeats a moment so that every peer starts from the same membership.
+        let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
+        while Instant::now() < settle {
+            tokio::select! {
+                r = node.pump() => r?,
+                _ = tokio::time::sleep_until(settle.into()) => {}
+            }
+        }
+    }
+    let mut sched = if ahead(&node) {
+        let t = trainer.take().expect("trainer present");
+        let (t_back, h, active) = node.join_running(t, &mut conv).await?;
+        trainer = Some(t_back);
+        state_syncs += 1;
+        node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?
+    } else if let Some(r) = &restored {
+        tracing::info!("resuming the run from checkpoint round {}", r.header.round);
+        let active = peer_ids(&r.header.active);
+        node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &r.header, &active)?
+    } else {
+        let sched = Schedule::new(&cfg, &p2p, n_train, &val_all, 0, 0, node.rs.live(), me)?;
+        node.rs.set_epoch_members(sched.members.clone());
+        sched
+    };
+    drop(restored);
+    let ready_unix_ms = Some(unix_ms());
+    println!("ready round {} epoch {} incarnation {incarnation}", node.round, sched.epoch + 1);
+    node.ready = true;
+    node.epoch = sched.epoch;
+    for e in [sched.epoch, sched.epoch + 1] {
+        if node.subscribed.insert(e) {
+            client.subscribe(&node.epoch_topic(e)).await?;
+        }
+    }
+
+    let mut rounds_log = Vec::new();
+    let mut epochs_log: Vec<EpochRecord> = Vec::new();
+    let mut catch_ups = 0u64;
+    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
+    let mut pending_val: Option<ValStats> = None;
+    let mut stopped_early = false;
+    let wall = Instant::now();
+    let bpr = p2p.batches_per_round;
+    let mut fn_seen = exec::ExecStats::default();
+
+    loop {
+        if node.round >= sched.first_round + sched.rounds {
+            // End of the epoch: an active peer evaluates its slice of the
+            // validation set (shared on its next announcement) and the test set.
+            if let Some(my_index) = sched.my_index {
+                let t = trainer.take().expect("trainer present");
+                let p = sched.members.len();
+                let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
+                let val_data = (!my_val.is_empty())
+                    .then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
+                let eval_bs = cfg.eval_batch_size;
+                let test_x = test.x.shallow_clone();
+                let test_y = test.y.shallow_clone();
+                let t_eval = Instant::now();
+                let (t_back, v, te) = node
+                    .while_pumping(tokio::task::spawn_blocking(move || {
+                        let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
+                        let te = t.model.evaluate(&test_x, &test_y, eval_bs);
+                        (t, v, te)
+                    }))
+                    .await??;
+                crate::metrics::stage("evaluate", t_eval.elapsed().as_secs_f64());
+                trainer = Some(t_back);
+                pending_val = v.map(|v| ValStats {
+                    epoch: sched.epoch,
+                    loss_sum: v.loss * v.samples as f64,
+                    correct: (v.accuracy * v.samples as f64).round() as u64,
+                    count: v.samples as u64,
+                });
+                println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
+                record_epoch(te.accuracy, te.loss);
+                epochs_log.push(EpochRecord {
+                    epoch: sched.epoch + 1,
+                    val_loss: None,
+                    val_accuracy: None,
+                    test_accuracy: te.accuracy,
+                    test_loss: te.loss,
+                    lr: trainer.as_ref().map_or(0.0, |t| t.opt.lr()),
+                });
+            }
+            if sched.epoch + 1 >= cfg.epochs || stopped_early {
+                break;
+            }
+            // The next epoch's members: in synchronous mode, the contributors of
+            // the last round plus the ready joiners they named, which every peer
+            // computes from the same announcements; in asynchronous mode, the live peers.
+            let members = match (node.planned_next.take(), p2p.sync) {
+                (Some(m), _) => m,
+                (None, SyncMode::Sync) => node.next_epoch_members(node.round - 1),
+                (None, SyncMode::Async { .. }) => node.rs.live(),
+            };
+            let old_epoch = sched.epoch;
+            sched = Schedule::new(&cfg, &p2p, n_train, &val_all, old_epoch + 1, node.round, members, me)?;
+            node.rs.set_epoch_members(sched.members.clone());
+            node.stragglers.new_epoch();
+            node.withheld.retain(|_, e| *e + 1 >= sched.epoch);
+            node.epoch = sched.epoch;
+                    if node.subscribed.insert(sched.epoch + 1) {
+                client.subscribe(&node.epoch_topic(sched.epoch + 1)).await?;
+            }
+            if node.subscribed.remove(&old_epoch) {
+                client.unsubscribe(&node.epoch_topic(old_epoch)).await?;
+            }
+            if sched.my_index.is_none() {
+                tracing::info!("epoch {}: not a member yet, following", sched.epoch + 1);
+            }
+            continue;
+        }
+        let round = node.round;
+        let round_start = Instant::now();
+        let epoch = sched.epoch;
+        let k = round - sched.first_round;
+        store.lock().expect("store lock").round = round;
+        let mut st = StageTimes::default();
+
+        // A member trains unless it was demoted (it died or restarted during this
+        // epoch, or kept missing rounds). A withholder (--byzantine withhold) stays
+        // alive and follows the rounds, but never computes or sends its gradient.
+        if sched.my_index.is_some() && node.rs.is_active(&me) && !withhold {
+            let lo = (k as usize * bpr).min(sched.batches.len());
+            let hi = ((k as usize + 1) * bpr).min(sched.batches.len());
+            let batches = sched.batches[lo..hi].to_vec();
+
+            let tasks = exec::plan_round(batches.len(), p2p.exec.batches_per_invocation, cfg.seed, round, &me.to_bytes());
+            let t_compute = Instant::now();
+            let mut local_tasks = tasks.clone();
+            let mut outputs = Vec::new();
+            if let Some(lx) = lambda.as_mut() {
+                let digest = node.last_digest.map(|(_, d)| d);
+                let params = match (&latest_params, digest) {
+                    (Some((d, p)), Some(cur)) if *d == cur => p.clone(),
+                    _ => {
+                        let t = trainer.as_ref().expect("trainer present");
+                        let p = Arc::new(t.model.params_vec());
+                        latest_params = Some((digest_of(&p), p.clone()));
+                        p
+                    }
+                };
+                let digest_hex = hex(&latest_params.as_ref().expect("just set").0);
+                let members: Vec<String> = node.rs.active_members().iter().map(|p| p.to_string()).collect();
+                let uploader = exec::params_uploader(&digest_hex, members.iter().map(String::as_str), &me_s);
+                let work = Offload {
+                    run: &run_id,
+                    peer: &me_s,
+                    round,
+                    epoch,
+                    cfg: &cfg,
+                    numel,
+                    train: &ds.train,
+                    epoch_batches: &sched.batches,
+                    batch_ids: (lo..hi).collect(),
+                    tasks: &tasks,
+                    params,
+                    params_digest: digest_hex,
+                    uploader,
+                };
+                let (out, failed, upload) = node.while_pumping(offload(lx, work)).await?;
+                outputs = out;
+                st.upload = upload;
+                local_tasks.retain(|t| failed.contains(&t.index));
+            }
+            // Local computation (all tasks, or those the function tier failed), off the async threads.
+            if !local_tasks.is_empty() {
+                let mut t = trainer.take().expect("trainer present");
+                let (t_back, local) = node
+                    .while_pumping(tokio::task::spawn_blocking(move || {
+                        let o = compute_tasks(&mut t, &batches, &local_tasks);
+                        (t, o)
+                    }))
+                    .await??;
+                trainer = Some(t_back);
+                outputs.extend(local);
+            }
+            let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
+            st.compute = c.secs;
+
+            // Encode and announce.
+            let t0 = Instant::now();
+            let seed = gradient_seed(cfg.seed, round, &me);
+            let mut c = c;
+            let blob = encode_own(&mut c.grad, c.samples, &compression, seed, attack.as_ref(), round)?;
+            let digest = *blake3::hash(&blob).as_bytes();
+            st.encode = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let len = blob.len() as u64;
+            let inline = (blob.len() <= wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.clone()));
+            store.lock().expect("store lock").insert(round, &me, Arc::new(blob));
+            node.rs.hold(round, me);
+            let val = if k == 0 { pending_val.take() } else { None };
+            let joiners = node.ready_joiners().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect();
+            let a = Announce {
+                run_id: run_id.clone(),
+                round,
+                epoch,
+                samples: c.samples,
+                loss_sum: c.loss_sum,
+                val,
+                len,
+                digest,
+                inline,
+                joiners,
+            };
+            node.announces.insert((round, me), a.clone());
+            store.lock().expect("store lock").insert_announce(&me, a.clone());
+            let topic = node.epoch_topic(epoch);
+            client.publish(&topic, wire::encode(&Gossip::Announce(a))).await?;
+            node.gradient_bytes_sent += len;
+            st.send = t0.elapsed().as_secs_f64();
+            if p2p.garbage {
+                node.publish_garbage(round, epoch).await;
+            }
+        }
+
+        // Barrier.
+        let t0 = Instant::now();
+        // Each contributor with the round of the gradient used.
+        let contributors: Vec<(PeerId, u64)> = match p2p.sync {
+            SyncMode::Sync => {
+                let mut released = None;
+                // The straggler deadline: once a quorum of the round's gradients is
+                // held, the missing members get this long; then the round closes on
+                // what arrived.
+                let deadline = Duration::from_millis(node.stragglers.deadline_ms());
+                let mut quorum_at: Option<Instant> = None;
+                node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
+                    Barrier::Release(c) => {
+                        released = Some((c, Vec::new()));
+                        true
+                    }
+                    Barrier::Waiting(missing) => {
+                        if let Some(held) = n.rs.quorum_held(round) {
+                            let at = *quorum_at.get_or_insert_with(Instant::now);
+                            if at.elapsed() >= deadline {
+                                released = Some((held, missing));
+                                return true;
+                            }
+                            n.wake = Some(at + deadline);
+                        }
+                        // Peers two rounds ahead went on without us: we will not be waited for.
+                        n.catch_up_source().is_some()
+                    }
+                    Barrier::BelowMinPeers { .. } => n.catch_up_source().is_some(),
+                })
+                .await?;
+                node.wake = None;
+                match released {
+                    Some((c, missing)) => {
+                        node.close_round(round, epoch, &c, &missing, deadline, round_start.elapsed());
+                        c.into_iter().map(|p| (p, round)).collect()
+                    }
+                    None => {
+                        let Some(source) = node.catch_up_source() else { continue };
+                        let their = node.views.get(&source).map_or(0, |v| v.round);
+                        tracing::warn!("round {round}: peer {source} is at round {their}; catching up by state sync");
+                        let t = trainer.take().expect("trainer present");
+                        let (t_back, r) = node.sync_state(source, round + 1, t, &mut conv).await?;
+                        trainer = Some(t_back);
+                        match r {
+                            Ok(h) => {
+                                state_syncs += 1;
+                                catch_ups += 1;
+                                let active = node.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
+                                node.round = h.round + 1;
+                                sched = node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?;
+                                node.epoch = sched.epoch;
+                                for e in [sched.epoch, sched.epoch + 1] {
+                                    if node.subscribed.insert(e) {
+                                        client.subscribe(&node.epoch_topic(e)).await?;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!("catching up from {source} failed: {e}");
+                                node.catch_up_failed.insert(source, Instant::now());
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            SyncMode::Async { max_staleness } => {
+                // Bounded staleness: wait only for peers more than max_staleness
+                // behind, then apply each peer's freshest gradient not yet applied.
+                let floor = round.saturating_sub(max_staleness);
+                node.wait_until("stragglers", |n| {
+                    n.rs.expected().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
+                })
+                .await?;
+                let mut chosen = Vec::new();
+                for p in node.rs.expected() {
+                    let fresh = (floor..=round).rev().find(|r| node.rs.holds(*r, &p) && !node.applied.contains(&(*r, p)));
+                    if let Some(r) = fresh {
+                        node.applied.insert((r, p));
+                        chosen.push((p, r));
+                    }
+                }
+                node.applied.retain(|(r, _)| *r >= floor);
+                chosen
+            }
+        };
+        st.barrier_wait = t0.elapsed().as_secs_f64();
+
+        // Decode and aggregate, deterministically: contributors sorted by peer id,
+        // each (ours included) in the decoded form everyone else sees.
+        let mut sorted = contributors.clone();
+        sorted.sort();
+        node.last_contributors = sorted.iter().map(|(p, _)| *p).collect();
+        // The epoch's last round fixes the next epoch's members (they travel in the state).
+        if p2p.sync == SyncMode::Sync && round + 1 == sched.first_round + sched.rounds {
+            node.planned_next = Some(node.next_epoch_members(round));
+        }
+        let mut inputs = Vec::with_capacity(sorted.len());
+        let mut val_sum = (0.0f64, 0u64, 0u64);
+        let mut any_val = false;
+        for (p, r) in &sorted {
+            let (p, r) = (p, *r);
+            let a = node.announces.get(&(r, *p)).cloned();
+            let blob = store.lock().expect("store lock").get(r, p);
+            if let (Some(a), Some(blob)) = (a, blob) {
+                if let Some(v) = a.val {
+                    val_sum.0 += v.loss_sum;
+                    val_sum.1 += v.correct;
+                    val_sum.2 += v.count;
+                    any_val = true;
+                }
+                inputs.push((a.samples, a.loss_sum, blob));
+            }
+        }
+        let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
+            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule, max_samples)).await?;
+        st.decode = decode_secs;
+        st.aggregate = aggregate_secs;
+
+        // Convergence decisions ride on the first round of each epoch.
+        let mut t = trainer.take().expect("trainer present");
+        if any_val && val_sum.2 > 0 {
+            let val_loss = val_sum.0 / val_sum.2 as f64;
+            let t_conv = Instant::now();
+            let (lr, stop) = conv.step(val_loss, t.opt.lr());
+            crate::metrics::stage("convergence_check", t_conv.elapsed().as_secs_f64());
+            if let Some(m) = crate::metrics::get() {
+                m.validation_loss.set(val_loss);
+            }
+            if lr != t.opt.lr() {
+                tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
+                t.opt.set_lr(lr);
+            }
+            if let Some(e) = epochs_log.last_mut() {
+                let e: &mut EpochRecord = e;
+                e.val_loss = Some(val_loss);
+                e.val_accuracy = Some(val_sum.1 as f64 / val_sum.2 as f64);
+            }
+            stopped_early = stop;
+        }
+
+        // Update.
+        let t0 = Instant::now();
+        let lr = t.opt.lr();
+        let (plateau, stopping) = conv.snapshot();
+        let perturb = p2p.perturb_round == Some(round);
+        let sched_info = EpochInfo {
+            first_round: sched.first_round,
+            members: sched.members.clone(),
+            active: node.rs.active_members(),
+            next: node.planned_next.clone().unwrap_or_default(),
+            withheld: node.withheld.iter().filter(|(_, e)| **e == epoch).map(|(p, _)| *p).collect(),
+        };
+        let keep_params = lambda.is_some();
+        let (t_back, digest, state, params) = node
+            .while_pumping(tokio::task::spawn_blocking(move || {
+                if total_samples > 0 {
+                    let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
+                    let Trainer { model, opt, .. } = &mut t;
+                    opt.step(model.flat_params_mut(), &g);
+                }
+                if perturb {
+                    // Fault injection (--fault-perturb-round): silent corruption of one value.
+                    let mut v = t.model.params_vec();
+                    v[0] += 1e-3;
+                    t.model.set_params(&v).expect("same length");
+                }
+                // One copy of the parameters serves the digest and the state snapshot.
+                let params = t.model.params_vec();
+                let d = digest_of(&params);
+                let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
+                (t, d, state, keep_params.then(|| Arc::new(params)))
+            }))
+            .await??;
+        trainer = Some(t_back);
+        latest_params = params.map(|p| (digest, p));
+        let state = Arc::new(state);
+        store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: state.clone() });
+        if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
+            let meta = CheckpointMeta {
+                run_id: run_id.clone(),
+                round,
+                epoch,
+                incarnation: node.rs.incarnation(),
+                written_unix_ms: unix_ms(),
+                members: node
+                    .rs
+                    .members()
+                    .iter()
+                    .map(|(p, m)| MemberRecord {
+                        peer: p.to_bytes(),
+                        incarnation: m.incarnation,
+                        alive: m.alive,
+                        addrs: node.known.get(p).cloned().unwrap_or_default(),
+                    })
+                    .collect(),
+            };
+            ckpt_writer.submit(meta, state);
+        }
+        st.update = t0.elapsed().as_secs_f64();
+        node.last_digest = Some((round, digest));
+        node.digests.entry(round).or_default().insert(me, digest);
+        let train_loss = loss_total / total_samples.max(1) as f64;
+        println!(
+            "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
+            epoch + 1,
+            sorted.len(),
+            st.barrier_wait * 1000.0,
+            &hex(&digest)[..16]
+        );
+        record_round(round, epoch, sorted.len(), total_samples, &st, train_loss, lr);
+        rounds_log.push(RoundRecord {
+            round,
+            epoch,
+            contributors: sorted.len(),
+            samples: total_samples,
+            train_loss,
+            lr,
+            digest: hex(&digest),
+            finished_at: wall.elapsed().as_secs_f64(),
+            unix_ms: unix_ms(),
+            stages: st,
+        });
+        if let Some(good) = node.check_digests(round) {
+            let t = trainer.take().expect("trainer present");
+            let (t_back, r) = node.sync_state(good, round, t, &mut conv).await?;
+            trainer = Some(t_back);
+            match r {
+                Ok(_) => {
+                    state_syncs += 1;
+                    if let Some(r) = rounds_log.last_mut() {
+                        let r: &mut RoundRecord = r;
+                        r.digest = node.last_digest.map(|(_, d)| hex(&d)).unwrap_or_default();
+                    }
+                }
+                Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
+            }
+        }
+        record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, state_syncs);
+        let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
+        node.rs.prune(round.saturating_sub(keep));
+        store.lock().expect("store lock").prune(round.saturating_sub(keep));
+        node.announces.retain(|(r, _), _| *r + 2 * keep >= round);
+        node.round += 1;
+        if stopped_early {
+            tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
+            // Finish this epoch's bookkeeping and stop at the same round as everyone.
+            sched.rounds = node.round - sched.first_round;
+        }
+    }
+
+    // Keep serving until every live peer has passed our last round (bounded).
+    node.finished = true;
+    node.heartbeat().await;
+    let last = node.round;
+    let linger_deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < linger_deadline {
+        let live: Vec<PeerId> = node.rs.live().into_iter().filter(|p| *p != me).collect();
+        if live.iter().all(|p| node.views.get(p).is_some_and(|v| v.finished || v.round >= last)) {
+            break;
+        }
+        tokio::select! {
+            r = node.pump() => r?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+
+    let t = trainer.expect("trainer present");
+    let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
+    let tr = &client.traffic;
+    let wall_secs = wall.elapsed().as_secs_f64();
+    if let Some(lx) = lambda.as_mut() {
+        lx.finish().await;
+    }
+    let report = NodeReport {
+        role: "peer".into(),
+        peer_id: me.to_string(),
+        run_id,
+        spec,
+        device: device_name(device),
+        threads: tch::get_num_threads(),
+        rounds: node.round,
+        epochs: epochs_log.len() as u64,
+        final_digest: hex(&params_digest(&t.model)),
+        final_test_accuracy: final_eval.0,
+        final_test_loss: final_eval.1,
+        stopped_early,
+        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+        gradient_bytes_sent: node.gradient_bytes_sent,
+        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
+        digest_mismatches: node.digest_mismatches,
+        state_syncs,
+        wall_seconds: wall_secs,
+        rounds_log,
+        epochs_log,
+        peer_scores: node.scores_report(),
+        garbage_sent: 0,
+        function_tier: lambda.as_ref().map(|l| l.stats.clone()),
+        cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
+        incarnation,
+        started_unix_ms,
+        ready_unix_ms,
+        catch_ups,
+        membership_log: std::mem::take(&mut node.membership_log),
+        checkpoints: ckpt_writer.finish(ckpt_stats),
+        server_unreachable_seconds: 0.0,
+        admission: AdmissionReport { unadmitted: node.unadmitted_report(), ..std::mem::take(&mut node.admission) },
+    };
+    let path = report_path(&p2p);
+    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("done rounds {} test_acc {:.2}% digest {} report {}", report.rounds, 100.0 * report.final_test_accuracy, &report.final_digest[..16], path.display());
+    Ok(report)
+}
+

@@ -1,0 +1,244 @@
+//! Joining a run in progress, state sync, digest checks and schedules adopted from a state.
+
+use crate::config::{P2pConfig, TrainConfig};
+use crate::store::{chunks, StateBlob};
+use crate::report::*;
+use crate::train::*;
+use anyhow::bail;
+use libp2p::PeerId;
+use p2pml_proto::wire::{self, Digest, Request, Response};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use super::node::*;
+
+impl Node {
+    /// The furthest round another peer has told us about.
+    pub(super) fn scores_report(&self) -> BTreeMap<String, ScoreSeen> {
+        self.scores.iter().map(|(p, s)| (p.to_string(), *s)).collect()
+    }
+
+    pub(super) fn remote_round(&self) -> u64 {
+        self.views.values().map(|v| v.round).max().unwrap_or(0).max(self.hello_round)
+    }
+
+    /// Live, ready peers that do not train in this epoch (joiners, and members
+    /// demoted by a death or restart): they are named for the next epoch.
+    pub(super) fn ready_joiners(&self) -> Vec<PeerId> {
+        self.rs
+            .live()
+            .into_iter()
+            .filter(|p| !self.rs.is_active(p) && self.withheld.get(p) != Some(&self.epoch) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
+            .collect()
+    }
+
+    /// The members of the next epoch: the last round's contributors and the
+    /// joiners they named (the same announcements on every peer).
+    pub(super) fn next_epoch_members(&self, last_round: u64) -> Vec<PeerId> {
+        let mut members: Vec<PeerId> = self.last_contributors.clone();
+        for c in &self.last_contributors {
+            if let Some(a) = self.announces.get(&(last_round, *c)) {
+                members.extend(a.joiners.iter().filter_map(|b| PeerId::from_bytes(b).ok()));
+            }
+        }
+        members.sort();
+        members.dedup();
+        if members.is_empty() {
+            // Nobody trained in the last round (every member died or restarted):
+            // the live, ready peers start the next epoch.
+            members = self.rs.live().into_iter().filter(|p| *p == self.client.peer_id || self.views.get(p).is_some_and(|v| v.ready && !v.finished)).collect();
+        }
+        members
+    }
+
+    /// Joins a run in progress: adopts the furthest running peer's latest state.
+    /// Returns the state's header and that peer's active members of the epoch
+    /// (a restarted member is not among them: it follows until the next epoch).
+    pub(super) async fn join_running(&mut self, mut t: Trainer, conv: &mut Convergence) -> anyhow::Result<(Trainer, p2pml_proto::StateHeader, Vec<PeerId>)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if Instant::now() > deadline {
+                bail!("could not obtain the run's state within 120 s");
+            }
+            let source = self
+                .views
+                .iter()
+                .filter(|(p, v)| v.ready && !v.finished && self.rs.is_alive(p))
+                .max_by_key(|(_, v)| v.round)
+                .map(|(p, _)| *p);
+            let Some(source) = source else {
+                self.pump().await?;
+                continue;
+            };
+            tracing::info!("the run is in progress: syncing state from {source}");
+            let (t_back, r) = self.sync_state(source, 0, t, conv).await?;
+            t = t_back;
+            let header = match r {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("state sync from {source} failed: {e}; retrying");
+                    let pause = tokio::time::sleep(Duration::from_millis(500));
+                    self.while_pumping(pause).await?;
+                    continue;
+                }
+            };
+            if header.round + 1 >= header.epoch_start + self.epoch_rounds(header.epoch_members.len()) && header.next_members.is_empty() {
+                // The last round of an epoch whose next members the state does not name (asynchronous mode).
+                let pause = tokio::time::sleep(Duration::from_millis(200));
+                self.while_pumping(pause).await?;
+                continue;
+            }
+            self.round = header.round + 1;
+            let active = self.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
+            return Ok((t, header, active));
+        }
+    }
+
+    /// Rounds of an epoch with `members` members, as [`Schedule`] computes them.
+    pub(super) fn epoch_rounds(&self, members: usize) -> u64 {
+        let shard = self.n_train_minus_val.div_ceil(members.max(1));
+        shard.div_ceil(self.batch_size).div_ceil(self.p2p.batches_per_round).max(1) as u64
+    }
+
+    /// Takes the epoch's schedule from a state (restored or synced): its members
+    /// keep their shards; those the state (or `source_active`, the sender's live
+    /// view) does not list as active follow until the next epoch, this node too.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adopt_schedule(
+        &mut self,
+        cfg: &TrainConfig,
+        p2p: &P2pConfig,
+        n_train: usize,
+        val_all: &[usize],
+        h: &p2pml_proto::StateHeader,
+        source_active: &[PeerId],
+    ) -> anyhow::Result<Schedule> {
+        let me = self.client.peer_id;
+        let members = peer_ids(&h.epoch_members);
+        let active = peer_ids(&h.active);
+        let sched = Schedule::new(cfg, p2p, n_train, val_all, h.epoch, h.epoch_start, members.clone(), me)?;
+        self.rs.set_epoch_members(sched.members.clone());
+        // Whoever the state says withheld in its epoch stays out of the next one.
+        for p in peer_ids(&h.withheld) {
+            self.withheld.insert(p, h.epoch);
+        }
+        self.stragglers.new_epoch();
+        for p in &members {
+            let mine = *p == me && !source_active.contains(&me);
+            if !active.contains(p) || mine {
+                self.rs.demote(p);
+            }
+        }
+        if !self.rs.is_active(&me) && sched.my_index.is_some() {
+            tracing::info!("following until the next epoch (this node restarted during epoch {})", h.epoch + 1);
+        }
+        let next = peer_ids(&h.next_members);
+        self.planned_next = (!next.is_empty()).then_some(next);
+        self.epoch = sched.epoch;
+        Ok(sched)
+    }
+
+    /// Compares our parameter digests of recent rounds with the live members'.
+    /// When a strict majority of the live members agree on a digest that is not
+    /// ours, returns one of them to re-sync from.
+    pub(super) fn check_digests(&mut self, current: u64) -> Option<PeerId> {
+        let me = self.client.peer_id;
+        let live = self.rs.live();
+        let mut resync = None;
+        for (round, ds) in self.digests.range(current.saturating_sub(4)..=current) {
+            let Some(mine) = ds.get(&me) else { continue };
+            let mut counts: BTreeMap<Digest, Vec<PeerId>> = BTreeMap::new();
+            for (p, d) in ds {
+                if live.contains(p) {
+                    counts.entry(*d).or_default().push(*p);
+                }
+            }
+            if let Some((major, peers)) = counts.iter().max_by_key(|(_, ps)| ps.len()) {
+                if major != mine && peers.len() > live.len() / 2 {
+                    tracing::warn!(
+                        "round {round}: our parameters differ from the majority ({} of {} live peers): re-syncing",
+                        peers.len(),
+                        live.len()
+                    );
+                    self.digest_mismatches += 1;
+                    resync = peers.first().copied();
+                    break;
+                }
+            }
+        }
+        if resync.is_some() {
+            // Forget the evidence: after the sync our digest is the majority's.
+            self.digests.clear();
+        }
+        self.digests = self.digests.split_off(&current.saturating_sub(8));
+        resync
+    }
+
+    /// Replaces our state with `peer`'s state after round `min_round` or later
+    /// (exactly `min_round` when re-syncing: the peer cannot pass round + 1
+    /// before we announce it). Returns the adopted state's header.
+    pub(super) async fn sync_state(
+        &mut self,
+        peer: PeerId,
+        min_round: u64,
+        mut t: Trainer,
+        conv: &mut Convergence,
+    ) -> anyhow::Result<(Trainer, Result<p2pml_proto::StateHeader, String>)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (round, total_len, data) = loop {
+            let client = self.client.clone();
+            let r = async move { client.request(peer, Request::State { round: min_round, index: 0 }).await };
+            match self.while_pumping(r).await? {
+                Ok(Response::State { round: r, total_len, data, .. }) if r >= min_round => break (r, total_len, data),
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    let pause = tokio::time::sleep(Duration::from_millis(100));
+                    self.while_pumping(pause).await?;
+                }
+                Ok(other) => return Ok((t, Err(format!("no state for round {min_round}: {other:?}")))),
+                Err(e) => return Ok((t, Err(e.to_string()))),
+            }
+        };
+        if total_len > wire::MAX_BLOB_BYTES * 3 {
+            return Ok((t, Err(format!("state of {total_len} bytes is too large"))));
+        }
+        let mut bytes = data.into_vec();
+        for index in 1..chunks(total_len) {
+            let client = self.client.clone();
+            let r = async move { client.request(peer, Request::State { round, index }).await };
+            match self.while_pumping(r).await? {
+                Ok(Response::State { round: r, data, .. }) if r == round => bytes.extend_from_slice(&data),
+                other => return Ok((t, Err(format!("state chunk {index}: {other:?}")))),
+            }
+        }
+        let numel = t.model.numel() as u64;
+        let (h, params, opt) = match p2pml_proto::decode_state(&bytes, numel) {
+            Ok(x) => x,
+            Err(e) => return Ok((t, Err(e.to_string()))),
+        };
+        if h.round != round {
+            return Ok((t, Err(format!("state header says round {}, chunks say {round}", h.round))));
+        }
+        if let Err(e) = check_state(&h, opt.len(), t.opt.state_vectors()) {
+            return Ok((t, Err(e)));
+        }
+        let (lr, steps) = (h.lr, h.opt_steps);
+        let (t, digest) = self
+            .while_pumping(tokio::task::spawn_blocking(move || {
+                let Trainer { model, opt: o, .. } = &mut t;
+                apply_state(model, o, &params, &opt, lr, steps);
+                let d = params_digest(&t.model);
+                (t, d)
+            }))
+            .await??;
+        conv.restore(h.plateau, h.stopping);
+        for p in peer_ids(&h.withheld) {
+            self.withheld.insert(p, h.epoch);
+        }
+        self.last_digest = Some((round, digest));
+        self.digests.entry(round).or_default().insert(self.client.peer_id, digest);
+        self.store.lock().expect("store lock").set_state(StateBlob { round, epoch: h.epoch, bytes: Arc::new(bytes) });
+        tracing::info!("state synced from {peer} at round {round}: digest {}", &hex(&digest)[..16]);
+        Ok((t, Ok(h)))
+    }
+}
+
