@@ -344,7 +344,7 @@ pub async fn serve(addr: &str, role: &str, peer: &str, traffic: Arc<Traffic>) ->
 pub(crate) async fn start_metrics(p2p: &P2pConfig, role: &str, me: &PeerId, client: &Client) -> anyhow::Result<()> {
     if let Some(addr) = &p2p.metrics_addr {
         let a = crate::metrics::serve(addr, role, &me.to_string(), client.traffic.clone()).await?;
-        println!("metrics listening on http://{a}/metrics");
+        println!("{}", p2pml_proto::line::Line::Metrics { url: format!("http://{a}/metrics") });
     }
     Ok(())
 }

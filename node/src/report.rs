@@ -2,10 +2,17 @@
 //! records it is made of (rounds, epochs, membership, checkpoints, admission).
 
 use crate::config::P2pConfig;
-use crate::exec::{self};
-use p2pml_proto::wire::RunSpec;
+use crate::exec;
+use crate::net::Traffic;
+use anyhow::Context;
+use libp2p::PeerId;
+use p2pml_proto::line::{Line, MemberEvent};
+use p2pml_proto::wire::{Digest, RunSpec};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Wall-clock seconds spent in each stage of one round.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -171,3 +178,197 @@ pub(crate) fn report_path(p2p: &P2pConfig) -> std::path::PathBuf {
     p2p.report.clone().unwrap_or_else(|| p2p.state_dir.join("report.json"))
 }
 
+
+/// What a role knows at its end; everything common to all roles is in [`ReportBuilder`].
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub(crate) rounds: u64,
+    pub(crate) final_digest: String,
+    pub(crate) stopped_early: bool,
+    pub(crate) gradient_bytes_sent: u64,
+    /// Invalid inputs the role counted itself (the server's refused pushes), on
+    /// top of the network's invalid messages.
+    pub(crate) invalid_inputs: u64,
+    pub(crate) digest_mismatches: u64,
+    pub(crate) state_syncs: u64,
+    pub(crate) rounds_log: Vec<RoundRecord>,
+    pub(crate) epochs_log: Vec<EpochRecord>,
+    pub(crate) peer_scores: BTreeMap<String, ScoreSeen>,
+    pub(crate) garbage_sent: u64,
+    pub(crate) function_tier: Option<exec::ExecStats>,
+    pub(crate) ready_unix_ms: Option<u64>,
+    pub(crate) catch_ups: u64,
+    pub(crate) membership_log: Vec<MembershipEvent>,
+    pub(crate) checkpoints: CheckpointStats,
+    pub(crate) server_unreachable_seconds: f64,
+    pub(crate) admission: AdmissionReport,
+}
+
+/// The part of a node's report fixed at start (who, which run, where) and the
+/// traffic counters read at the end: the one place a [`NodeReport`] is made.
+pub(crate) struct ReportBuilder {
+    pub(crate) role: &'static str,
+    pub(crate) peer_id: String,
+    pub(crate) spec: RunSpec,
+    pub(crate) device: String,
+    pub(crate) traffic: Arc<Traffic>,
+    pub(crate) incarnation: u64,
+    pub(crate) started_unix_ms: u64,
+    pub(crate) exec: exec::ExecConfig,
+    pub(crate) batches_per_round: usize,
+}
+
+impl ReportBuilder {
+    pub(crate) fn build(&self, wall_seconds: f64, o: Outcome) -> NodeReport {
+        let tr = &self.traffic;
+        let final_eval = o.epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
+        let stats = o.function_tier.clone().unwrap_or_default();
+        NodeReport {
+            role: self.role.into(),
+            peer_id: self.peer_id.clone(),
+            run_id: self.spec.run_id(),
+            spec: self.spec.clone(),
+            device: self.device.clone(),
+            threads: tch::get_num_threads(),
+            rounds: o.rounds,
+            epochs: o.epochs_log.len() as u64,
+            final_digest: o.final_digest,
+            final_test_accuracy: final_eval.0,
+            final_test_loss: final_eval.1,
+            stopped_early: o.stopped_early,
+            gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
+            gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
+            fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
+            fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
+            gradient_bytes_sent: o.gradient_bytes_sent,
+            invalid_messages: tr.invalid_messages.load(Ordering::Relaxed) + o.invalid_inputs,
+            digest_mismatches: o.digest_mismatches,
+            state_syncs: o.state_syncs,
+            wall_seconds,
+            rounds_log: o.rounds_log,
+            epochs_log: o.epochs_log,
+            peer_scores: o.peer_scores,
+            garbage_sent: o.garbage_sent,
+            function_tier: o.function_tier,
+            cost: exec::cost(&self.exec, &stats, wall_seconds, self.batches_per_round),
+            incarnation: self.incarnation,
+            started_unix_ms: self.started_unix_ms,
+            ready_unix_ms: o.ready_unix_ms,
+            catch_ups: o.catch_ups,
+            membership_log: o.membership_log,
+            checkpoints: o.checkpoints,
+            server_unreachable_seconds: o.server_unreachable_seconds,
+            admission: o.admission,
+        }
+    }
+}
+
+/// Writes the report (atomically) where --report says, and prints the done line.
+pub(crate) fn write_report(p2p: &P2pConfig, report: &NodeReport) -> anyhow::Result<()> {
+    let path = report_path(p2p);
+    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    let report_s = path.display().to_string();
+    let line = match report.role.as_str() {
+        "rogue" => Line::DoneRogue { garbage_sent: report.garbage_sent, report: report_s },
+        _ => Line::Done {
+            rounds: report.rounds,
+            test_acc_pct: 100.0 * report.final_test_accuracy,
+            digest: report.final_digest.get(..16).unwrap_or("").to_string(),
+            report: report_s,
+        },
+    };
+    println!("{line}");
+    Ok(())
+}
+
+/// The membership changes a node saw: printed (testnet times failure detection
+/// by these lines), counted in the metrics, kept for the report.
+#[derive(Default)]
+pub(crate) struct MembershipLog {
+    pub(crate) events: Vec<MembershipEvent>,
+}
+
+impl MembershipLog {
+    pub(crate) fn record(&mut self, peer: &PeerId, event: MemberEvent, incarnation: u64) {
+        println!("{}", Line::Member { event, peer: peer.to_string(), incarnation });
+        crate::metrics::membership_event(event.as_str());
+        self.events.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.as_str().into(), incarnation });
+    }
+}
+
+/// The rounds and epochs a node finished, as it prints, meters and reports them.
+pub(crate) struct Progress {
+    pub(crate) rounds: Vec<RoundRecord>,
+    pub(crate) epochs: Vec<EpochRecord>,
+    /// Since the node held the run's state.
+    pub(crate) wall: Instant,
+}
+
+/// One finished round, as every role that updates parameters reports it.
+pub(crate) struct RoundDone {
+    pub(crate) round: u64,
+    pub(crate) epoch: u64,
+    pub(crate) contributors: usize,
+    pub(crate) samples: u64,
+    pub(crate) loss_total: f64,
+    pub(crate) lr: f64,
+    pub(crate) digest: Digest,
+    pub(crate) stages: StageTimes,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Self {
+        Progress { rounds: Vec::new(), epochs: Vec::new(), wall: Instant::now() }
+    }
+
+    pub(crate) fn wall_secs(&self) -> f64 {
+        self.wall.elapsed().as_secs_f64()
+    }
+
+    /// The round line (testnet reads it), the metrics and the round's record.
+    pub(crate) fn round(&mut self, r: RoundDone) {
+        let train_loss = r.loss_total / r.samples.max(1) as f64;
+        let digest = crate::train::hex(&r.digest);
+        println!(
+            "{}",
+            Line::Round {
+                round: r.round,
+                epoch: r.epoch + 1,
+                contributors: r.contributors,
+                samples: r.samples,
+                loss: train_loss,
+                lr: r.lr,
+                barrier_ms: r.stages.barrier_wait * 1000.0,
+                digest: digest[..16].to_string(),
+            }
+        );
+        crate::metrics::record_round(r.round, r.epoch, r.contributors, r.samples, &r.stages, train_loss, r.lr);
+        self.rounds.push(RoundRecord {
+            round: r.round,
+            epoch: r.epoch,
+            contributors: r.contributors,
+            samples: r.samples,
+            train_loss,
+            lr: r.lr,
+            digest,
+            finished_at: self.wall_secs(),
+            unix_ms: unix_ms(),
+            stages: r.stages,
+        });
+    }
+
+    /// An epoch's test evaluation: the epoch line, the metrics and the record
+    /// (its validation figures, when this node has them).
+    pub(crate) fn epoch(&mut self, epoch: u64, test: &p2pml_lambda_grad::Evaluation, val: Option<&p2pml_lambda_grad::Evaluation>, lr: f64) {
+        println!("{}", Line::Epoch { epoch: epoch + 1, test_acc_pct: 100.0 * test.accuracy, test_loss: test.loss });
+        crate::metrics::record_epoch(test.accuracy, test.loss);
+        self.epochs.push(EpochRecord {
+            epoch: epoch + 1,
+            val_loss: val.map(|v| v.loss),
+            val_accuracy: val.map(|v| v.accuracy),
+            test_accuracy: test.accuracy,
+            test_loss: test.loss,
+            lr,
+        });
+    }
+}

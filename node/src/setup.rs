@@ -1,12 +1,124 @@
-//! What every role sets up the same way: the network, the printed addresses,
-//! the metrics endpoint and testnet's control stdin.
+//! What every role sets up the same way, in the same order (a bad flag fails
+//! before a data set loads, a bad data set before the network starts): checks
+//! of the configuration and outputs, the run's rules, data and model,
+//! checkpoints and incarnation, then the network, the printed addresses, the
+//! metrics endpoint and testnet's control stdin.
 
-use crate::config::P2pConfig;
+use crate::checkpoint::{Checkpoints, Restored};
+use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::report::{unix_ms, CheckpointStats, ReportBuilder};
+use crate::train::{max_round_samples, restore_checkpoint, wire_rules, Convergence};
+use p2pml_lambda_grad::data::{Dataset, Partition};
+use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer};
+use p2pml_proto::line::Line;
+use p2pml_proto::wire::RunSpec;
+use p2pml_proto::{Aggregation, Attack, Compression};
+use std::sync::Arc;
 use crate::net::{self, Client, Event, InboundRequest};
 use anyhow::{anyhow, bail, Context};
 use libp2p::{Multiaddr, PeerId};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// The run's settings, checked, and what follows from them.
+pub(crate) struct Setup {
+    pub(crate) device: tch::Device,
+    pub(crate) spec: RunSpec,
+    pub(crate) run_id: String,
+    pub(crate) compression: Compression,
+    pub(crate) rule: Aggregation,
+    /// This peer's attack (--byzantine).
+    pub(crate) attack: Option<Attack>,
+    pub(crate) started_unix_ms: u64,
+}
+
+/// The data set, the model and its optimizer.
+pub(crate) struct Loaded {
+    pub(crate) ds: Dataset,
+    pub(crate) n_train: usize,
+    /// The validation samples (indices into the training split).
+    pub(crate) val_all: Vec<usize>,
+    pub(crate) model: Model,
+    pub(crate) opt: Optimizer,
+    pub(crate) numel: usize,
+    /// The most samples one gradient of a round can sum.
+    pub(crate) max_samples: u64,
+}
+
+/// The checkpoints and what this start resumed from.
+pub(crate) struct Resume {
+    pub(crate) ckpt: Arc<Checkpoints>,
+    /// This start's incarnation (one more than the last start of the state directory).
+    pub(crate) incarnation: u64,
+    pub(crate) stats: CheckpointStats,
+    pub(crate) conv: Convergence,
+    pub(crate) restored: Option<Restored>,
+}
+
+impl Setup {
+    /// Checks the configuration and that --state-dir and --report are writable
+    /// (a mistake there costs seconds, not a training run).
+    pub(crate) fn new(cfg: &TrainConfig, p2p: &P2pConfig) -> anyhow::Result<Setup> {
+        cfg.validate()?;
+        p2p.validate().map_err(|e| anyhow!(e))?;
+        crate::fsutil::check_node_outputs(p2p).map_err(|e| anyhow!(e))?;
+        if cfg.threads > 0 {
+            p2pml_lambda_grad::set_torch_threads(cfg.threads);
+        }
+        let device = cfg.device.resolve()?;
+        let spec = run_spec(cfg, p2p);
+        let run_id = spec.run_id();
+        let (compression, rule, attack) = wire_rules(p2p)?;
+        Ok(Setup { device, spec, run_id, compression, rule, attack, started_unix_ms: unix_ms() })
+    }
+
+    /// Loads the data set and builds the model (before the network: a bad data
+    /// directory fails fast).
+    pub(crate) fn load(&self, cfg: &TrainConfig, p2p: &P2pConfig) -> anyhow::Result<Loaded> {
+        let ds = cfg.load_dataset()?;
+        let n_train = ds.train.len();
+        let val_all = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
+        let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), self.device, cfg.seed)?;
+        let numel = model.numel();
+        Ok(Loaded { ds, n_train, val_all, model, opt: Optimizer::new(cfg.optimizer), numel, max_samples: max_round_samples(p2p, cfg.batch_size) })
+    }
+
+    /// Opens the checkpoints (and the incarnation counter) before the network,
+    /// so that a restarted node announces a higher incarnation from its first
+    /// message, and restores the newest usable checkpoint into `l`.
+    pub(crate) fn resume(&self, p2p: &P2pConfig, l: &mut Loaded) -> anyhow::Result<Resume> {
+        let ckpt = Arc::new(Checkpoints::open_for(p2p, &self.spec)?);
+        let incarnation = ckpt.next_incarnation()?;
+        let mut stats = CheckpointStats::default();
+        let mut conv = Convergence::new(p2p);
+        let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut l.model, &mut l.opt, &mut conv, &mut stats)? } else { None };
+        Ok(Resume { ckpt, incarnation, stats, conv, restored })
+    }
+
+    /// The report's fixed part, once the network has given this node its id.
+    pub(crate) fn report_builder(&self, role: &'static str, net: &Net, incarnation: u64, p2p: &P2pConfig) -> ReportBuilder {
+        ReportBuilder {
+            role,
+            peer_id: net.me.to_string(),
+            spec: self.spec.clone(),
+            device: device_name(self.device),
+            traffic: net.client.traffic.clone(),
+            incarnation,
+            started_unix_ms: self.started_unix_ms,
+            exec: p2p.exec.clone(),
+            batches_per_round: p2p.batches_per_round,
+        }
+    }
+}
+
+/// A peer address (--bootstrap, --ps): a multiaddr that ends in /p2p/<peer id>.
+pub(crate) fn dial_addr(flag: &str, a: &str, whose: &str) -> anyhow::Result<(PeerId, Multiaddr)> {
+    let addr: Multiaddr = a.parse().map_err(|e| anyhow!("{flag} {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok((p, addr)),
+        _ => bail!("{flag} {a} must end in /p2p/<peer id> (the id {whose} prints at start)"),
+    }
+}
 
 /// What every role sets up the same way: the network (private if --swarm-key),
 /// the printed addresses, metrics and the control stdin.
@@ -54,9 +166,9 @@ pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<N
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     for a in &addrs {
-        println!("listening {a}/p2p/{me}");
+        println!("{}", Line::Listening { addr: format!("{a}/p2p/{me}") });
     }
-    println!("peer {me} run {run_id} role {}", p2p.role.as_str());
+    println!("{}", Line::Peer { id: me.to_string(), run: run_id.to_string(), role: p2p.role.as_str().into() });
     crate::metrics::start_metrics(p2p, p2p.role.as_str(), &me, &client).await?;
     Ok(Net { client, events, requests, me })
 }

@@ -10,8 +10,10 @@
 //! - [`qsgd`]: QSGD gradient compression (bucketed, stochastic, bit-packed).
 //! - [`task`]: the function tier's events, results and stored objects.
 //! - [`robust`]: byzantine-robust aggregation rules and the attacks that test them.
+//! - [`line`]: the lines a node prints on stdout for the tools that drive it.
 
 mod blob;
+pub mod line;
 pub mod qsgd;
 pub mod robust;
 mod rng;

@@ -17,6 +17,7 @@ mod s3;
 mod tier;
 mod units;
 
+use p2pml_proto::line::{Line, MemberEvent};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -398,27 +399,16 @@ async fn spawn_node(
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let _ = log.write_all(format!("{line}\n").as_bytes()).await;
-            let mut w = line.split_whitespace();
-            let msg = match (w.next(), w.next()) {
-                (Some("listening"), Some(addr)) => Some(NodeLine::Listening(i, addr.to_string())),
-                (Some("peer"), Some(id)) => Some(NodeLine::PeerId(i, id.to_string())),
-                (Some("ready"), _) => Some(NodeLine::Ready(i)),
-                (Some("computed"), Some("round")) => Some(NodeLine::Computed(i)),
-                (Some("metrics"), Some("listening")) => {
-                    line.split_whitespace().nth(3).map(|u| NodeLine::Metrics(i, u.to_string()))
-                }
-                (Some("member"), Some("died")) => w.next().map(|p| NodeLine::Died(i, p.to_string())),
-                (Some("round"), Some(r)) => {
-                    let digest = line.split(" digest ").nth(1).unwrap_or_default().trim().to_string();
-                    r.parse().ok().map(|r| NodeLine::Round(i, r, digest))
-                }
-                (Some("epoch"), Some(e)) => {
-                    let acc = line.split("test_acc ").nth(1).and_then(|s| s.trim_end_matches(|c: char| !c.is_ascii_digit()).split('%').next()).and_then(|s| s.parse().ok());
-                    match (e.parse(), acc) {
-                        (Ok(e), Some(acc)) => Some(NodeLine::Epoch(e, acc)),
-                        _ => None,
-                    }
-                }
+            // The node's own line type: the same definition prints and parses them.
+            let msg = match line.parse::<Line>() {
+                Ok(Line::Listening { addr }) => Some(NodeLine::Listening(i, addr)),
+                Ok(Line::Peer { id, .. }) => Some(NodeLine::PeerId(i, id)),
+                Ok(Line::Ready { .. }) => Some(NodeLine::Ready(i)),
+                Ok(Line::Computed { .. }) => Some(NodeLine::Computed(i)),
+                Ok(Line::Metrics { url }) => Some(NodeLine::Metrics(i, url)),
+                Ok(Line::Member { event: MemberEvent::Died, peer, .. }) => Some(NodeLine::Died(i, peer)),
+                Ok(Line::Round { round, digest, .. }) => Some(NodeLine::Round(i, round, digest)),
+                Ok(Line::Epoch { epoch, test_acc_pct, .. }) => Some(NodeLine::Epoch(epoch, test_acc_pct)),
                 _ => None,
             };
             if let Some(m) = msg {

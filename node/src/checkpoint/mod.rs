@@ -661,7 +661,7 @@ impl Checkpoints {
         if let Some(d) = stall_before_flush {
             // Fault injection (--fault-checkpoint-stall): a window in which the
             // write is in progress, for the crash test to kill the node in.
-            println!("checkpoint writing round {}", meta.round);
+            println!("{}", p2pml_proto::line::Line::CheckpointWriting { round: meta.round });
             std::thread::sleep(d);
         }
         self.tree.insert(meta.round.to_be_bytes(), index_value(&record))?;

@@ -1,6 +1,6 @@
 //! The checkpoint writer thread: a round never waits for the disk.
 
-use crate::checkpoint::{CheckpointMeta, Checkpoints};
+use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
 use crate::report::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,3 +66,28 @@ impl CheckpointWriter {
     }
 }
 
+
+impl CheckpointMeta {
+    /// The metadata of a checkpoint written now after `round`: the membership as
+    /// `rs` holds it, with each member's last known addresses (`addrs`).
+    pub(crate) fn now(
+        run_id: &str,
+        round: u64,
+        epoch: u64,
+        rs: &crate::round::RoundState<libp2p::PeerId>,
+        addrs: impl Fn(&libp2p::PeerId) -> Vec<String>,
+    ) -> CheckpointMeta {
+        CheckpointMeta {
+            run_id: run_id.to_string(),
+            round,
+            epoch,
+            incarnation: rs.incarnation(),
+            written_unix_ms: crate::report::unix_ms(),
+            members: rs
+                .members()
+                .iter()
+                .map(|(p, m)| MemberRecord { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive, addrs: addrs(p) })
+                .collect(),
+        }
+    }
+}

@@ -9,6 +9,7 @@ use crate::store::SharedStore;
 use crate::report::*;
 use crate::train::*;
 use crate::fetch::*;
+use p2pml_proto::line::{Line, MemberEvent};
 use anyhow::bail;
 use libp2p::{Multiaddr, PeerId};
 use p2pml_proto::wire::{self, Announce, Digest, Gossip, Heartbeat, MemberEntry, Request, Response, RunSpec};
@@ -106,7 +107,7 @@ pub(super) struct Node {
     /// Rogue mode (--fault-garbage): invalid messages published.
     pub(super) garbage_sent: u64,
     /// Membership changes, for the report.
-    pub(super) membership_log: Vec<MembershipEvent>,
+    pub(super) membership: MembershipLog,
     /// The next epoch's members, fixed at the epoch's last round (or by a state).
     pub(super) planned_next: Option<Vec<PeerId>>,
     /// When we last dialed a known peer we are not connected to.
@@ -213,7 +214,7 @@ impl Node {
             names.join(", ")
         );
         // testnet reads this line.
-        println!("deadline round {round} missing {}", names.join(","));
+        println!("{}", Line::Deadline { round, missing: names });
         self.admission.deadline_rounds.push(round);
         if let Some(m) = crate::metrics::get() {
             m.deadline_rounds.inc();
@@ -226,9 +227,7 @@ impl Node {
             let n = self.p2p.straggler.demote_after;
             tracing::warn!("peer {p} missed {n} rounds in a row while alive: demoted until the next epoch, which it will not be named for");
             let incarnation = self.rs.members().get(&p).map_or(0, |m| m.incarnation);
-            println!("member withholding {p} incarnation {incarnation}");
-            crate::metrics::membership_event("withholding");
-            self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: p.to_string(), event: "withholding".into(), incarnation });
+            self.membership.record(&p, MemberEvent::Withholding, incarnation);
             self.admission.withholding_demotions.push(WithholdingDemotion { peer: p.to_string(), round, epoch });
         }
     }
@@ -350,15 +349,15 @@ impl Node {
         let (peer, event, incarnation) = match &c {
             Change::Joined(p) => {
                 tracing::info!("peer {p} joined");
-                (*p, "joined", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+                (*p, MemberEvent::Joined, self.rs.members().get(p).map_or(0, |m| m.incarnation))
             }
             Change::Rejoined { peer, incarnation } => {
                 tracing::info!("peer {peer} rejoined (incarnation {incarnation}); it follows until the next epoch");
-                (*peer, "rejoined", *incarnation)
+                (*peer, MemberEvent::Rejoined, *incarnation)
             }
             Change::Died(p) => {
                 tracing::warn!("peer {p} declared dead (connection closed, or silent for {} ms)", self.p2p.failure_timeout_ms);
-                (*p, "died", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+                (*p, MemberEvent::Died, self.rs.members().get(p).map_or(0, |m| m.incarnation))
             }
             Change::Refuted { incarnation } => {
                 tracing::warn!("a peer declared this node dead: refuted with incarnation {incarnation}");
@@ -366,13 +365,11 @@ impl Node {
                 if let Err(e) = self.ckpt.note_incarnation(*incarnation) {
                     tracing::warn!("cannot record incarnation {incarnation}: {e}");
                 }
-                (self.client.peer_id, "refuted", *incarnation)
+                (self.client.peer_id, MemberEvent::Refuted, *incarnation)
             }
         };
         // testnet reads this line to time failure detection.
-        println!("member {event} {peer} incarnation {incarnation}");
-        crate::metrics::membership_event(event);
-        self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
+        self.membership.record(&peer, event, incarnation);
     }
 
     /// Dials known peers we are not connected to (after a partition heals, or a

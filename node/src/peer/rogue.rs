@@ -1,12 +1,8 @@
 //! Fault injection: a rogue node that only sends invalid messages (or heartbeats without a Hello).
 
-use crate::exec::{self, ExecConfig};
 use crate::report::*;
 use crate::train::*;
-use anyhow::Context;
-use p2pml_lambda_grad::device_name;
-use p2pml_proto::wire::{self, Announce, Gossip, RunSpec};
-use std::sync::atomic::Ordering;
+use p2pml_proto::wire::{self, Announce, Gossip};
 use std::time::{Duration, Instant};
 use super::node::*;
 
@@ -14,7 +10,7 @@ use super::node::*;
 /// node never joins the membership or trains; every heartbeat interval it
 /// publishes invalid messages of every kind on the current epoch's topic, until
 /// the run's peers have finished or gone.
-pub(super) async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device, path: std::path::PathBuf) -> anyhow::Result<NodeReport> {
+pub(super) async fn run_rogue(mut node: Node, reporter: ReportBuilder) -> anyhow::Result<NodeReport> {
     let wall = Instant::now();
     if node.p2p.heartbeat_only {
         tracing::warn!("rogue mode: heartbeats without a Hello until the run ends");
@@ -29,46 +25,16 @@ pub(super) async fn run_rogue(mut node: Node, spec: RunSpec, device: tch::Device
         all_finished || alone_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
     })
     .await?;
-    let tr = &node.client.traffic;
-    let report = NodeReport {
-        role: "rogue".into(),
-        peer_id: node.client.peer_id.to_string(),
-        run_id: node.run_id.clone(),
-        spec,
-        device: device_name(device),
-        threads: tch::get_num_threads(),
-        rounds: 0,
-        epochs: 0,
-        final_digest: String::new(),
-        final_test_accuracy: 0.0,
-        final_test_loss: 0.0,
-        stopped_early: false,
-        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
-        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
-        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
-        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
-        gradient_bytes_sent: 0,
-        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
-        digest_mismatches: 0,
-        state_syncs: 0,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        rounds_log: Vec::new(),
-        epochs_log: Vec::new(),
-        peer_scores: node.scores_report(),
-        garbage_sent: node.garbage_sent,
-        function_tier: None,
-        cost: exec::cost(&ExecConfig::default(), &Default::default(), 0.0, 1),
-        incarnation: node.rs.incarnation(),
-        started_unix_ms: unix_ms(),
-        ready_unix_ms: None,
-        catch_ups: 0,
-        membership_log: std::mem::take(&mut node.membership_log),
-        checkpoints: CheckpointStats::default(),
-        server_unreachable_seconds: 0.0,
-        admission: AdmissionReport::default(),
-    };
-    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("done rogue garbage_sent {} report {}", report.garbage_sent, path.display());
+    let report = reporter.build(
+        wall.elapsed().as_secs_f64(),
+        Outcome {
+            peer_scores: node.scores_report(),
+            garbage_sent: node.garbage_sent,
+            membership_log: std::mem::take(&mut node.membership.events),
+            ..Outcome::default()
+        },
+    );
+    write_report(&node.p2p, &report)?;
     Ok(report)
 }
 

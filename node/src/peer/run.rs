@@ -1,7 +1,7 @@
 //! The P2P training loop.
 
-use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
-use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::checkpoint::CheckpointMeta;
+use crate::config::{P2pConfig, TrainConfig};
 use crate::exec::{self, offload, ExecutorKind, LambdaExecutor, Offload};
 use crate::checkpoint::CheckpointWriter;
 use super::rogue::run_rogue;
@@ -10,16 +10,15 @@ use crate::store::{SharedStore, StateBlob, Store};
 use crate::report::*;
 use crate::train::*;
 use crate::fetch::*;
-use crate::metrics::{record_costs, record_epoch, record_round};
+use crate::metrics::record_costs;
 use crate::setup::*;
-use anyhow::{anyhow, bail, Context};
-use libp2p::{Multiaddr, PeerId};
-use p2pml_lambda_grad::data::Partition;
-use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_proto::line::Line;
+use anyhow::bail;
+use libp2p::PeerId;
+use p2pml_lambda_grad::TensorData;
 use p2pml_proto::wire::{self, Announce, Digest, Gossip, SyncMode, ValStats};
 use p2pml_proto::Attack;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -27,59 +26,28 @@ use super::node::*;
 
 /// Joins (or starts) a decentralized run and trains until it ends.
 pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
-    cfg.validate()?;
-    p2p.validate().map_err(|e| anyhow!(e))?;
-    // A mistake in --state-dir or --report costs seconds, not a training run.
-    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
-    if cfg.threads > 0 {
-        p2pml_lambda_grad::set_torch_threads(cfg.threads);
-    }
-    let device = cfg.device.resolve()?;
-    let spec = run_spec(&cfg, &p2p);
-    let run_id = spec.run_id();
-    let (compression, rule, attack) = wire_rules(&p2p)?;
+    let setup = Setup::new(&cfg, &p2p)?;
+    let (device, spec, run_id) = (setup.device, setup.spec.clone(), setup.run_id.clone());
+    let (compression, rule, attack) = (setup.compression.clone(), setup.rule.clone(), setup.attack.clone());
     // The function tier's settings are checked before the network starts: a
     // wrong bucket or endpoint costs seconds, not a joined run.
     let mut lambda = match p2p.exec.executor {
         ExecutorKind::Lambda if !(p2p.garbage || p2p.heartbeat_only) => Some(LambdaExecutor::new(&p2p.exec).await?),
         _ => None,
     };
-
-    let mut bootstrap = Vec::new();
-    for a in &p2p.bootstrap {
-        let addr: Multiaddr = a.parse().map_err(|e| anyhow!("--bootstrap {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
-        let peer = match addr.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
-            _ => bail!("--bootstrap {a} must end in /p2p/<peer id> (the id the bootstrap node prints at start)"),
-        };
-        bootstrap.push((peer, addr));
-    }
+    let bootstrap =
+        p2p.bootstrap.iter().map(|a| dial_addr("--bootstrap", a, "the bootstrap node")).collect::<anyhow::Result<Vec<_>>>()?;
 
     // Data and model before the network, so that a bad flag fails fast.
-    let ds = cfg.load_dataset()?;
-    let n_train = ds.train.len();
-    let val_partition = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?;
+    let mut loaded = setup.load(&cfg, &p2p)?;
+    let Resume { ckpt, incarnation, stats: ckpt_stats, mut conv, restored } = setup.resume(&p2p, &mut loaded)?;
+    let Loaded { ds, n_train, val_all, model, opt, numel, max_samples } = loaded;
     let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
-    let val_all: Vec<usize> = val_partition.validation().to_vec();
     let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
-    let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
-    let opt = Optimizer::new(cfg.optimizer);
-    let numel = model.numel();
-    let max_samples = max_round_samples(&p2p, cfg.batch_size);
-
-    // --state-dir and --report writable (a probe file), before any training.
-    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
-    let started_unix_ms = unix_ms();
-    // Checkpoints (and the incarnation counter) before the network: a restarted
-    // node announces a higher incarnation from its first heartbeat.
-    let ckpt = Arc::new(Checkpoints::open_for(&p2p, &spec)?);
-    let incarnation = ckpt.next_incarnation()?;
-    let mut ckpt_stats = CheckpointStats::default();
-    let mut model = model;
-    let mut opt = opt;
-    let mut conv = Convergence::new(&p2p);
-    let restored = if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
-    let Net { client, events, requests, me } = start_net(&p2p, &run_id).await?;
+    let started_unix_ms = setup.started_unix_ms;
+    let net = start_net(&p2p, &run_id).await?;
+    let reporter = setup.report_builder("peer", &net, incarnation, &p2p);
+    let Net { client, events, requests, me } = net;
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
     if p2p.heartbeat_only {
         // The outsider answers nothing: requests are dropped unanswered.
@@ -133,7 +101,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         connected: HashSet::new(),
         scores: BTreeMap::new(),
         garbage_sent: 0,
-        membership_log: Vec::new(),
+        membership: MembershipLog::default(),
         planned_next: None,
         redialed: HashMap::new(),
         admission_dialed: HashMap::new(),
@@ -185,7 +153,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     }
 
     if p2p.garbage || p2p.heartbeat_only {
-        return run_rogue(node, spec, device, report_path(&p2p)).await;
+        return run_rogue(node, ReportBuilder { role: "rogue", ..reporter }).await;
     }
     let withhold = matches!(attack, Some(Attack::Withhold));
     let me_s = me.to_string();
@@ -234,7 +202,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     };
     drop(restored);
     let ready_unix_ms = Some(unix_ms());
-    println!("ready round {} epoch {} incarnation {incarnation}", node.round, sched.epoch + 1);
+    println!("{}", Line::Ready { round: node.round, epoch: sched.epoch + 1, incarnation });
     node.ready = true;
     node.epoch = sched.epoch;
     for e in [sched.epoch, sched.epoch + 1] {
@@ -243,13 +211,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    let mut rounds_log = Vec::new();
-    let mut epochs_log: Vec<EpochRecord> = Vec::new();
+    let mut progress = Progress::new();
     let mut catch_ups = 0u64;
     let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
     let mut pending_val: Option<ValStats> = None;
     let mut stopped_early = false;
-    let wall = Instant::now();
     let bpr = p2p.batches_per_round;
     let mut fn_seen = exec::ExecStats::default();
 
@@ -282,16 +248,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     correct: (v.accuracy * v.samples as f64).round() as u64,
                     count: v.samples as u64,
                 });
-                println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
-                record_epoch(te.accuracy, te.loss);
-                epochs_log.push(EpochRecord {
-                    epoch: sched.epoch + 1,
-                    val_loss: None,
-                    val_accuracy: None,
-                    test_accuracy: te.accuracy,
-                    test_loss: te.loss,
-                    lr: trainer.as_ref().map_or(0.0, |t| t.opt.lr()),
-                });
+                let lr = trainer.as_ref().map_or(0.0, |t| t.opt.lr());
+                progress.epoch(sched.epoch, &te, None, lr);
             }
             if sched.epoch + 1 >= cfg.epochs || stopped_early {
                 break;
@@ -560,7 +518,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
                 t.opt.set_lr(lr);
             }
-            if let Some(e) = epochs_log.last_mut() {
+            if let Some(e) = progress.epochs.last_mut() {
                 let e: &mut EpochRecord = e;
                 e.val_loss = Some(val_loss);
                 e.val_accuracy = Some(val_sum.1 as f64 / val_sum.2 as f64);
@@ -606,48 +564,20 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let state = Arc::new(state);
         store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: state.clone() });
         if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
-            let meta = CheckpointMeta {
-                run_id: run_id.clone(),
-                round,
-                epoch,
-                incarnation: node.rs.incarnation(),
-                written_unix_ms: unix_ms(),
-                members: node
-                    .rs
-                    .members()
-                    .iter()
-                    .map(|(p, m)| MemberRecord {
-                        peer: p.to_bytes(),
-                        incarnation: m.incarnation,
-                        alive: m.alive,
-                        addrs: node.known.get(p).cloned().unwrap_or_default(),
-                    })
-                    .collect(),
-            };
+            let meta = CheckpointMeta::now(&run_id, round, epoch, &node.rs, |p| node.known.get(p).cloned().unwrap_or_default());
             ckpt_writer.submit(meta, state);
         }
         st.update = t0.elapsed().as_secs_f64();
         node.last_digest = Some((round, digest));
         node.digests.entry(round).or_default().insert(me, digest);
-        let train_loss = loss_total / total_samples.max(1) as f64;
-        println!(
-            "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
-            epoch + 1,
-            sorted.len(),
-            st.barrier_wait * 1000.0,
-            &hex(&digest)[..16]
-        );
-        record_round(round, epoch, sorted.len(), total_samples, &st, train_loss, lr);
-        rounds_log.push(RoundRecord {
+        progress.round(RoundDone {
             round,
             epoch,
             contributors: sorted.len(),
             samples: total_samples,
-            train_loss,
+            loss_total,
             lr,
-            digest: hex(&digest),
-            finished_at: wall.elapsed().as_secs_f64(),
-            unix_ms: unix_ms(),
+            digest,
             stages: st,
         });
         if let Some(good) = node.check_digests(round) {
@@ -657,7 +587,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             match r {
                 Ok(_) => {
                     state_syncs += 1;
-                    if let Some(r) = rounds_log.last_mut() {
+                    if let Some(r) = progress.rounds.last_mut() {
                         let r: &mut RoundRecord = r;
                         r.digest = node.last_digest.map(|(_, d)| hex(&d)).unwrap_or_default();
                     }
@@ -665,7 +595,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 Err(e) => tracing::warn!("state sync from {good} failed: {e}"),
             }
         }
-        record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, state_syncs);
+        record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, progress.wall_secs(), bpr, state_syncs);
         let keep = 4 + if let SyncMode::Async { max_staleness } = p2p.sync { max_staleness } else { 0 };
         node.rs.prune(round.saturating_sub(keep));
         store.lock().expect("store lock").prune(round.saturating_sub(keep));
@@ -695,52 +625,32 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     }
 
     let t = trainer.expect("trainer present");
-    let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
-    let tr = &client.traffic;
-    let wall_secs = wall.elapsed().as_secs_f64();
+    let wall_secs = progress.wall_secs();
     if let Some(lx) = lambda.as_mut() {
         lx.finish().await;
     }
-    let report = NodeReport {
-        role: "peer".into(),
-        peer_id: me.to_string(),
-        run_id,
-        spec,
-        device: device_name(device),
-        threads: tch::get_num_threads(),
-        rounds: node.round,
-        epochs: epochs_log.len() as u64,
-        final_digest: hex(&params_digest(&t.model)),
-        final_test_accuracy: final_eval.0,
-        final_test_loss: final_eval.1,
-        stopped_early,
-        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
-        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
-        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
-        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
-        gradient_bytes_sent: node.gradient_bytes_sent,
-        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
-        digest_mismatches: node.digest_mismatches,
-        state_syncs,
-        wall_seconds: wall_secs,
-        rounds_log,
-        epochs_log,
-        peer_scores: node.scores_report(),
-        garbage_sent: 0,
-        function_tier: lambda.as_ref().map(|l| l.stats.clone()),
-        cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
-        incarnation,
-        started_unix_ms,
-        ready_unix_ms,
-        catch_ups,
-        membership_log: std::mem::take(&mut node.membership_log),
-        checkpoints: ckpt_writer.finish(ckpt_stats),
-        server_unreachable_seconds: 0.0,
-        admission: AdmissionReport { unadmitted: node.unadmitted_report(), ..std::mem::take(&mut node.admission) },
-    };
-    let path = report_path(&p2p);
-    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("done rounds {} test_acc {:.2}% digest {} report {}", report.rounds, 100.0 * report.final_test_accuracy, &report.final_digest[..16], path.display());
+    let report = reporter.build(
+        wall_secs,
+        Outcome {
+            rounds: node.round,
+            final_digest: hex(&params_digest(&t.model)),
+            stopped_early,
+            gradient_bytes_sent: node.gradient_bytes_sent,
+            digest_mismatches: node.digest_mismatches,
+            state_syncs,
+            rounds_log: progress.rounds,
+            epochs_log: progress.epochs,
+            peer_scores: node.scores_report(),
+            function_tier: lambda.as_ref().map(|l| l.stats.clone()),
+            ready_unix_ms,
+            catch_ups,
+            membership_log: std::mem::take(&mut node.membership.events),
+            checkpoints: ckpt_writer.finish(ckpt_stats),
+            admission: AdmissionReport { unadmitted: node.unadmitted_report(), ..std::mem::take(&mut node.admission) },
+            ..Outcome::default()
+        },
+    );
+    write_report(&p2p, &report)?;
     Ok(report)
 }
 

@@ -18,20 +18,3 @@ mod worker;
 
 pub use server::run_server;
 pub use worker::run_worker;
-
-use crate::config::P2pConfig;
-use crate::report::{report_path, NodeReport};
-use anyhow::Context;
-
-pub(super) fn write_report(p2p: &P2pConfig, report: &NodeReport) -> anyhow::Result<()> {
-    let path = report_path(p2p);
-    crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(report)?.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
-    println!(
-        "done rounds {} test_acc {:.2}% digest {} report {}",
-        report.rounds,
-        100.0 * report.final_test_accuracy,
-        report.final_digest.get(..16).unwrap_or(""),
-        path.display()
-    );
-    Ok(())
-}

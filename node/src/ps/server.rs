@@ -1,14 +1,14 @@
 //! The parameter server (`--role ps`).
 
 
-use crate::checkpoint::{CheckpointMeta, Checkpoints, MemberRecord};
-use crate::config::{run_spec, P2pConfig, TrainConfig};
-use crate::exec::{self};
+use crate::checkpoint::CheckpointMeta;
+use crate::config::{P2pConfig, TrainConfig};
 use crate::net::{Client, Event, InboundRequest};
 use crate::fetch::*;
-use crate::metrics::{record_costs, record_epoch, record_round};
+use crate::metrics::record_costs;
 use crate::report::*;
 use crate::setup::*;
+use p2pml_proto::line::{Line, MemberEvent};
 use crate::train::*;
 use crate::checkpoint::CheckpointWriter;
 use crate::round::{Barrier, Change, RoundState};
@@ -16,16 +16,13 @@ use crate::store::{SharedStore, Store};
 use anyhow::{anyhow, bail};
 use libp2p::request_response::ResponseChannel;
 use libp2p::PeerId;
-use p2pml_lambda_grad::data::Partition;
-use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_lambda_grad::TensorData;
 use p2pml_proto::wire::{self, Announce, Digest, PsWork, Request, Response, RunSpec};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-use super::write_report;
 
 /// How long the server holds a poll for a round it has not reached.
 const POLL_HOLD: Duration = Duration::from_secs(2);
@@ -69,7 +66,7 @@ struct Server {
     fetch_attempts: HashMap<PeerId, u32>,
     compression: p2pml_proto::Compression,
     numel: usize,
-    membership_log: Vec<MembershipEvent>,
+    membership: MembershipLog,
     start: Instant,
     invalid_pushes: u64,
 }
@@ -86,20 +83,18 @@ impl Server {
 
     fn on_change(&mut self, c: Change<PeerId>) {
         let (peer, event, incarnation) = match &c {
-            Change::Joined(p) => (*p, "joined", self.rs.members().get(p).map_or(0, |m| m.incarnation)),
+            Change::Joined(p) => (*p, MemberEvent::Joined, self.rs.members().get(p).map_or(0, |m| m.incarnation)),
             Change::Rejoined { peer, incarnation } => {
                 tracing::info!("worker {peer} is back (incarnation {incarnation}); it trains again from the next epoch");
-                (*peer, "rejoined", *incarnation)
+                (*peer, MemberEvent::Rejoined, *incarnation)
             }
             Change::Died(p) => {
                 tracing::warn!("worker {p} declared dead (connection closed, or silent for {} ms)", self.p2p.failure_timeout_ms);
-                (*p, "died", self.rs.members().get(p).map_or(0, |m| m.incarnation))
+                (*p, MemberEvent::Died, self.rs.members().get(p).map_or(0, |m| m.incarnation))
             }
             Change::Refuted { .. } => return,
         };
-        println!("member {event} {peer} incarnation {incarnation}");
-        crate::metrics::membership_event(event);
-        self.membership_log.push(MembershipEvent { unix_ms: unix_ms(), peer: peer.to_string(), event: event.into(), incarnation });
+        self.membership.record(&peer, event, incarnation);
     }
 
     /// First-hand word from a worker. The server is the only judge of its
@@ -382,36 +377,19 @@ impl Server {
 
 /// `--role ps`: the parameter server.
 pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
-    cfg.validate()?;
-    p2p.validate().map_err(|e| anyhow!(e))?;
-    if cfg.threads > 0 {
-        p2pml_lambda_grad::set_torch_threads(cfg.threads);
-    }
-    let device = cfg.device.resolve()?;
-    let spec = run_spec(&cfg, &p2p);
-    let run_id = spec.run_id();
-    let (compression, rule, _) = wire_rules(&p2p)?;
-    let ds = cfg.load_dataset()?;
-    let n_train = ds.train.len();
-    let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
+    let setup = Setup::new(&cfg, &p2p)?;
+    let (device, spec, run_id) = (setup.device, setup.spec.clone(), setup.run_id.clone());
+    let (compression, rule) = (setup.compression.clone(), setup.rule.clone());
+    let mut loaded = setup.load(&cfg, &p2p)?;
+    let Resume { ckpt, incarnation, stats: ckpt_stats, mut conv, restored } = setup.resume(&p2p, &mut loaded)?;
+    let Loaded { ds, n_train, val_all, model, opt, numel, max_samples } = loaded;
     let val = TensorData::new(&ds.train.select(&val_all), cfg.dataset, cfg.normalization, device);
     let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
     // The server computes no gradients: an empty training set stands in.
     let train = TensorData::new(&ds.train.select(&[]), cfg.dataset, cfg.normalization, device);
-    let mut model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
-    let mut opt = Optimizer::new(cfg.optimizer);
-    let numel = model.numel();
-    let max_samples = max_round_samples(&p2p, cfg.batch_size);
-    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
-    let ckpt = Arc::new(Checkpoints::open_for(&p2p, &spec)?);
-    let incarnation = ckpt.next_incarnation()?;
-    let started_unix_ms = unix_ms();
-    let mut ckpt_stats = CheckpointStats::default();
-    let mut conv = Convergence::new(&p2p);
-    let restored =
-        if p2p.checkpoint_every > 0 { restore_checkpoint(&ckpt, &mut model, &mut opt, &mut conv, &mut ckpt_stats)? } else { None };
 
     let net = start_net(&p2p, &run_id).await?;
+    let reporter = setup.report_builder("ps", &net, incarnation, &p2p);
     let me = net.me;
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
     let (fetch_tx, fetch_rx) = mpsc::channel(256);
@@ -443,7 +421,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         fetch_attempts: HashMap::new(),
         compression,
         numel,
-        membership_log: Vec::new(),
+        membership: MembershipLog::default(),
         start: Instant::now(),
         invalid_pushes: 0,
     };
@@ -488,15 +466,13 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     s.members = sched.members.clone();
     s.set_params(&model.params_vec())?;
     let ready_unix_ms = Some(unix_ms());
-    println!("ready round {} epoch {} incarnation {incarnation}", s.round, sched.epoch + 1);
+    println!("{}", Line::Ready { round: s.round, epoch: sched.epoch + 1, incarnation });
     s.open = true;
     s.answer_polls().await;
 
     let mut trainer = Some(Trainer { model, opt, train });
     let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
-    let mut rounds_log = Vec::new();
-    let mut epochs_log: Vec<EpochRecord> = Vec::new();
-    let wall = Instant::now();
+    let mut progress = Progress::new();
     let mut last_digest: Digest = digest_of(&trainer.as_ref().expect("trainer").model.params_vec());
 
     let stopped_early = loop {
@@ -527,16 +503,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 tracing::info!("validation loss {:.4} has not improved: lr {} -> {lr}", v.loss, t.opt.lr());
                 t.opt.set_lr(lr);
             }
-            println!("epoch {} test_acc {:.2}% test_loss {:.4}", sched.epoch + 1, 100.0 * te.accuracy, te.loss);
-            record_epoch(te.accuracy, te.loss);
-            epochs_log.push(EpochRecord {
-                epoch: sched.epoch + 1,
-                val_loss: Some(v.loss),
-                val_accuracy: Some(v.accuracy),
-                test_accuracy: te.accuracy,
-                test_loss: te.loss,
-                lr: t.opt.lr(),
-            });
+            progress.epoch(sched.epoch, &te, Some(&v), t.opt.lr());
             trainer = Some(t);
             if sched.epoch + 1 >= cfg.epochs || stop {
                 if stop {
@@ -607,44 +574,12 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         trainer = Some(t_back);
         last_digest = digest;
         if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
-            let meta = CheckpointMeta {
-                run_id: run_id.clone(),
-                round,
-                epoch,
-                incarnation: s.rs.incarnation(),
-                written_unix_ms: unix_ms(),
-                members: s
-                    .rs
-                    .members()
-                    .iter()
-                    .map(|(p, m)| MemberRecord { peer: p.to_bytes(), incarnation: m.incarnation, alive: m.alive, addrs: Vec::new() })
-                    .collect(),
-            };
+            let meta = CheckpointMeta::now(&run_id, round, epoch, &s.rs, |_| Vec::new());
             ckpt_writer.submit(meta, Arc::new(state));
         }
         st.update = t0.elapsed().as_secs_f64();
-        let train_loss = loss_total / total_samples.max(1) as f64;
-        println!(
-            "round {round} epoch {} contributors {} samples {total_samples} loss {train_loss:.4} lr {lr} barrier_ms {:.0} digest {}",
-            epoch + 1,
-            contributors.len(),
-            st.barrier_wait * 1000.0,
-            &hex(&digest)[..16]
-        );
-        record_round(round, epoch, contributors.len(), total_samples, &st, train_loss, lr);
-        record_costs(None, &mut Default::default(), &p2p.exec, wall.elapsed().as_secs_f64(), p2p.batches_per_round, 0);
-        rounds_log.push(RoundRecord {
-            round,
-            epoch,
-            contributors: contributors.len(),
-            samples: total_samples,
-            train_loss,
-            lr,
-            digest: hex(&digest),
-            finished_at: wall.elapsed().as_secs_f64(),
-            unix_ms: unix_ms(),
-            stages: st,
-        });
+        progress.round(RoundDone { round, epoch, contributors: contributors.len(), samples: total_samples, loss_total, lr, digest, stages: st });
+        record_costs(None, &mut Default::default(), &p2p.exec, progress.wall_secs(), p2p.batches_per_round, 0);
         s.rs.prune(round.saturating_sub(4));
         store.lock().expect("store lock").prune(round.saturating_sub(4));
         s.pushes.clear();
@@ -670,46 +605,21 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         s.pump().await?;
     }
 
-    let final_eval = epochs_log.last().map(|e| (e.test_accuracy, e.test_loss)).unwrap_or((0.0, 0.0));
-    let tr = &s.client.traffic;
-    let wall_secs = wall.elapsed().as_secs_f64();
-    let report = NodeReport {
-        role: "ps".into(),
-        peer_id: me.to_string(),
-        run_id,
-        spec,
-        device: device_name(device),
-        threads: tch::get_num_threads(),
-        rounds: s.round,
-        epochs: epochs_log.len() as u64,
-        final_digest: hex(&last_digest),
-        final_test_accuracy: final_eval.0,
-        final_test_loss: final_eval.1,
-        stopped_early,
-        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
-        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
-        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
-        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
-        gradient_bytes_sent: 0,
-        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed) + s.invalid_pushes,
-        digest_mismatches: 0,
-        state_syncs: 0,
-        wall_seconds: wall_secs,
-        rounds_log,
-        epochs_log,
-        peer_scores: BTreeMap::new(),
-        garbage_sent: 0,
-        function_tier: None,
-        cost: exec::cost(&p2p.exec, &Default::default(), wall_secs, p2p.batches_per_round),
-        incarnation,
-        started_unix_ms,
-        ready_unix_ms,
-        catch_ups: 0,
-        membership_log: std::mem::take(&mut s.membership_log),
-        checkpoints: ckpt_writer.finish(ckpt_stats),
-        server_unreachable_seconds: 0.0,
-        admission: Default::default(),
-    };
+    let report = reporter.build(
+        progress.wall_secs(),
+        Outcome {
+            rounds: s.round,
+            final_digest: hex(&last_digest),
+            stopped_early,
+            invalid_inputs: s.invalid_pushes,
+            rounds_log: progress.rounds,
+            epochs_log: progress.epochs,
+            ready_unix_ms,
+            membership_log: std::mem::take(&mut s.membership.events),
+            checkpoints: ckpt_writer.finish(ckpt_stats),
+            ..Outcome::default()
+        },
+    );
     write_report(&p2p, &report)?;
     Ok(report)
 }

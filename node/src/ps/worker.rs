@@ -1,7 +1,7 @@
 //! A worker of the parameter server (`--role worker --ps ADDR`).
 
 
-use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::config::{P2pConfig, TrainConfig};
 use crate::exec::{self, ExecutorKind, LambdaExecutor};
 use crate::net::{Client, Event};
 use crate::fetch::*;
@@ -11,17 +11,15 @@ use crate::setup::*;
 use crate::train::*;
 use crate::exec::{offload, Offload};
 use crate::store::{chunks, SharedStore, Store};
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use libp2p::{Multiaddr, PeerId};
-use p2pml_lambda_grad::data::Partition;
-use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer, TensorData};
+use p2pml_lambda_grad::TensorData;
 use p2pml_proto::wire::{self, Announce, PsWork, Request, Response, RunSpec};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::write_report;
+use p2pml_proto::line::{Line, MemberEvent};
 
 /// A worker gives up when the server has been unreachable this long.
 const SERVER_PATIENCE: Duration = Duration::from_secs(600);
@@ -58,7 +56,7 @@ impl Link {
                         self.stalled += t.elapsed().as_secs_f64();
                     }
                     if !self.server_up.swap(true, Ordering::SeqCst) {
-                        println!("member rejoined {} incarnation 0", self.server);
+                        println!("{}", Line::Member { event: MemberEvent::Rejoined, peer: self.server.to_string(), incarnation: 0 });
                     }
                     return Ok(r);
                 }
@@ -97,7 +95,7 @@ impl Link {
 fn server_lost(up: &AtomicBool, server: PeerId) -> bool {
     let news = up.swap(false, Ordering::SeqCst);
     if news {
-        println!("member died {server} incarnation 0");
+        println!("{}", Line::Member { event: MemberEvent::Died, peer: server.to_string(), incarnation: 0 });
     }
     news
 }
@@ -125,38 +123,21 @@ async fn fetch_params(client: &Client, server: PeerId, w: &PsWork, numel: usize)
 
 /// `--role worker --ps ADDR`: computes gradients for the server.
 pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
-    cfg.validate()?;
-    p2p.validate().map_err(|e| anyhow!(e))?;
-    if cfg.threads > 0 {
-        p2pml_lambda_grad::set_torch_threads(cfg.threads);
-    }
-    let ps = p2p.ps.clone().unwrap_or_default();
-    let addr: Multiaddr =
-        ps.parse().map_err(|e| anyhow!("--ps {ps} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
-    let Some(libp2p::multiaddr::Protocol::P2p(server)) = addr.iter().last() else {
-        bail!("--ps {ps} must end in /p2p/<peer id> (the id the server prints at start)");
-    };
-    crate::fsutil::check_node_outputs(&p2p).map_err(|e| anyhow!(e))?;
+    let setup = Setup::new(&cfg, &p2p)?;
+    let (server, addr) = dial_addr("--ps", p2p.ps.as_deref().unwrap_or_default(), "the server")?;
     let mut lambda = match p2p.exec.executor {
         ExecutorKind::Local => None,
         ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
     };
-    let device = cfg.device.resolve()?;
-    let spec = run_spec(&cfg, &p2p);
-    let run_id = spec.run_id();
-    let (compression, _, attack) = wire_rules(&p2p)?;
-    let ds = cfg.load_dataset()?;
-    let n_train = ds.train.len();
-    let val_all: Vec<usize> = Partition::new(n_train, cfg.val_size, 1, cfg.seed)?.validation().to_vec();
+    let (device, spec, run_id) = (setup.device, setup.spec.clone(), setup.run_id.clone());
+    let (compression, attack) = (setup.compression.clone(), setup.attack.clone());
+    let Loaded { ds, n_train, val_all, model, opt, numel, .. } = setup.load(&cfg, &p2p)?;
     let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
-    let model = Model::new(ModelSpec::for_dataset(cfg.model, cfg.dataset), device, cfg.seed)?;
-    let numel = model.numel();
-    let opt = Optimizer::new(cfg.optimizer);
-    let started_unix_ms = unix_ms();
     // A restarted worker is a new incarnation: the start time orders them.
-    let incarnation = started_unix_ms;
+    let incarnation = setup.started_unix_ms;
 
     let net = start_net(&p2p, &run_id).await?;
+    let reporter = setup.report_builder("worker", &net, incarnation, &p2p);
     let me = net.me;
     let me_s = me.to_string();
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
@@ -239,7 +220,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         }
         if ready_unix_ms.is_none() {
             ready_unix_ms = Some(unix_ms());
-            println!("ready round {} epoch {} incarnation {incarnation}", work.round, work.epoch + 1);
+            println!("{}", Line::Ready { round: work.round, epoch: work.epoch + 1, incarnation });
         }
         let round = work.round;
         let mut st = StageTimes::default();
@@ -354,7 +335,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         record_costs(lambda.as_mut(), &mut fn_seen, &p2p.exec, wall.elapsed().as_secs_f64(), bpr, 0);
         tracing::info!(round, epoch = work.epoch + 1, samples = c.samples, compute_s = format!("{:.3}", st.compute), "gradient pushed");
         // testnet reads this line: the worker contributes again.
-        println!("computed round {round} epoch {} samples {} loss {:.4}", work.epoch + 1, c.samples, c.loss_sum / c.samples.max(1) as f64);
+        println!("{}", Line::Computed { round, epoch: work.epoch + 1, samples: c.samples, loss: c.loss_sum / c.samples.max(1) as f64 });
         rounds_log.push(RoundRecord {
             round,
             epoch: work.epoch,
@@ -370,7 +351,6 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     };
     heartbeats.abort();
 
-    let tr = &client.traffic;
     let wall_secs = wall.elapsed().as_secs_f64();
     if link.stalled > 0.0 {
         tracing::info!("stalled {:.1} s waiting for the parameter server", link.stalled);
@@ -378,43 +358,19 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     if let Some(lx) = lambda.as_mut() {
         lx.finish().await;
     }
-    let report = NodeReport {
-        role: "worker".into(),
-        peer_id: me.to_string(),
-        run_id,
-        spec,
-        device: device_name(device),
-        threads: tch::get_num_threads(),
-        rounds: computed,
-        epochs: 0,
-        final_digest,
-        final_test_accuracy: 0.0,
-        final_test_loss: 0.0,
-        stopped_early: false,
-        gossip_bytes_sent: tr.gossip_bytes_sent.load(Ordering::Relaxed),
-        gossip_bytes_received: tr.gossip_bytes_received.load(Ordering::Relaxed),
-        fetch_bytes_sent: tr.rr_bytes_sent.load(Ordering::Relaxed),
-        fetch_bytes_received: tr.rr_bytes_received.load(Ordering::Relaxed),
-        gradient_bytes_sent,
-        invalid_messages: tr.invalid_messages.load(Ordering::Relaxed),
-        digest_mismatches: 0,
-        state_syncs: 0,
-        wall_seconds: wall_secs,
-        rounds_log,
-        epochs_log: Vec::new(),
-        peer_scores: BTreeMap::new(),
-        garbage_sent: 0,
-        function_tier: lambda.as_ref().map(|l| l.stats.clone()),
-        cost: exec::cost(&p2p.exec, &lambda.as_ref().map(|l| l.stats.clone()).unwrap_or_default(), wall_secs, bpr),
-        incarnation,
-        started_unix_ms,
-        ready_unix_ms,
-        catch_ups: 0,
-        membership_log: Vec::new(),
-        checkpoints: CheckpointStats::default(),
-        server_unreachable_seconds: link.stalled,
-        admission: Default::default(),
-    };
+    let report = reporter.build(
+        wall_secs,
+        Outcome {
+            rounds: computed,
+            final_digest,
+            gradient_bytes_sent,
+            rounds_log,
+            function_tier: lambda.as_ref().map(|l| l.stats.clone()),
+            ready_unix_ms,
+            server_unreachable_seconds: link.stalled,
+            ..Outcome::default()
+        },
+    );
     write_report(&p2p, &report)?;
     Ok(report)
 }

@@ -77,13 +77,8 @@ pub(crate) fn restore_checkpoint(
     }
     apply_state(model, opt, &r.params, &r.opt, r.header.lr, r.header.opt_steps);
     conv.restore(r.header.plateau, r.header.stopping);
-    println!(
-        "restored checkpoint round {} epoch {} digest {} in {:.3} s",
-        r.header.round,
-        r.header.epoch + 1,
-        &hex(&digest_of(&r.params))[..16],
-        r.load_secs
-    );
+    let digest = hex(&digest_of(&r.params))[..16].to_string();
+    println!("{}", p2pml_proto::line::Line::Restored { round: r.header.round, epoch: r.header.epoch + 1, digest, secs: r.load_secs });
     stats.restored_round = Some(r.header.round);
     stats.restore_secs = Some(r.load_secs);
     stats.restore_skipped = r.skipped.clone();
