@@ -164,7 +164,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     // starts, or the run resumes from our checkpoint, once --peers peers are live
     // (or --min-peers, and --start-grace-ms has passed).
     let ahead = |n: &Node| n.remote_round() > n.round;
-    let mut trainer = Some(Trainer { model, opt, train });
+    let mut trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
     let mut state_syncs = 0u64;
     if !ahead(&node) {
         tracing::info!("waiting for {} live peers ({} at least)", p2p.peers, p2p.min_peers);
@@ -186,9 +186,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
     let mut sched = if ahead(&node) {
-        let t = trainer.take().expect("trainer present");
-        let (t_back, h, active) = node.join_running(t, &mut conv).await?;
-        trainer = Some(t_back);
+        let (h, active) = node.join_running(&mut trainer, &mut conv).await?;
         state_syncs += 1;
         node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?
     } else if let Some(r) = &restored {
@@ -224,32 +222,20 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             // End of the epoch: an active peer evaluates its slice of the
             // validation set (shared on its next announcement) and the test set.
             if let Some(my_index) = sched.my_index {
-                let t = trainer.take().expect("trainer present");
                 let p = sched.members.len();
                 let my_val: Vec<usize> = val_all.iter().copied().skip(my_index).step_by(p).collect();
                 let val_data = (!my_val.is_empty())
                     .then(|| TensorData::new(&ds.train.select(&my_val), cfg.dataset, cfg.normalization, device));
-                let eval_bs = cfg.eval_batch_size;
-                let test_x = test.x.shallow_clone();
-                let test_y = test.y.shallow_clone();
                 let t_eval = Instant::now();
-                let (t_back, v, te) = node
-                    .while_pumping(tokio::task::spawn_blocking(move || {
-                        let v = val_data.map(|d| t.model.evaluate(&d.x, &d.y, eval_bs));
-                        let te = t.model.evaluate(&test_x, &test_y, eval_bs);
-                        (t, v, te)
-                    }))
-                    .await??;
+                let (v, te) = node.while_pumping(trainer.evaluate(val_data.as_ref())).await??;
                 crate::metrics::stage("evaluate", t_eval.elapsed().as_secs_f64());
-                trainer = Some(t_back);
                 pending_val = v.map(|v| ValStats {
                     epoch: sched.epoch,
                     loss_sum: v.loss * v.samples as f64,
                     correct: (v.accuracy * v.samples as f64).round() as u64,
                     count: v.samples as u64,
                 });
-                let lr = trainer.as_ref().map_or(0.0, |t| t.opt.lr());
-                progress.epoch(sched.epoch, &te, None, lr);
+                progress.epoch(sched.epoch, &te, None, trainer.lr());
             }
             if sched.epoch + 1 >= cfg.epochs || stopped_early {
                 break;
@@ -303,8 +289,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 let params = match (&latest_params, digest) {
                     (Some((d, p)), Some(cur)) if *d == cur => p.clone(),
                     _ => {
-                        let t = trainer.as_ref().expect("trainer present");
-                        let p = Arc::new(t.model.params_vec());
+                        let p = node.while_pumping(trainer.params()).await??;
                         latest_params = Some((digest_of(&p), p.clone()));
                         p
                     }
@@ -334,14 +319,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             }
             // Local computation (all tasks, or those the function tier failed), off the async threads.
             if !local_tasks.is_empty() {
-                let mut t = trainer.take().expect("trainer present");
-                let (t_back, local) = node
-                    .while_pumping(tokio::task::spawn_blocking(move || {
-                        let o = compute_tasks(&mut t, &batches, &local_tasks);
-                        (t, o)
-                    }))
-                    .await??;
-                trainer = Some(t_back);
+                let local = node.while_pumping(trainer.compute(batches, local_tasks, None)).await??;
                 outputs.extend(local);
             }
             let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
@@ -425,9 +403,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                         let Some(source) = node.catch_up_source() else { continue };
                         let their = node.views.get(&source).map_or(0, |v| v.round);
                         tracing::warn!("round {round}: peer {source} is at round {their}; catching up by state sync");
-                        let t = trainer.take().expect("trainer present");
-                        let (t_back, r) = node.sync_state(source, round + 1, t, &mut conv).await?;
-                        trainer = Some(t_back);
+                        let r = node.sync_state(source, round + 1, &mut trainer, &mut conv).await?;
                         match r {
                             Ok(h) => {
                                 state_syncs += 1;
@@ -500,23 +476,22 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             }
         }
         let (grad_mean, total_samples, loss_total, decode_secs, aggregate_secs) =
-            tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule, max_samples)).await?;
+            node.while_pumping(tokio::task::spawn_blocking(move || aggregate(&inputs, &compression, numel, &rule, max_samples))).await??;
         st.decode = decode_secs;
         st.aggregate = aggregate_secs;
 
         // Convergence decisions ride on the first round of each epoch.
-        let mut t = trainer.take().expect("trainer present");
         if any_val && val_sum.2 > 0 {
             let val_loss = val_sum.0 / val_sum.2 as f64;
             let t_conv = Instant::now();
-            let (lr, stop) = conv.step(val_loss, t.opt.lr());
+            let (lr, stop) = conv.step(val_loss, trainer.lr());
             crate::metrics::stage("convergence_check", t_conv.elapsed().as_secs_f64());
             if let Some(m) = crate::metrics::get() {
                 m.validation_loss.set(val_loss);
             }
-            if lr != t.opt.lr() {
-                tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", t.opt.lr());
-                t.opt.set_lr(lr);
+            if lr != trainer.lr() {
+                tracing::info!("validation loss {val_loss:.4} has not improved: lr {} -> {lr}", trainer.lr());
+                trainer.set_lr(lr);
             }
             if let Some(e) = progress.epochs.last_mut() {
                 let e: &mut EpochRecord = e;
@@ -528,7 +503,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
         // Update.
         let t0 = Instant::now();
-        let lr = t.opt.lr();
+        let lr = trainer.lr();
         let (plateau, stopping) = conv.snapshot();
         let perturb = p2p.perturb_round == Some(round);
         let sched_info = EpochInfo {
@@ -538,28 +513,18 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             next: node.planned_next.clone().unwrap_or_default(),
             withheld: node.withheld.iter().filter(|(_, e)| **e == epoch).map(|(p, _)| *p).collect(),
         };
-        let keep_params = lambda.is_some();
-        let (t_back, digest, state, params) = node
-            .while_pumping(tokio::task::spawn_blocking(move || {
-                if total_samples > 0 {
-                    let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
-                    let Trainer { model, opt, .. } = &mut t;
-                    opt.step(model.flat_params_mut(), &g);
-                }
-                if perturb {
-                    // Fault injection (--fault-perturb-round): silent corruption of one value.
-                    let mut v = t.model.params_vec();
-                    v[0] += 1e-3;
-                    t.model.set_params(&v).expect("same length");
-                }
-                // One copy of the parameters serves the digest and the state snapshot.
-                let params = t.model.params_vec();
-                let d = digest_of(&params);
-                let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
-                (t, d, state, keep_params.then(|| Arc::new(params)))
-            }))
-            .await??;
-        trainer = Some(t_back);
+        let job = UpdateJob {
+            grad: grad_mean,
+            samples: total_samples,
+            perturb,
+            round,
+            epoch,
+            plateau,
+            stopping,
+            info: sched_info,
+            keep_params: lambda.is_some(),
+        };
+        let Updated { digest, state, params } = node.while_pumping(trainer.update(job)).await??;
         latest_params = params.map(|p| (digest, p));
         let state = Arc::new(state);
         store.lock().expect("store lock").set_state(StateBlob { round, epoch, bytes: state.clone() });
@@ -581,9 +546,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             stages: st,
         });
         if let Some(good) = node.check_digests(round) {
-            let t = trainer.take().expect("trainer present");
-            let (t_back, r) = node.sync_state(good, round, t, &mut conv).await?;
-            trainer = Some(t_back);
+            let r = node.sync_state(good, round, &mut trainer, &mut conv).await?;
             match r {
                 Ok(_) => {
                     state_syncs += 1;
@@ -624,7 +587,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    let t = trainer.expect("trainer present");
+    let final_digest = hex(&node.while_pumping(trainer.digest()).await??);
     let wall_secs = progress.wall_secs();
     if let Some(lx) = lambda.as_mut() {
         lx.finish().await;
@@ -633,7 +596,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         wall_secs,
         Outcome {
             rounds: node.round,
-            final_digest: hex(&params_digest(&t.model)),
+            final_digest,
             stopped_early,
             gradient_bytes_sent: node.gradient_bytes_sent,
             digest_mismatches: node.digest_mismatches,

@@ -54,7 +54,7 @@ impl Node {
     /// Joins a run in progress: adopts the furthest running peer's latest state.
     /// Returns the state's header and that peer's active members of the epoch
     /// (a restarted member is not among them: it follows until the next epoch).
-    pub(super) async fn join_running(&mut self, mut t: Trainer, conv: &mut Convergence) -> anyhow::Result<(Trainer, p2pml_proto::StateHeader, Vec<PeerId>)> {
+    pub(super) async fn join_running(&mut self, t: &mut TrainerHandle, conv: &mut Convergence) -> anyhow::Result<(p2pml_proto::StateHeader, Vec<PeerId>)> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if Instant::now() > deadline {
@@ -71,8 +71,7 @@ impl Node {
                 continue;
             };
             tracing::info!("the run is in progress: syncing state from {source}");
-            let (t_back, r) = self.sync_state(source, 0, t, conv).await?;
-            t = t_back;
+            let r = self.sync_state(source, 0, t, conv).await?;
             let header = match r {
                 Ok(h) => h,
                 Err(e) => {
@@ -90,7 +89,7 @@ impl Node {
             }
             self.round = header.round + 1;
             let active = self.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
-            return Ok((t, header, active));
+            return Ok((header, active));
         }
     }
 
@@ -181,9 +180,9 @@ impl Node {
         &mut self,
         peer: PeerId,
         min_round: u64,
-        mut t: Trainer,
+        t: &mut TrainerHandle,
         conv: &mut Convergence,
-    ) -> anyhow::Result<(Trainer, Result<p2pml_proto::StateHeader, String>)> {
+    ) -> anyhow::Result<Result<p2pml_proto::StateHeader, String>> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let (round, total_len, data) = loop {
             let client = self.client.clone();
@@ -194,12 +193,12 @@ impl Node {
                     let pause = tokio::time::sleep(Duration::from_millis(100));
                     self.while_pumping(pause).await?;
                 }
-                Ok(other) => return Ok((t, Err(format!("no state for round {min_round}: {other:?}")))),
-                Err(e) => return Ok((t, Err(e.to_string()))),
+                Ok(other) => return Ok(Err(format!("no state for round {min_round}: {other:?}"))),
+                Err(e) => return Ok(Err(e.to_string())),
             }
         };
         if total_len > wire::MAX_BLOB_BYTES * 3 {
-            return Ok((t, Err(format!("state of {total_len} bytes is too large"))));
+            return Ok(Err(format!("state of {total_len} bytes is too large")));
         }
         let mut bytes = data.into_vec();
         for index in 1..chunks(total_len) {
@@ -207,29 +206,22 @@ impl Node {
             let r = async move { client.request(peer, Request::State { round, index }).await };
             match self.while_pumping(r).await? {
                 Ok(Response::State { round: r, data, .. }) if r == round => bytes.extend_from_slice(&data),
-                other => return Ok((t, Err(format!("state chunk {index}: {other:?}")))),
+                other => return Ok(Err(format!("state chunk {index}: {other:?}"))),
             }
         }
-        let numel = t.model.numel() as u64;
+        let numel = t.numel() as u64;
         let (h, params, opt) = match p2pml_proto::decode_state(&bytes, numel) {
             Ok(x) => x,
-            Err(e) => return Ok((t, Err(e.to_string()))),
+            Err(e) => return Ok(Err(e.to_string())),
         };
         if h.round != round {
-            return Ok((t, Err(format!("state header says round {}, chunks say {round}", h.round))));
+            return Ok(Err(format!("state header says round {}, chunks say {round}", h.round)));
         }
-        if let Err(e) = check_state(&h, opt.len(), t.opt.state_vectors()) {
-            return Ok((t, Err(e)));
+        if let Err(e) = check_state(&h, opt.len(), t.opt_vectors()) {
+            return Ok(Err(e));
         }
         let (lr, steps) = (h.lr, h.opt_steps);
-        let (t, digest) = self
-            .while_pumping(tokio::task::spawn_blocking(move || {
-                let Trainer { model, opt: o, .. } = &mut t;
-                apply_state(model, o, &params, &opt, lr, steps);
-                let d = params_digest(&t.model);
-                (t, d)
-            }))
-            .await??;
+        let digest = self.while_pumping(t.load(LoadJob { params, opt, lr, steps })).await??;
         conv.restore(h.plateau, h.stopping);
         for p in peer_ids(&h.withheld) {
             self.withheld.insert(p, h.epoch);
@@ -238,7 +230,7 @@ impl Node {
         self.digests.entry(round).or_default().insert(self.client.peer_id, digest);
         self.store.lock().expect("store lock").set_state(StateBlob { round, epoch: h.epoch, bytes: Arc::new(bytes) });
         tracing::info!("state synced from {peer} at round {round}: digest {}", &hex(&digest)[..16]);
-        Ok((t, Ok(h)))
+        Ok(Ok(h))
     }
 }
 

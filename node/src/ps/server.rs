@@ -470,41 +470,31 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     s.open = true;
     s.answer_polls().await;
 
-    let mut trainer = Some(Trainer { model, opt, train });
+    let mut last_digest: Digest = params_digest(&model);
+    let mut trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
     let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
     let mut progress = Progress::new();
-    let mut last_digest: Digest = digest_of(&trainer.as_ref().expect("trainer").model.params_vec());
 
     let stopped_early = loop {
         if s.round >= sched.first_round + sched.rounds {
             // End of the epoch: the server evaluates (validation for the lr
             // schedule and early stopping, then the test set).
             s.open = false;
-            let t = trainer.take().expect("trainer present");
             let t_eval = Instant::now();
-            let (vx, vy, tx, ty) = (val.x.shallow_clone(), val.y.shallow_clone(), test.x.shallow_clone(), test.y.shallow_clone());
-            let bs = cfg.eval_batch_size;
-            let (t_back, v, te) = s
-                .while_pumping(tokio::task::spawn_blocking(move || {
-                    let v = t.model.evaluate(&vx, &vy, bs);
-                    let te = t.model.evaluate(&tx, &ty, bs);
-                    (t, v, te)
-                }))
-                .await??;
-            let mut t = t_back;
+            let (v, te) = s.while_pumping(trainer.evaluate(Some(&val))).await??;
+            let v = v.expect("the validation set was given");
             crate::metrics::stage("evaluate", t_eval.elapsed().as_secs_f64());
             let t_conv = Instant::now();
-            let (lr, stop) = conv.step(v.loss, t.opt.lr());
+            let (lr, stop) = conv.step(v.loss, trainer.lr());
             crate::metrics::stage("convergence_check", t_conv.elapsed().as_secs_f64());
             if let Some(m) = crate::metrics::get() {
                 m.validation_loss.set(v.loss);
             }
-            if lr != t.opt.lr() {
-                tracing::info!("validation loss {:.4} has not improved: lr {} -> {lr}", v.loss, t.opt.lr());
-                t.opt.set_lr(lr);
+            if lr != trainer.lr() {
+                tracing::info!("validation loss {:.4} has not improved: lr {} -> {lr}", v.loss, trainer.lr());
+                trainer.set_lr(lr);
             }
-            progress.epoch(sched.epoch, &te, Some(&v), t.opt.lr());
-            trainer = Some(t);
+            progress.epoch(sched.epoch, &te, Some(&v), trainer.lr());
             if sched.epoch + 1 >= cfg.epochs || stop {
                 if stop {
                     tracing::info!("early stopping: validation loss has not improved for {} epochs", p2p.early_stop_patience);
@@ -553,25 +543,23 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
 
         // Update, state, checkpoint.
         let t0 = Instant::now();
-        let mut t = trainer.take().expect("trainer present");
-        let lr = t.opt.lr();
+        let lr = trainer.lr();
         let (plateau, stopping) = conv.snapshot();
         let sched_info =
             EpochInfo { first_round: sched.first_round, members: sched.members.clone(), active: s.rs.active_members(), next: Vec::new(), withheld: Vec::new() };
-        let (t_back, params, digest, state) = s
-            .while_pumping(tokio::task::spawn_blocking(move || {
-                if total_samples > 0 {
-                    let g = tch::Tensor::from_slice(&grad_mean).to_device(t.model.device());
-                    let Trainer { model, opt, .. } = &mut t;
-                    opt.step(model.flat_params_mut(), &g);
-                }
-                let params = t.model.params_vec();
-                let d = digest_of(&params);
-                let state = state_blob(&t, &params, round, epoch, plateau, stopping, &sched_info);
-                (t, params, d, state)
-            }))
-            .await??;
-        trainer = Some(t_back);
+        let job = UpdateJob {
+            grad: grad_mean,
+            samples: total_samples,
+            perturb: false,
+            round,
+            epoch,
+            plateau,
+            stopping,
+            info: sched_info,
+            keep_params: true,
+        };
+        let Updated { digest, state, params } = s.while_pumping(trainer.update(job)).await??;
+        let params = params.expect("kept");
         last_digest = digest;
         if p2p.checkpoint_every > 0 && (round + 1).is_multiple_of(p2p.checkpoint_every) {
             let meta = CheckpointMeta::now(&run_id, round, epoch, &s.rs, |_| Vec::new());

@@ -175,7 +175,9 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         }
     });
 
-    let mut trainer = Some(Trainer { model, opt, train });
+    // The worker evaluates nothing: an empty test set stands in.
+    let test = TensorData::new(&ds.test.select(&[]), cfg.dataset, cfg.normalization, device);
+    let trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
     let mut sched: Option<Schedule> = None;
     let mut next = 0u64;
     let mut rounds_log = Vec::new();
@@ -267,16 +269,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             outputs = out;
             local_tasks.retain(|t| failed.contains(&t.index));
         }
-        let mut t = trainer.take().expect("trainer present");
-        let (t_back, local) = tokio::task::spawn_blocking(move || {
-            if !local_tasks.is_empty() {
-                t.model.set_params(&params).expect("the server's parameters have the model's length");
-            }
-            let o = compute_tasks(&mut t, &batches, &local_tasks);
-            (t, o)
-        })
-        .await?;
-        trainer = Some(t_back);
+        let local = trainer.compute(batches, local_tasks, Some(params)).await?;
         outputs.extend(local);
         let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
         st.compute = c.secs;

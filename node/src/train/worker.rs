@@ -1,8 +1,17 @@
-//! The tch side of training: model, optimizer and data, and the gradient of a round's tasks.
+//! The tch side of training. One thread owns the model, the optimizer and the
+//! data ([`Trainer`]); the async side talks to it through a [`TrainerHandle`]:
+//! compute, update, evaluate and load-state are messages with oneshot replies,
+//! so tch work never runs on the async executor's threads and the trainer is
+//! never moved back and forth.
 
+use super::state::{apply_state, digest_of, state_blob, EpochInfo};
 use crate::exec::TaskPlan;
-use p2pml_lambda_grad::{Model, Optimizer, TensorData};
+use p2pml_lambda_grad::{Evaluation, Model, Optimizer, TensorData};
 use p2pml_proto::task::GradOutput;
+use p2pml_proto::wire::Digest;
+use std::sync::Arc;
+use tch::Tensor;
+use tokio::sync::{mpsc, oneshot};
 
 /// The work of one round: this peer's gradient, summed over its batches.
 pub(crate) struct Computed {
@@ -12,11 +21,195 @@ pub(crate) struct Computed {
     pub(crate) secs: f64,
 }
 
-/// Model, optimizer and data: moved onto a blocking thread for each heavy step.
+/// Model, optimizer and data, owned by the trainer thread.
 pub(crate) struct Trainer {
     pub(crate) model: Model,
     pub(crate) opt: Optimizer,
     pub(crate) train: TensorData,
+    /// The test set, evaluated at every epoch's end.
+    pub(crate) test: TensorData,
+    pub(crate) eval_batch_size: usize,
+}
+
+/// One update of the parameters with an aggregated gradient, and the state after it.
+pub(crate) struct UpdateJob {
+    /// The aggregated mean gradient (not applied when `samples` is 0).
+    pub(crate) grad: Vec<f32>,
+    pub(crate) samples: u64,
+    /// Fault injection (--fault-perturb-round): corrupt one value after the step.
+    pub(crate) perturb: bool,
+    pub(crate) round: u64,
+    pub(crate) epoch: u64,
+    pub(crate) plateau: (f64, u64),
+    pub(crate) stopping: (f64, u64),
+    pub(crate) info: EpochInfo,
+    /// Return the new parameters too (the function tier and the server serve them).
+    pub(crate) keep_params: bool,
+}
+
+/// The parameters after an update: their digest, the state blob and (if asked) the values.
+pub(crate) struct Updated {
+    pub(crate) digest: Digest,
+    pub(crate) state: Vec<u8>,
+    pub(crate) params: Option<Arc<Vec<f32>>>,
+}
+
+/// A state (synced or restored) to load into the model and optimizer.
+pub(crate) struct LoadJob {
+    pub(crate) params: Vec<f32>,
+    pub(crate) opt: Vec<Vec<f32>>,
+    pub(crate) lr: f64,
+    pub(crate) steps: u64,
+}
+
+enum Job {
+    /// Local tasks of a round; `params` first replaces the model's parameters
+    /// (a worker computes at the server's).
+    Compute { batches: Vec<Vec<usize>>, tasks: Vec<TaskPlan>, params: Option<Arc<Vec<f32>>>, reply: oneshot::Sender<Vec<(usize, GradOutput)>> },
+    Update(Box<UpdateJob>, oneshot::Sender<Updated>),
+    /// The test set, and a validation set when given.
+    Evaluate { val: Option<(Tensor, Tensor)>, reply: oneshot::Sender<(Option<Evaluation>, Evaluation)> },
+    Load(Box<LoadJob>, oneshot::Sender<Digest>),
+    Params(oneshot::Sender<Arc<Vec<f32>>>),
+    SetLr(f64),
+}
+
+/// The trainer thread stopped (it panicked): the node cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("the trainer thread stopped (see the panic above)")]
+pub(crate) struct TrainerStopped;
+
+/// The async side's link to the trainer thread. The learning rate is mirrored
+/// here: only this handle changes it (set_lr, load), so the copy is exact.
+pub(crate) struct TrainerHandle {
+    tx: mpsc::UnboundedSender<Job>,
+    lr: f64,
+    numel: usize,
+    opt_vectors: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TrainerHandle {
+    /// Starts the trainer thread with `t`.
+    pub(crate) fn start(t: Trainer) -> TrainerHandle {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (lr, numel, opt_vectors) = (t.opt.lr(), t.model.numel(), t.opt.state_vectors());
+        let thread = std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || {
+                let mut t = t;
+                while let Some(job) = rx.blocking_recv() {
+                    t.run(job);
+                }
+            })
+            .expect("spawn the trainer thread");
+        TrainerHandle { tx, lr, numel, opt_vectors, thread: Some(thread) }
+    }
+
+    pub(crate) fn lr(&self) -> f64 {
+        self.lr
+    }
+    pub(crate) fn numel(&self) -> usize {
+        self.numel
+    }
+    /// The optimizer's state vectors (a state to load must have as many).
+    pub(crate) fn opt_vectors(&self) -> usize {
+        self.opt_vectors
+    }
+
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, TrainerStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(job(reply)).map_err(|_| TrainerStopped)?;
+        rx.await.map_err(|_| TrainerStopped)
+    }
+
+    pub(crate) async fn compute(&self, batches: Vec<Vec<usize>>, tasks: Vec<TaskPlan>, params: Option<Arc<Vec<f32>>>) -> Result<Vec<(usize, GradOutput)>, TrainerStopped> {
+        self.ask(|reply| Job::Compute { batches, tasks, params, reply }).await
+    }
+    pub(crate) async fn update(&self, job: UpdateJob) -> Result<Updated, TrainerStopped> {
+        self.ask(|reply| Job::Update(Box::new(job), reply)).await
+    }
+    pub(crate) async fn evaluate(&self, val: Option<&TensorData>) -> Result<(Option<Evaluation>, Evaluation), TrainerStopped> {
+        let val = val.map(|d| (d.x.shallow_clone(), d.y.shallow_clone()));
+        self.ask(|reply| Job::Evaluate { val, reply }).await
+    }
+    /// Loads a state; returns the digest of the parameters loaded.
+    pub(crate) async fn load(&mut self, job: LoadJob) -> Result<Digest, TrainerStopped> {
+        let lr = job.lr;
+        let d = self.ask(|reply| Job::Load(Box::new(job), reply)).await?;
+        self.lr = lr;
+        Ok(d)
+    }
+    pub(crate) async fn params(&self) -> Result<Arc<Vec<f32>>, TrainerStopped> {
+        self.ask(Job::Params).await
+    }
+    pub(crate) async fn digest(&self) -> Result<Digest, TrainerStopped> {
+        Ok(digest_of(&self.params().await?))
+    }
+    pub(crate) fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+        let _ = self.tx.send(Job::SetLr(lr));
+    }
+}
+
+impl Drop for TrainerHandle {
+    /// Closes the queue and waits for the job in progress.
+    fn drop(&mut self) {
+        let (tx, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Trainer {
+    fn run(&mut self, job: Job) {
+        match job {
+            Job::Compute { batches, tasks, params, reply } => {
+                if let Some(p) = params.filter(|_| !tasks.is_empty()) {
+                    self.model.set_params(&p).expect("parameters of the model's length");
+                }
+                let _ = reply.send(compute_tasks(self, &batches, &tasks));
+            }
+            Job::Update(job, reply) => {
+                let _ = reply.send(self.update(*job));
+            }
+            Job::Evaluate { val, reply } => {
+                let bs = self.eval_batch_size;
+                let v = val.map(|(x, y)| self.model.evaluate(&x, &y, bs));
+                let te = self.model.evaluate(&self.test.x, &self.test.y, bs);
+                let _ = reply.send((v, te));
+            }
+            Job::Load(job, reply) => {
+                let LoadJob { params, opt, lr, steps } = *job;
+                apply_state(&mut self.model, &mut self.opt, &params, &opt, lr, steps);
+                let _ = reply.send(digest_of(&params));
+            }
+            Job::Params(reply) => {
+                let _ = reply.send(Arc::new(self.model.params_vec()));
+            }
+            Job::SetLr(lr) => self.opt.set_lr(lr),
+        }
+    }
+
+    fn update(&mut self, j: UpdateJob) -> Updated {
+        if j.samples > 0 {
+            let g = Tensor::from_slice(&j.grad).to_device(self.model.device());
+            self.opt.step(self.model.flat_params_mut(), &g);
+        }
+        if j.perturb {
+            // Fault injection (--fault-perturb-round): silent corruption of one value.
+            let mut v = self.model.params_vec();
+            v[0] += 1e-3;
+            self.model.set_params(&v).expect("same length");
+        }
+        // One copy of the parameters serves the digest and the state snapshot.
+        let params = self.model.params_vec();
+        let digest = digest_of(&params);
+        let state = state_blob(self, &params, j.round, j.epoch, j.plateau, j.stopping, &j.info);
+        Updated { digest, state, params: j.keep_params.then(|| Arc::new(params)) }
+    }
 }
 
 /// Computes `tasks` of a round locally, each seeded as the function tier seeds
