@@ -9,6 +9,7 @@ use crate::store::SharedStore;
 use crate::report::*;
 use crate::train::*;
 use crate::fetch::*;
+use super::decide;
 use p2pml_proto::line::{Line, MemberEvent};
 use anyhow::bail;
 use libp2p::{Multiaddr, PeerId};
@@ -42,15 +43,7 @@ pub(super) fn known_addresses(bootstrap: &[(PeerId, Multiaddr)], meta: Option<&C
     known
 }
 
-pub(super) struct PeerView {
-    pub(super) round: u64,
-    pub(super) epoch: u64,
-    pub(super) finished: bool,
-    pub(super) ready: bool,
-    /// The sender's active members of its current epoch.
-    pub(super) active: Vec<PeerId>,
-    pub(super) boot: u64,
-}
+pub(super) type PeerView = super::decide::PeerView<PeerId>;
 
 pub(super) struct Node {
     pub(super) p2p: P2pConfig,
@@ -122,7 +115,7 @@ pub(super) struct Node {
     /// This process start (heartbeats carry it).
     pub(super) boot: u64,
     /// Catch-up sources whose state could not be had, and when (tried again after 10 s).
-    pub(super) catch_up_failed: HashMap<PeerId, Instant>,
+    pub(super) catch_up_failed: HashMap<PeerId, u64>,
     pub(super) ckpt: Arc<Checkpoints>,
     /// Why the last dial failed (said when no bootstrap peer can be reached).
     pub(super) last_dial_error: Option<String>,
@@ -399,15 +392,7 @@ impl Node {
     /// A live, ready peer at least two rounds ahead of us (we will not be waited
     /// for in the rounds between): the furthest one, to state-sync from.
     pub(super) fn catch_up_source(&self) -> Option<PeerId> {
-        let now = Instant::now();
-        self.views
-            .iter()
-            .filter(|(p, _)| self.catch_up_failed.get(p).is_none_or(|t| now.duration_since(*t) > Duration::from_secs(10)))
-            // A finished peer holds the run's final state: a peer left behind
-            // (the minority side of a partition) catches up from it too.
-            .filter(|(p, v)| v.ready && v.round >= self.round + 2 && self.rs.is_alive(p))
-            .max_by_key(|(_, v)| v.round)
-            .map(|(p, _)| *p)
+        decide::catch_up_source(&self.views, self.round, &self.catch_up_failed, self.now_ms(), |p| self.rs.is_alive(p))
     }
 
     /// Handles one input: a network event, a finished fetch, a Hello answer or a timer.

@@ -5,7 +5,7 @@ use crate::config::{P2pConfig, TrainConfig};
 use crate::exec::{self, offload, ExecutorKind, LambdaExecutor, Offload};
 use crate::checkpoint::CheckpointWriter;
 use super::rogue::run_rogue;
-use crate::round::{Barrier, RoundState, Stragglers};
+use crate::round::{RoundState, Stragglers};
 use crate::store::{SharedStore, StateBlob, Store};
 use crate::report::*;
 use crate::train::*;
@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use super::node::*;
+use super::decide::{self, BarrierStep, StartRule};
 
 /// Joins (or starts) a decentralized run and trains until it ends.
 pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
@@ -168,13 +169,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let mut state_syncs = 0u64;
     if !ahead(&node) {
         tracing::info!("waiting for {} live peers ({} at least)", p2p.peers, p2p.min_peers);
-        let (all, min, grace) = (p2p.peers, p2p.min_peers, Duration::from_millis(p2p.start_grace_ms));
-        let mut quorum_since: Option<Instant> = None;
-        node.wait_until("peers to join", |n| {
-            let live = n.rs.live().len();
-            quorum_since = if live >= min { quorum_since.or(Some(Instant::now())) } else { None };
-            live >= all || quorum_since.is_some_and(|t| t.elapsed() >= grace) || ahead(n)
-        })
+        let mut start = StartRule::new(p2p.peers, p2p.min_peers, p2p.start_grace_ms);
+        node.wait_until("peers to join", |n| start.ready(n.rs.live().len(), n.now_ms()) || ahead(n))
         .await?;
         // Give late heartbeats a moment so that every peer starts from the same membership.
         let settle = Instant::now() + Duration::from_millis(3 * p2p.heartbeat_ms);
@@ -243,11 +239,8 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             // The next epoch's members: in synchronous mode, the contributors of
             // the last round plus the ready joiners they named, which every peer
             // computes from the same announcements; in asynchronous mode, the live peers.
-            let members = match (node.planned_next.take(), p2p.sync) {
-                (Some(m), _) => m,
-                (None, SyncMode::Sync) => node.next_epoch_members(node.round - 1),
-                (None, SyncMode::Async { .. }) => node.rs.live(),
-            };
+            let planned = node.planned_next.take();
+            let members = decide::epoch_members(planned, p2p.sync, || node.next_epoch_members(node.round - 1), || node.rs.live());
             let old_epoch = sched.epoch;
             sched = Schedule::new(&cfg, &p2p, n_train, &val_all, old_epoch + 1, node.round, members, me)?;
             node.rs.set_epoch_members(sched.members.clone());
@@ -372,25 +365,23 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 // held, the missing members get this long; then the round closes on
                 // what arrived.
                 let deadline = Duration::from_millis(node.stragglers.deadline_ms());
-                let mut quorum_at: Option<Instant> = None;
-                node.wait_until(&format!("round {round} gradients"), |n| match n.rs.barrier(round) {
-                    Barrier::Release(c) => {
-                        released = Some((c, Vec::new()));
-                        true
-                    }
-                    Barrier::Waiting(missing) => {
-                        if let Some(held) = n.rs.quorum_held(round) {
-                            let at = *quorum_at.get_or_insert_with(Instant::now);
-                            if at.elapsed() >= deadline {
-                                released = Some((held, missing));
-                                return true;
-                            }
-                            n.wake = Some(at + deadline);
+                let mut quorum_at: Option<u64> = None;
+                node.wait_until(&format!("round {round} gradients"), |n| {
+                    let (now, can_catch_up) = (n.now_ms(), n.catch_up_source().is_some());
+                    let step = decide::barrier_step(n.rs.barrier(round), n.rs.quorum_held(round), &mut quorum_at, deadline.as_millis() as u64, now, can_catch_up);
+                    match step {
+                        BarrierStep::Release { contributors, missing } => {
+                            released = Some((contributors, missing));
+                            true
                         }
-                        // Peers two rounds ahead went on without us: we will not be waited for.
-                        n.catch_up_source().is_some()
+                        BarrierStep::CatchUp => true,
+                        BarrierStep::Wait { wake_at_ms } => {
+                            if let Some(w) = wake_at_ms {
+                                n.wake = Some(n.start + Duration::from_millis(w));
+                            }
+                            false
+                        }
                     }
-                    Barrier::BelowMinPeers { .. } => n.catch_up_source().is_some(),
                 })
                 .await?;
                 node.wake = None;
@@ -420,7 +411,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                             }
                             Err(e) => {
                                 tracing::warn!("catching up from {source} failed: {e}");
-                                node.catch_up_failed.insert(source, Instant::now());
+                                node.catch_up_failed.insert(source, node.now_ms());
                             }
                         }
                         continue;
@@ -431,20 +422,9 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                 // Bounded staleness: wait only for peers more than max_staleness
                 // behind, then apply each peer's freshest gradient not yet applied.
                 let floor = round.saturating_sub(max_staleness);
-                node.wait_until("stragglers", |n| {
-                    n.rs.expected().iter().all(|p| (floor..=round).any(|r| n.rs.holds(r, p)))
-                })
-                .await?;
-                let mut chosen = Vec::new();
-                for p in node.rs.expected() {
-                    let fresh = (floor..=round).rev().find(|r| node.rs.holds(*r, &p) && !node.applied.contains(&(*r, p)));
-                    if let Some(r) = fresh {
-                        node.applied.insert((r, p));
-                        chosen.push((p, r));
-                    }
-                }
-                node.applied.retain(|(r, _)| *r >= floor);
-                chosen
+                node.wait_until("stragglers", |n| decide::async_ready(&n.rs.expected(), |r, p| n.rs.holds(r, p), floor, round)).await?;
+                let expected = node.rs.expected();
+                decide::async_select(&expected, |r, p| node.rs.holds(r, p), &mut node.applied, floor, round)
             }
         };
         st.barrier_wait = t0.elapsed().as_secs_f64();
@@ -577,8 +557,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let last = node.round;
     let linger_deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < linger_deadline {
-        let live: Vec<PeerId> = node.rs.live().into_iter().filter(|p| *p != me).collect();
-        if live.iter().all(|p| node.views.get(p).is_some_and(|v| v.finished || v.round >= last)) {
+        if decide::may_leave(&node.rs.live(), &me, &node.views, last) {
             break;
         }
         tokio::select! {

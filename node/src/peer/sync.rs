@@ -6,11 +6,12 @@ use crate::report::*;
 use crate::train::*;
 use anyhow::bail;
 use libp2p::PeerId;
-use p2pml_proto::wire::{self, Digest, Request, Response};
+use p2pml_proto::wire::{self, Request, Response};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use super::node::*;
+use super::decide;
 
 impl Node {
     /// The furthest round another peer has told us about.
@@ -19,36 +20,19 @@ impl Node {
     }
 
     pub(super) fn remote_round(&self) -> u64 {
-        self.views.values().map(|v| v.round).max().unwrap_or(0).max(self.hello_round)
+        decide::remote_round(&self.views, self.hello_round)
     }
 
-    /// Live, ready peers that do not train in this epoch (joiners, and members
-    /// demoted by a death or restart): they are named for the next epoch.
+    /// Live, ready peers that do not train in this epoch: they are named for the next epoch.
     pub(super) fn ready_joiners(&self) -> Vec<PeerId> {
-        self.rs
-            .live()
-            .into_iter()
-            .filter(|p| !self.rs.is_active(p) && self.withheld.get(p) != Some(&self.epoch) && self.views.get(p).is_some_and(|v| v.ready && !v.finished))
-            .collect()
+        decide::ready_joiners(self.rs.live(), |p| self.rs.is_active(p), &self.withheld, self.epoch, &self.views)
     }
 
     /// The members of the next epoch: the last round's contributors and the
     /// joiners they named (the same announcements on every peer).
     pub(super) fn next_epoch_members(&self, last_round: u64) -> Vec<PeerId> {
-        let mut members: Vec<PeerId> = self.last_contributors.clone();
-        for c in &self.last_contributors {
-            if let Some(a) = self.announces.get(&(last_round, *c)) {
-                members.extend(a.joiners.iter().filter_map(|b| PeerId::from_bytes(b).ok()));
-            }
-        }
-        members.sort();
-        members.dedup();
-        if members.is_empty() {
-            // Nobody trained in the last round (every member died or restarted):
-            // the live, ready peers start the next epoch.
-            members = self.rs.live().into_iter().filter(|p| *p == self.client.peer_id || self.views.get(p).is_some_and(|v| v.ready && !v.finished)).collect();
-        }
-        members
+        let named = |c: &PeerId| self.announces.get(&(last_round, *c)).map(|a| peer_ids(&a.joiners)).unwrap_or_default();
+        decide::next_epoch_members(&self.last_contributors, named, self.rs.live(), self.client.peer_id, &self.views)
     }
 
     /// Joins a run in progress: adopts the furthest running peer's latest state.
@@ -60,12 +44,7 @@ impl Node {
             if Instant::now() > deadline {
                 bail!("could not obtain the run's state within 120 s");
             }
-            let source = self
-                .views
-                .iter()
-                .filter(|(p, v)| v.ready && !v.finished && self.rs.is_alive(p))
-                .max_by_key(|(_, v)| v.round)
-                .map(|(p, _)| *p);
+            let source = decide::join_source(&self.views, |p| self.rs.is_alive(p));
             let Some(source) = source else {
                 self.pump().await?;
                 continue;
@@ -81,7 +60,8 @@ impl Node {
                     continue;
                 }
             };
-            if header.round + 1 >= header.epoch_start + self.epoch_rounds(header.epoch_members.len()) && header.next_members.is_empty() {
+            let rounds = self.epoch_rounds(header.epoch_members.len());
+            if decide::state_lacks_next_epoch(header.round, header.epoch_start, rounds, !header.next_members.is_empty()) {
                 // The last round of an epoch whose next members the state does not name (asynchronous mode).
                 let pause = tokio::time::sleep(Duration::from_millis(200));
                 self.while_pumping(pause).await?;
@@ -95,8 +75,7 @@ impl Node {
 
     /// Rounds of an epoch with `members` members, as [`Schedule`] computes them.
     pub(super) fn epoch_rounds(&self, members: usize) -> u64 {
-        let shard = self.n_train_minus_val.div_ceil(members.max(1));
-        shard.div_ceil(self.batch_size).div_ceil(self.p2p.batches_per_round).max(1) as u64
+        decide::epoch_rounds(self.n_train_minus_val, self.batch_size, self.p2p.batches_per_round, members)
     }
 
     /// Takes the epoch's schedule from a state (restored or synced): its members
@@ -141,30 +120,13 @@ impl Node {
     /// When a strict majority of the live members agree on a digest that is not
     /// ours, returns one of them to re-sync from.
     pub(super) fn check_digests(&mut self, current: u64) -> Option<PeerId> {
-        let me = self.client.peer_id;
         let live = self.rs.live();
-        let mut resync = None;
-        for (round, ds) in self.digests.range(current.saturating_sub(4)..=current) {
-            let Some(mine) = ds.get(&me) else { continue };
-            let mut counts: BTreeMap<Digest, Vec<PeerId>> = BTreeMap::new();
-            for (p, d) in ds {
-                if live.contains(p) {
-                    counts.entry(*d).or_default().push(*p);
-                }
-            }
-            if let Some((major, peers)) = counts.iter().max_by_key(|(_, ps)| ps.len()) {
-                if major != mine && peers.len() > live.len() / 2 {
-                    tracing::warn!(
-                        "round {round}: our parameters differ from the majority ({} of {} live peers): re-syncing",
-                        peers.len(),
-                        live.len()
-                    );
-                    self.digest_mismatches += 1;
-                    resync = peers.first().copied();
-                    break;
-                }
-            }
+        let mismatch = decide::digest_mismatch(&self.digests, &self.client.peer_id, &live, current);
+        if let Some(m) = &mismatch {
+            tracing::warn!("round {}: our parameters differ from the majority ({} of {} live peers): re-syncing", m.round, m.agreeing, live.len());
+            self.digest_mismatches += 1;
         }
+        let resync = mismatch.map(|m| m.source);
         if resync.is_some() {
             // Forget the evidence: after the sync our digest is the majority's.
             self.digests.clear();

@@ -429,13 +429,8 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     // Start once --peers workers are live, or --min-peers and the grace has passed
     // (a restarted server waits the same way for its workers to find it again).
     tracing::info!("waiting for {} workers ({} at least)", p2p.peers, p2p.min_peers);
-    let (all, min, grace) = (p2p.peers, p2p.min_peers, Duration::from_millis(p2p.start_grace_ms));
-    let mut quorum_since: Option<Instant> = None;
-    s.wait_until("workers to join", |s| {
-        let live = s.workers_live().len();
-        quorum_since = if live >= min { quorum_since.or(Some(Instant::now())) } else { None };
-        live >= all || quorum_since.is_some_and(|t| t.elapsed() >= grace)
-    })
+    let mut start = crate::peer::StartRule::new(p2p.peers, p2p.min_peers, p2p.start_grace_ms);
+    s.wait_until("workers to join", |s| start.ready(s.workers_live().len(), s.now_ms()))
     .await?;
 
     let mut sched = match &restored {
