@@ -311,9 +311,54 @@ pub(crate) fn effects(fired: &[(f64, String, Action)], obs: &[Obs], ids: &[Strin
     out
 }
 
+/// Takes the events that are due out of `schedule`, in schedule order: at a
+/// time (`now` seconds after the start), once the furthest peer has passed a
+/// round, or (a revival) some seconds after that peer's last kill
+/// (`killed_at(peer)`, seconds after the start, if it was killed).
+pub(crate) fn due(schedule: &mut Vec<(Scheduled, String)>, now: f64, furthest: u64, killed_at: impl Fn(usize) -> Option<f64>) -> Vec<(Scheduled, String)> {
+    let mut due = Vec::new();
+    schedule.retain(|(ev, spec)| {
+        let is_due = match ev.at {
+            At::Secs(t) => now >= t,
+            At::Round(r) => furthest > r,
+            At::AfterKill(d) => match &ev.action {
+                Action::Revive { peer } => killed_at(*peer).is_some_and(|k| now >= k + d),
+                _ => false,
+            },
+        };
+        if is_due {
+            due.push((ev.clone(), spec.clone()));
+        }
+        !is_due
+    });
+    due
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_fire_at_their_time_round_or_delay_after_the_kill_in_schedule_order() {
+        let ev = |at: At, action: Action| (Scheduled { at, action }, format!("{at}"));
+        let mut schedule = vec![
+            ev(At::Round(5), Action::Kill { peer: 1 }),
+            ev(At::AfterKill(10.0), Action::Revive { peer: 1 }),
+            ev(At::Secs(3.0), Action::Heal),
+            ev(At::AfterKill(1.0), Action::Kill { peer: 2 }),
+        ];
+        let never = |_: usize| None;
+        assert!(due(&mut schedule, 2.9, 5, never).is_empty(), "round 5 fires once a peer passed it");
+        let d = due(&mut schedule, 3.0, 6, never);
+        assert_eq!(d.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(), ["r5", "3s"]);
+        assert_eq!(schedule.len(), 2, "the rest stay");
+        assert!(due(&mut schedule, 100.0, 9, never).is_empty(), "a revival waits for its kill");
+        assert!(due(&mut schedule, 14.9, 9, |p| (p == 1).then_some(5.0)).is_empty());
+        let d = due(&mut schedule, 15.0, 9, |p| (p == 1).then_some(5.0));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0.action, Action::Revive { peer: 1 });
+        assert!(due(&mut schedule, 1e9, 1000, |_| Some(0.0)).is_empty(), "only a revival waits on a kill");
+    }
 
     const N4: Nodes = Nodes { peers: 4, server: false };
 

@@ -65,3 +65,31 @@ pub fn build(kind: ModelKind, p: &nn::Path, shape: [usize; 3], classes: usize) -
         ModelKind::Resnet18 => Box::new(PadTo32 { pad, inner: resnet::resnet18(p, c, classes) }),
     })
 }
+
+/// What every zoo model's test checks first, written once.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::HashMap;
+    use tch::nn::{self, ModuleT};
+    use tch::{Device, Kind, Tensor};
+
+    /// Builds a net (`build` under a fresh var store) for 2 inputs of `c`×32×32:
+    /// in train mode it gives 10 logits each and a nonzero gradient reaches
+    /// `first_weight`; in eval mode its logits are finite. Returns the var store
+    /// and its variables, for the model's own checks.
+    pub(crate) fn run_net<N: ModuleT>(build: impl FnOnce(&nn::Path) -> N, c: i64, first_weight: &str) -> (nn::VarStore, HashMap<String, Tensor>) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = build(&vs.root());
+        let xs = Tensor::randn([2, c, 32, 32], (Kind::Float, Device::Cpu));
+        let ys = net.forward_t(&xs, true);
+        assert_eq!(ys.size(), [2, 10]);
+        ys.sum(Kind::Float).backward();
+        let vars = vs.variables();
+        let grad = vars[first_weight].grad();
+        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0., "no gradient at {first_weight}");
+        let ys = tch::no_grad(|| net.forward_t(&xs, false));
+        assert_eq!(ys.size(), [2, 10]);
+        assert!(ys.isfinite().all().int64_value(&[]) == 1, "eval-mode logits are not finite");
+        (vs, vars)
+    }
+}

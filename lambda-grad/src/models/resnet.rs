@@ -89,24 +89,11 @@ pub(crate) fn resnet18(p: &nn::Path, c: i64, classes: i64) -> impl nn::ModuleT +
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::nn::ModuleT;
-    use tch::{Device, Kind};
+    
+    
 
     fn check(c: i64, expected_params: i64) {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = resnet18(&vs.root(), c, 10);
-        let xs = Tensor::randn([2, c, 32, 32], (Kind::Float, Device::Cpu));
-
-        let ys = net.forward_t(&xs, true);
-        assert_eq!(ys.size(), [2, 10]);
-        ys.sum(Kind::Float).backward();
-        let vars = vs.variables();
-        let grad = vars["conv1.weight"].grad();
-        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.);
-
-        let ys = tch::no_grad(|| net.forward_t(&xs, false));
-        assert_eq!(ys.size(), [2, 10]);
-        assert!(ys.isfinite().all().int64_value(&[]) == 1);
+        let (vs, vars) = super::super::testing::run_net(|p| resnet18(p, c, 10), c, "conv1.weight");
 
         for name in [
             "conv1.weight",

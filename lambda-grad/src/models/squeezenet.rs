@@ -83,7 +83,7 @@ pub(crate) fn squeezenet1_1(p: &nn::Path, c: i64, classes: i64) -> impl nn::Modu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::nn::ModuleT;
+    
     use tch::{Device, Kind};
 
     #[test]
@@ -95,20 +95,7 @@ mod tests {
     }
 
     fn check(c: i64, expected_params: i64) {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = squeezenet1_1(&vs.root(), c, 10);
-        let xs = Tensor::randn([2, c, 32, 32], (Kind::Float, Device::Cpu));
-
-        let ys = net.forward_t(&xs, true);
-        assert_eq!(ys.size(), [2, 10]);
-        ys.sum(Kind::Float).backward();
-        let vars = vs.variables();
-        let grad = vars["features.0.weight"].grad();
-        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.);
-
-        let ys = tch::no_grad(|| net.forward_t(&xs, false));
-        assert_eq!(ys.size(), [2, 10]);
-        assert!(ys.isfinite().all().int64_value(&[]) == 1);
+        let (vs, vars) = super::super::testing::run_net(|p| squeezenet1_1(p, c, 10), c, "features.0.weight");
 
         for name in [
             "features.0.weight",
