@@ -2,7 +2,7 @@
 
 use clap::Args;
 use p2pml_lambda_grad::{DeviceChoice, OptimizerConfig};
-use p2pml_proto::{DatasetKind, ModelKind, Normalization, OptimizerKind};
+use p2pml_proto::{Aggregation, Attack, Compression, DatasetKind, ModelKind, Normalization, OptimizerKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -278,7 +278,9 @@ pub struct P2pConfig {
     pub peers: usize,
     pub min_peers: usize,
     pub batches_per_round: usize,
-    pub compression: String,
+    /// The gradients' encoding on the wire.
+    #[serde(with = "text")]
+    pub compression: Compression,
     pub sync: p2pml_proto::wire::SyncMode,
     pub failure_timeout_ms: u64,
     pub heartbeat_ms: u64,
@@ -288,10 +290,8 @@ pub struct P2pConfig {
     pub lr_patience: u64,
     pub min_lr: f64,
     pub early_stop_patience: u64,
-    /// Fault injection for tests: corrupt one parameter after this round.
-    pub perturb_round: Option<u64>,
-    /// Fault injection for tests: publish invalid messages every round.
-    pub garbage: bool,
+    /// Fault injection, for tests and experiments only.
+    pub faults: Faults,
     /// Where gradients are computed.
     pub exec: crate::exec::ExecConfig,
     /// Derive the peer key from this number (reproducible testnets only).
@@ -303,29 +303,71 @@ pub struct P2pConfig {
     /// A new run starts when --peers peers are live, or when --min-peers are and
     /// this long has passed since.
     pub start_grace_ms: u64,
-    /// Fault injection: (round, ms) — hold that round's checkpoint write open.
-    pub checkpoint_stall: Option<(u64, u64)>,
     /// Read control commands (block/unblock peers) from stdin: testnet's partitions.
     pub control_stdin: bool,
     /// Serve Prometheus metrics here (None: off).
     pub metrics_addr: Option<String>,
-    /// How each round's gradients are combined (canonical spelling of
-    /// [`p2pml_proto::Aggregation`]).
-    pub aggregation: String,
-    /// Fault injection: this peer attacks the run ([`p2pml_proto::Attack`]).
-    pub byzantine: Option<String>,
+    /// How each round's gradients are combined.
+    #[serde(with = "text")]
+    pub aggregation: Aggregation,
     /// The private swarm's pre-shared key file (libp2p pnet); None: an open swarm.
     pub swarm_key: Option<PathBuf>,
-    /// Fault injection: publish gossip unsigned, claiming to be the first
-    /// --bootstrap peer (the forged-message test).
-    pub forge: bool,
     /// Move earlier checkpoints in --state-dir aside (into old-<unix>/) and start afresh.
     pub fresh: bool,
     /// The straggler deadline and the demotion of members that keep missing rounds.
     pub straggler: Straggler,
-    /// Fault injection: an outsider that never sends or answers a Hello but
-    /// publishes validly signed heartbeats (ready) on the control topic.
+}
+
+/// Fault injection: what a node does wrong on purpose, for the tests and the
+/// experiments (every flag is `--fault-*`, or `--byzantine`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Corrupt one parameter after this round.
+    pub perturb_round: Option<u64>,
+    /// Publish invalid messages every round (a rogue that never trains).
+    pub garbage: bool,
+    /// (round, ms): hold that round's checkpoint write open.
+    pub checkpoint_stall: Option<(u64, u64)>,
+    /// Publish gossip unsigned, claiming to be the first --bootstrap peer (the
+    /// forged-message test).
+    pub forge: bool,
+    /// An outsider that never sends or answers a Hello but publishes validly
+    /// signed heartbeats (ready) on the control topic.
     pub heartbeat_only: bool,
+    /// This peer attacks the run.
+    #[serde(with = "opt_text")]
+    pub byzantine: Option<Attack>,
+}
+
+/// Serde as the canonical spelling (`Display` / `FromStr`).
+mod text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub(super) fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    pub(super) fn deserialize<'de, T: std::str::FromStr, D: Deserializer<'de>>(d: D) -> Result<T, D::Error>
+    where
+        T::Err: std::fmt::Display,
+    {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub(super) fn serialize<T: std::fmt::Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+    pub(super) fn deserialize<'de, T: std::str::FromStr, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T::Err: std::fmt::Display,
+    {
+        Option::<String>::deserialize(d)?.map(|x| x.parse().map_err(serde::de::Error::custom)).transpose()
+    }
 }
 
 /// How long a round waits for missing members once a quorum of its gradients is
@@ -363,7 +405,7 @@ impl Default for P2pConfig {
             peers: 4,
             min_peers: 0,
             batches_per_round: 10,
-            compression: DEFAULT_COMPRESSION.into(),
+            compression: DEFAULT_COMPRESSION.parse().expect("the default compression parses"),
             sync: p2pml_proto::wire::SyncMode::Sync,
             failure_timeout_ms: 2000,
             heartbeat_ms: 250,
@@ -372,23 +414,18 @@ impl Default for P2pConfig {
             lr_patience: 5,
             min_lr: 1e-6,
             early_stop_patience: 10,
-            perturb_round: None,
-            garbage: false,
+            faults: Faults::default(),
             exec: crate::exec::ExecConfig::default(),
             identity_seed: None,
             checkpoint_every: 1,
             checkpoint_keep: 3,
             start_grace_ms: 5000,
-            checkpoint_stall: None,
             control_stdin: false,
             metrics_addr: Some("127.0.0.1:0".into()),
-            aggregation: "mean".into(),
-            byzantine: None,
+            aggregation: Aggregation::Mean,
             swarm_key: None,
-            forge: false,
             fresh: false,
             straggler: Straggler::default(),
-            heartbeat_only: false,
         }
     }
 }
@@ -399,12 +436,12 @@ fn parse_stall(s: &str) -> Result<(u64, u64), String> {
     Ok((r.parse().map_err(|_| err())?, ms.parse().map_err(|_| err())?))
 }
 
-fn parse_aggregation(s: &str) -> Result<String, String> {
-    s.parse::<p2pml_proto::Aggregation>().map(|a| a.to_string()).map_err(|e| e.to_string())
+fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
+    s.parse::<Aggregation>().map_err(|e| e.to_string())
 }
 
-fn parse_attack(s: &str) -> Result<String, String> {
-    s.parse::<p2pml_proto::Attack>().map(|a| a.to_string()).map_err(|e| e.to_string())
+fn parse_attack(s: &str) -> Result<Attack, String> {
+    s.parse::<Attack>().map_err(|e| e.to_string())
 }
 
 fn parse_sync(s: &str) -> Result<String, String> {
@@ -420,8 +457,8 @@ fn parse_sync(s: &str) -> Result<String, String> {
 /// (about 14x smaller than f32; docs/benchmarks.md measures its accuracy).
 pub const DEFAULT_COMPRESSION: &str = "qsgd:bits=4,bucket=512,norm=l2";
 
-fn parse_compression(s: &str) -> Result<String, String> {
-    s.parse::<p2pml_proto::Compression>().map(|c| c.to_string()).map_err(|e| e.to_string())
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse::<Compression>().map_err(|e| e.to_string())
 }
 
 /// The command-line form of [`P2pConfig`].
@@ -457,7 +494,7 @@ pub struct P2pArgs {
     /// Gradient compression on the wire: qsgd:bits=1..8,bucket=N,norm=l2|max (any
     /// subset of the keys), or none (plain f32).
     #[arg(long, env = "P2PML_COMPRESSION", default_value = DEFAULT_COMPRESSION, value_parser = parse_compression)]
-    pub compression: String,
+    pub compression: Compression,
     /// sync: barrier every round; async: no barrier, bounded staleness.
     #[arg(long, env = "P2PML_SYNC", default_value = "sync", value_parser = parse_sync)]
     pub sync: String,
@@ -510,7 +547,7 @@ pub struct P2pArgs {
     /// smallest values per coordinate, 0 <= BETA < 0.5) or krum:F (the gradient
     /// closest to its n-F-2 nearest others; tolerates F byzantine peers when n >= 2F+3).
     #[arg(long, env = "P2PML_AGGREGATION", default_value = "mean", value_parser = parse_aggregation)]
-    pub aggregation: String,
+    pub aggregation: Aggregation,
     /// Private swarm: the libp2p pre-shared key file (`p2pml-node swarm-key` writes
     /// one). Every peer of the run needs the same file; peers without it cannot connect.
     #[arg(long, env = "P2PML_SWARM_KEY")]
@@ -518,7 +555,7 @@ pub struct P2pArgs {
     /// Fault injection: attack the run by sending sign-flip:K (-K times the gradient),
     /// gaussian:SIGMA (noise instead of the gradient), constant:C or nan payloads.
     #[arg(long, value_parser = parse_attack)]
-    pub byzantine: Option<String>,
+    pub byzantine: Option<Attack>,
     /// Fault injection (with --fault-garbage): publish gossip unsigned, claiming to be
     /// the first --bootstrap peer (tests that forged messages are refused).
     #[arg(long, hide = true)]
@@ -569,20 +606,15 @@ impl P2pArgs {
             },
             failure_timeout_ms: self.failure_timeout_ms,
             report: self.report.clone(),
-            perturb_round: self.fault_perturb_round,
-            garbage: self.fault_garbage,
             exec: self.exec.to_config(),
             identity_seed: self.identity_seed,
             checkpoint_every: self.checkpoint_every,
             checkpoint_keep: self.checkpoint_keep,
             start_grace_ms: self.start_grace_ms,
-            checkpoint_stall: self.fault_checkpoint_stall,
             control_stdin: self.control_stdin,
             metrics_addr: (self.metrics_addr != "none").then(|| self.metrics_addr.clone()),
-            aggregation: self.aggregation.clone(),
-            byzantine: self.byzantine.clone(),
+            aggregation: self.aggregation,
             swarm_key: self.swarm_key.clone(),
-            forge: self.fault_forge,
             fresh: self.fresh,
             straggler: Straggler {
                 factor: self.straggler_factor,
@@ -590,7 +622,14 @@ impl P2pArgs {
                 cap_ms: self.straggler_cap_ms,
                 demote_after: self.straggler_demote_after,
             },
-            heartbeat_only: self.fault_heartbeat_only,
+            faults: Faults {
+                perturb_round: self.fault_perturb_round,
+                garbage: self.fault_garbage,
+                checkpoint_stall: self.fault_checkpoint_stall,
+                forge: self.fault_forge,
+                heartbeat_only: self.fault_heartbeat_only,
+                byzantine: self.byzantine,
+            },
             ..d
         }
     }
@@ -615,10 +654,10 @@ pub fn run_spec(t: &TrainConfig, p: &P2pConfig) -> p2pml_proto::wire::RunSpec {
         val_size: t.val_size,
         limit_train: t.limit_train,
         limit_test: t.limit_test,
-        compression: p.compression.clone(),
+        compression: p.compression.to_string(),
         sync: p.sync,
         failure_timeout_ms: p.failure_timeout_ms,
-        aggregation: p.aggregation.clone(),
+        aggregation: p.aggregation.to_string(),
         straggler: p.straggler.to_string(),
     }
 }
@@ -705,7 +744,7 @@ impl P2pConfig {
         if st.demote_after == 0 {
             return Err("--straggler-demote-after must be at least 1".into());
         }
-        if self.heartbeat_only && self.garbage {
+        if self.faults.heartbeat_only && self.faults.garbage {
             return Err("--fault-heartbeat-only and --fault-garbage are two different rogues; pick one".into());
         }
         self.exec.validate()?;
@@ -729,7 +768,7 @@ impl P2pConfig {
         if !(self.min_lr >= 0.0 && self.min_lr.is_finite()) {
             return Err(format!("the minimum learning rate must be a finite number >= 0, got {}", self.min_lr));
         }
-        if let Ok(p2pml_proto::Aggregation::Krum { f }) = self.aggregation.parse() {
+        if let Aggregation::Krum { f } = self.aggregation {
             if self.peers < 2 * f + 3 {
                 return Err(format!(
                     "--aggregation krum:{f} needs --peers of at least {} (2F+3); lower F or use median or trimmed-mean",
@@ -737,10 +776,10 @@ impl P2pConfig {
                 ));
             }
         }
-        if self.forge && !self.garbage {
+        if self.faults.forge && !self.faults.garbage {
             return Err("--fault-forge needs --fault-garbage".into());
         }
-        if self.forge && self.bootstrap.is_empty() {
+        if self.faults.forge && self.bootstrap.is_empty() {
             return Err("--fault-forge needs --bootstrap (it claims to be that peer)".into());
         }
         if self.failure_timeout_ms < 2 * self.heartbeat_ms {

@@ -7,7 +7,7 @@
 use crate::checkpoint::{Checkpoints, Restored};
 use crate::config::{run_spec, P2pConfig, TrainConfig};
 use crate::report::{unix_ms, CheckpointStats, ReportBuilder};
-use crate::train::{max_round_samples, restore_checkpoint, wire_rules, Convergence};
+use crate::train::{max_round_samples, restore_checkpoint, Convergence};
 use p2pml_lambda_grad::data::{Dataset, Partition};
 use p2pml_lambda_grad::{device_name, Model, ModelSpec, Optimizer};
 use p2pml_proto::line::Line;
@@ -68,7 +68,10 @@ impl Setup {
         let device = cfg.device.resolve()?;
         let spec = run_spec(cfg, p2p);
         let run_id = spec.run_id();
-        let (compression, rule, attack) = wire_rules(p2p)?;
+        let (compression, rule, attack) = (p2p.compression.clone(), p2p.aggregation, p2p.faults.byzantine);
+        if let Some(a) = &attack {
+            tracing::warn!("byzantine mode: this peer sends {a} gradients");
+        }
         Ok(Setup { device, spec, run_id, compression, rule, attack, started_unix_ms: unix_ms() })
     }
 
@@ -140,7 +143,7 @@ pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<N
         None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
     };
     let psk = p2p.swarm_key.as_deref().map(net::load_swarm_key).transpose()?;
-    let forge_as = match (p2p.forge, p2p.bootstrap.first()) {
+    let forge_as = match (p2p.faults.forge, p2p.bootstrap.first()) {
         (true, Some(b)) => match b.parse::<Multiaddr>().ok().and_then(|a| a.iter().last().map(|p| p.acquire())) {
             Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
             _ => bail!("--fault-forge: --bootstrap {b} must end in /p2p/<peer id>"),

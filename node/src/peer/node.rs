@@ -143,12 +143,12 @@ impl Node {
     /// its own accepted by our responder. (The heartbeat-only rogue trusts everyone,
     /// only to follow the run.)
     pub(super) fn is_admitted(&self, p: &PeerId) -> bool {
-        self.p2p.heartbeat_only || self.accepted.contains(p) || self.store.lock().expect("store lock").admitted.contains(p)
+        self.p2p.faults.heartbeat_only || self.accepted.contains(p) || self.store.lock().expect("store lock").admitted.contains(p)
     }
 
     /// Sends `peer` our Hello (the run spec); the answer comes back through `hello_rx`.
     pub(super) fn send_hello(&mut self, peer: PeerId) {
-        if self.p2p.heartbeat_only {
+        if self.p2p.faults.heartbeat_only {
             return; // the outsider never asks to be admitted
         }
         self.hello_sent.insert(peer, Instant::now());
@@ -282,14 +282,14 @@ impl Node {
                 e.last = s;
             }
         }
-        if self.p2p.garbage {
+        if self.p2p.faults.garbage {
             // A rogue sends garbage where honest peers send heartbeats.
             let (round, epoch) = self.views.values().map(|v| (v.round, v.epoch)).max().unwrap_or((0, 0));
             self.publish_garbage(round, epoch).await;
             self.next_heartbeat = Instant::now() + Duration::from_millis(self.p2p.heartbeat_ms);
             return;
         }
-        if self.p2p.heartbeat_only {
+        if self.p2p.faults.heartbeat_only {
             // The outsider claims the round the run is at, to look like a member.
             let (round, epoch) = self.views.values().map(|v| (v.round, v.epoch)).max().unwrap_or((0, 0));
             self.round = round;
@@ -327,7 +327,7 @@ impl Node {
             contributed,
             addrs,
             finished: self.finished,
-            ready: self.ready || self.p2p.heartbeat_only,
+            ready: self.ready || self.p2p.faults.heartbeat_only,
             active: self.rs.active_members().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect(),
             boot: self.boot,
         };

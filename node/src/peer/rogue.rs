@@ -12,7 +12,7 @@ use super::node::*;
 /// the run's peers have finished or gone.
 pub(super) async fn run_rogue(mut node: Node, reporter: ReportBuilder) -> anyhow::Result<NodeReport> {
     let wall = Instant::now();
-    if node.p2p.heartbeat_only {
+    if node.p2p.faults.heartbeat_only {
         tracing::warn!("rogue mode: heartbeats without a Hello until the run ends");
     } else {
         tracing::warn!("rogue mode: publishing invalid messages until the run ends");
@@ -68,7 +68,7 @@ impl Node {
         let mut cut = wire::encode(&Gossip::Announce(honest.clone()));
         cut.truncate(cut.len() / 2);
         bad.push(cut);
-        if self.p2p.forge {
+        if self.p2p.faults.forge {
             // Forged (unsigned, "from" the first bootstrap peer): a well-formed
             // announcement of the next round's gradient that, were it accepted
             // first, would stand in for that peer's real one.

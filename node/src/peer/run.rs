@@ -33,7 +33,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     // The function tier's settings are checked before the network starts: a
     // wrong bucket or endpoint costs seconds, not a joined run.
     let mut lambda = match p2p.exec.executor {
-        ExecutorKind::Lambda if !(p2p.garbage || p2p.heartbeat_only) => Some(LambdaExecutor::new(&p2p.exec).await?),
+        ExecutorKind::Lambda if !(p2p.faults.garbage || p2p.faults.heartbeat_only) => Some(LambdaExecutor::new(&p2p.exec).await?),
         _ => None,
     };
     let bootstrap =
@@ -50,7 +50,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let reporter = setup.report_builder("peer", &net, incarnation, &p2p);
     let Net { client, events, requests, me } = net;
     let store: SharedStore = Arc::new(Mutex::new(Store::default()));
-    if p2p.heartbeat_only {
+    if p2p.faults.heartbeat_only {
         // The outsider answers nothing: requests are dropped unanswered.
         let mut requests = requests;
         tokio::spawn(async move { while requests.recv().await.is_some() {} });
@@ -136,7 +136,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         // Any bootstrap peer will do, or a peer the checkpoint remembers.
         // (The heartbeat-only outsider only needs a connection.)
         let reached = |n: &Node| {
-            n.accepted.iter().any(|p| peers.contains(p) || n.known.contains_key(p)) || (n.p2p.heartbeat_only && !n.connected.is_empty())
+            n.accepted.iter().any(|p| peers.contains(p) || n.known.contains_key(p)) || (n.p2p.faults.heartbeat_only && !n.connected.is_empty())
         };
         while !reached(&node) {
             if Instant::now() > deadline {
@@ -153,7 +153,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    if p2p.garbage || p2p.heartbeat_only {
+    if p2p.faults.garbage || p2p.faults.heartbeat_only {
         return run_rogue(node, ReportBuilder { role: "rogue", ..reporter }).await;
     }
     let withhold = matches!(attack, Some(Attack::Withhold));
@@ -207,7 +207,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
 
     let mut progress = Progress::new();
     let mut catch_ups = 0u64;
-    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
+    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.faults.checkpoint_stall);
     let mut pending_val: Option<ValStats> = None;
     let mut stopped_early = false;
     let bpr = p2p.batches_per_round;
@@ -350,7 +350,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             client.publish(&topic, wire::encode(&Gossip::Announce(a))).await?;
             node.gradient_bytes_sent += len;
             st.send = t0.elapsed().as_secs_f64();
-            if p2p.garbage {
+            if p2p.faults.garbage {
                 node.publish_garbage(round, epoch).await;
             }
         }
@@ -485,7 +485,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         let t0 = Instant::now();
         let lr = trainer.lr();
         let (plateau, stopping) = conv.snapshot();
-        let perturb = p2p.perturb_round == Some(round);
+        let perturb = p2p.faults.perturb_round == Some(round);
         let sched_info = EpochInfo {
             first_round: sched.first_round,
             members: sched.members.clone(),

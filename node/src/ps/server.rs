@@ -467,7 +467,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
 
     let mut last_digest: Digest = params_digest(&model);
     let mut trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
-    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.checkpoint_stall);
+    let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.faults.checkpoint_stall);
     let mut progress = Progress::new();
 
     let stopped_early = loop {

@@ -87,17 +87,6 @@ pub(crate) fn max_round_samples(p2p: &P2pConfig, batch_size: usize) -> u64 {
     (p2p.batches_per_round * batch_size) as u64
 }
 
-/// The run's compression and aggregation rule, and this peer's attack (--byzantine).
-pub(crate) fn wire_rules(p2p: &P2pConfig) -> anyhow::Result<(p2pml_proto::Compression, Aggregation, Option<Attack>)> {
-    let compression = p2p.compression.parse().map_err(|e| anyhow!("--compression: {e}"))?;
-    let rule = p2p.aggregation.parse().map_err(|e| anyhow!("--aggregation: {e}"))?;
-    let attack = p2p.byzantine.as_deref().map(str::parse).transpose().map_err(|e| anyhow!("--byzantine: {e}"))?;
-    if let Some(a) = &attack {
-        tracing::warn!("byzantine mode: this peer sends {a} gradients");
-    }
-    Ok((compression, rule, attack))
-}
-
 /// Encodes this peer's gradient for the wire; a byzantine peer (--byzantine)
 /// poisons it first.
 pub(crate) fn encode_own(
