@@ -305,6 +305,7 @@ pub(crate) struct Progress {
 }
 
 /// One finished round, as every role that updates parameters reports it.
+#[derive(Debug)]
 pub(crate) struct RoundDone {
     pub(crate) round: u64,
     pub(crate) epoch: u64,

@@ -10,9 +10,11 @@
 //! Same models, data, shards, compression, seeds and executors as P2P mode, so
 //! a comparison between the two measures only the architecture.
 //!
-//! - [`server`]: the server's state, barrier and update loop.
+//! - [`core`]: the server as a sans-I/O core (`on_input`, `next_deadline`), unit-tested.
+//! - [`server`]: its driver: set-up and the one select loop.
 //! - [`worker`]: a worker's link to the server and its compute loop.
 
+mod core;
 mod server;
 mod worker;
 

@@ -22,10 +22,6 @@ pub(crate) fn hex(d: &Digest) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// BLAKE3 of the parameters as little-endian f32 bytes.
-pub(crate) fn params_digest(model: &Model) -> Digest {
-    digest_of(&model.params_vec())
-}
 
 pub(crate) fn digest_of(v: &[f32]) -> Digest {
     let mut bytes = Vec::with_capacity(v.len() * 4);
@@ -36,6 +32,7 @@ pub(crate) fn digest_of(v: &[f32]) -> Digest {
 }
 
 /// The epoch's schedule as a state records it.
+#[derive(Clone, Debug)]
 pub(crate) struct EpochInfo {
     pub(crate) first_round: u64,
     /// The epoch's members (shard i belongs to members[i]).

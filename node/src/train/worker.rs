@@ -32,6 +32,7 @@ pub(crate) struct Trainer {
 }
 
 /// One update of the parameters with an aggregated gradient, and the state after it.
+#[derive(Debug)]
 pub(crate) struct UpdateJob {
     /// The aggregated mean gradient (not applied when `samples` is 0).
     pub(crate) grad: Vec<f32>,
@@ -118,9 +119,26 @@ impl TrainerHandle {
     }
 
     async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T, TrainerStopped> {
+        self.submit(job)?.await.map_err(|_| TrainerStopped)
+    }
+
+    /// Queues a job; its answer comes on the receiver (a driver awaits it
+    /// elsewhere, not in its loop).
+    fn submit<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<oneshot::Receiver<T>, TrainerStopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(job(reply)).map_err(|_| TrainerStopped)?;
-        rx.await.map_err(|_| TrainerStopped)
+        Ok(rx)
+    }
+
+    /// [`Self::update`], answered on the receiver.
+    pub(crate) fn submit_update(&self, job: UpdateJob) -> Result<oneshot::Receiver<Updated>, TrainerStopped> {
+        self.submit(|reply| Job::Update(Box::new(job), reply))
+    }
+
+    /// [`Self::evaluate`], answered on the receiver.
+    pub(crate) fn submit_evaluate(&self, val: Option<&TensorData>) -> Result<oneshot::Receiver<(Option<Evaluation>, Evaluation)>, TrainerStopped> {
+        let val = val.map(|d| (d.x.shallow_clone(), d.y.shallow_clone()));
+        self.submit(|reply| Job::Evaluate { val, reply })
     }
 
     pub(crate) async fn compute(&self, batches: Vec<Vec<usize>>, tasks: Vec<TaskPlan>, params: Option<Arc<Vec<f32>>>) -> Result<Vec<(usize, GradOutput)>, TrainerStopped> {
