@@ -256,6 +256,7 @@ const TRAFFIC: &[(&str, &str)] = &[
     ("p2pml_sent_messages_total", "Messages sent, by kind (gossip, request_response)"),
     ("p2pml_received_messages_total", "Messages received, by kind (gossip, request_response)"),
     ("p2pml_invalid_messages_total", "Messages rejected as invalid (gossip validation, refused pushes)"),
+    ("p2pml_events_dropped_total", "Gossip messages and requests dropped because the node's event queue was full"),
 ];
 
 impl TrafficCollector {
@@ -263,7 +264,7 @@ impl TrafficCollector {
         let descs = TRAFFIC
             .iter()
             .map(|(n, h)| {
-                let labels = if n.contains("invalid") { vec![] } else { vec!["kind".to_string()] };
+                let labels = if n.contains("invalid") || n.contains("dropped") { vec![] } else { vec!["kind".to_string()] };
                 Desc::new(n.to_string(), h.to_string(), labels, HashMap::new())
             })
             .collect::<prometheus::Result<_>>()?;
@@ -293,6 +294,10 @@ impl Collector for TrafficCollector {
         out.extend(by_kind(TRAFFIC[3].0, TRAFFIC[3].1, v(&t.gossip_messages_received), v(&t.rr_messages_received)));
         if let Ok(c) = IntCounter::new(TRAFFIC[4].0, TRAFFIC[4].1) {
             c.inc_by(v(&t.invalid_messages) + invalid);
+            out.extend(c.collect());
+        }
+        if let Ok(c) = IntCounter::new(TRAFFIC[5].0, TRAFFIC[5].1) {
+            c.inc_by(v(&t.events_dropped));
             out.extend(c.collect());
         }
         out

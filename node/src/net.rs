@@ -39,6 +39,8 @@ pub struct NetOptions {
     pub psk: Option<PreSharedKey>,
     /// Fault injection (--fault-forge): publish gossip unsigned, claiming this author.
     pub forge_as: Option<PeerId>,
+    /// The node's event and request queues (0: the defaults, 4096 and 1024).
+    pub queue: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub struct Traffic {
     pub rr_messages_sent: AtomicU64,
     pub rr_messages_received: AtomicU64,
     pub invalid_messages: AtomicU64,
+    /// Gossip messages and requests the node's queue had no room for: dropped
+    /// (gossip unforwarded, requests unanswered; both are recovered by retries).
+    pub events_dropped: AtomicU64,
 }
 
 impl Traffic {
@@ -231,6 +236,9 @@ pub struct EventLoop {
     blocked: std::collections::HashSet<PeerId>,
     /// Peers refused for a foreign identify protocol version (said once each).
     refused_version: std::collections::HashSet<PeerId>,
+    /// Connection events the node's queue had no room for yet: kept, in order,
+    /// and handed over first (the loop never awaits the node).
+    backlog: std::collections::VecDeque<Event>,
 }
 
 /// Peers remembered as refused for their protocol version before the set starts over.
@@ -483,20 +491,27 @@ pub fn new(
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen { addr: addr.clone(), msg: listen_reason(addr, &e) })?;
     }
     let (tx, commands) = mpsc::channel(1024);
-    let (events_tx, events) = mpsc::channel(4096);
-    let (requests_tx, requests) = mpsc::channel(1024);
+    let (events_tx, events) = mpsc::channel(if opts.queue > 0 { opts.queue } else { 4096 });
+    let (requests_tx, requests) = mpsc::channel(if opts.queue > 0 { opts.queue } else { 1024 });
     let traffic = Arc::new(Traffic::default());
     let client = Client { tx, peer_id, traffic: traffic.clone() };
-    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic, blocked: Default::default(), refused_version: Default::default() };
+    let el = EventLoop { swarm, commands, events: events_tx, requests: requests_tx, pending: HashMap::new(), traffic, blocked: Default::default(), refused_version: Default::default(), backlog: Default::default() };
     Ok((client, events, requests, el))
 }
 
 impl EventLoop {
     /// Runs until every client is dropped.
+    /// The swarm's task. It never awaits the node: a full queue to the node
+    /// sheds gossip and requests (counted and logged; the node recovers them by
+    /// request-response and retries) and keeps connection events in order for
+    /// later, so that the node awaiting a reply from this loop cannot deadlock it.
     pub async fn run(mut self) {
+        let mut flush = tokio::time::interval(std::time::Duration::from_millis(20));
         loop {
+            self.flush_backlog();
             tokio::select! {
-                ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
+                ev = self.swarm.select_next_some() => self.on_swarm(ev),
+                _ = flush.tick(), if !self.backlog.is_empty() => {}
                 cmd = self.commands.recv() => match cmd {
                     Some(c) => self.on_command(c),
                     None => return,
@@ -589,7 +604,38 @@ impl EventLoop {
         }
     }
 
-    async fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+    /// Hands the kept connection events over, as far as the queue has room.
+    fn flush_backlog(&mut self) {
+        while let Some(ev) = self.backlog.pop_front() {
+            match self.events.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    self.backlog.push_front(ev);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A connection event: after those kept, never dropped.
+    fn control_event(&mut self, ev: Event) {
+        self.backlog.push_back(ev);
+        self.flush_backlog();
+    }
+
+    /// Counts and (now and then) logs what the node's full queue made us drop.
+    fn dropped(&self, what: &str) {
+        let n = self.traffic.events_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(100) {
+            tracing::warn!("the node is behind: its event queue is full; dropped a {what} ({n} so far)");
+        }
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -607,10 +653,21 @@ impl EventLoop {
                     );
                     return;
                 };
-                let _ = self
-                    .events
-                    .send(Event::Gossip { id: message_id, propagated_by: propagation_source, author, data: message.data })
-                    .await;
+                // Connection events first: a gossip message never overtakes them.
+                if !self.backlog.is_empty() {
+                    self.flush_backlog();
+                }
+                let ev = Event::Gossip { id: message_id.clone(), propagated_by: propagation_source, author, data: message.data };
+                let full = !self.backlog.is_empty() || self.events.try_send(ev).is_err();
+                if full {
+                    // Not forwarded, and not held against its sender.
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
+                    self.dropped("gossip message");
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 if info.protocol_version != PROTOCOL_VERSION {
@@ -644,7 +701,10 @@ impl EventLoop {
                     request_response::Message::Request { request, channel, .. } => {
                         Traffic::add(&self.traffic.rr_bytes_received, request_len(&request));
                         Traffic::add(&self.traffic.rr_messages_received, 1);
-                        let _ = self.requests.send(InboundRequest { peer, request, channel }).await;
+                        // A request dropped unanswered fails at its sender, which retries.
+                        if let Err(mpsc::error::TrySendError::Full(_)) = self.requests.try_send(InboundRequest { peer, request, channel }) {
+                            self.dropped("request");
+                        }
                     }
                     request_response::Message::Response { request_id, response } => {
                         Traffic::add(&self.traffic.rr_bytes_received, response_len(&response));
@@ -670,14 +730,14 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
                 }
                 if num_established.get() == 1 {
-                    let _ = self.events.send(Event::Connected(peer_id)).await;
+                    self.control_event(Event::Connected(peer_id));
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                let _ = self.events.send(Event::Disconnected(peer_id)).await;
+                self.control_event(Event::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                let _ = self.events.send(Event::DialFailed { peer: peer_id, error: error.to_string() }).await;
+                self.control_event(Event::DialFailed { peer: peer_id, error: error.to_string() });
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!("listening on {address}");
@@ -756,4 +816,54 @@ pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<identity::Ke
     std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that does not read its queues (busy elsewhere) must not stall its
+    /// network task: requests beyond the queue are dropped and counted, the task
+    /// keeps answering the node's own commands, and no connection event is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_event_queue_sheds_requests_keeps_connection_events_and_never_blocks() {
+        let lo: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let opts = |queue| NetOptions { psk: None, forge_as: None, queue };
+        let (a, mut a_events, _a_requests, a_loop) = new(key_from_seed(1), std::slice::from_ref(&lo), &opts(1)).unwrap();
+        let (b, _b_events, _b_requests, b_loop) = new(key_from_seed(2), std::slice::from_ref(&lo), &opts(0)).unwrap();
+        tokio::spawn(a_loop.run());
+        tokio::spawn(b_loop.run());
+        let addr = loop {
+            let addrs = a.listen_addrs().await.unwrap();
+            if let Some(x) = addrs.into_iter().find(|x| !x.to_string().ends_with("/tcp/0")) {
+                break x;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        b.dial(Some(a.peer_id), addr).await.unwrap();
+        // B asks A many times; A never reads its requests (its queue holds one).
+        let asks: Vec<_> = (0..20)
+            .map(|i| {
+                let b = b.clone();
+                let to = a.peer_id;
+                tokio::spawn(async move { b.request(to, Request::Chunk { owner: vec![], round: i, index: 0 }).await })
+            })
+            .collect();
+        // (The one request that fits in the queue waits for A; the others are dropped.)
+        let t = std::time::Duration::from_secs(20);
+        let since = std::time::Instant::now();
+        while a.traffic.events_dropped.load(Ordering::Relaxed) == 0 {
+            assert!(since.elapsed() < t, "requests beyond the queue are dropped and counted");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // A's network task still answers A's own commands...
+        let addrs = tokio::time::timeout(t, a.listen_addrs()).await.expect("the busy node's network task answers its commands");
+        assert!(!addrs.unwrap().is_empty());
+        // ...and the connection event waited for room instead of being dropped.
+        let ev = tokio::time::timeout(t, a_events.recv()).await.expect("the connection event arrives");
+        assert!(matches!(ev, Some(Event::Connected(p)) if p == b.peer_id), "{ev:?}");
+        for ask in asks {
+            ask.abort();
+        }
+    }
 }

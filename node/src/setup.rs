@@ -153,7 +153,7 @@ pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<N
     if psk.is_some() {
         tracing::info!("private swarm: only peers with the same --swarm-key can connect");
     }
-    let (client, events, requests, event_loop) = net::new(key, &listen, &net::NetOptions { psk, forge_as })?;
+    let (client, events, requests, event_loop) = net::new(key, &listen, &net::NetOptions { psk, forge_as, queue: 0 })?;
     tokio::spawn(event_loop.run());
     if p2p.control_stdin {
         tokio::spawn(control_stdin(client.clone()));

@@ -837,6 +837,23 @@ mod tests {
     }
 
     #[test]
+    fn the_same_inputs_at_the_same_times_give_the_same_actions() {
+        let trace = || {
+            let mut s = Script::new(None);
+            let mut all = Vec::new();
+            all.extend(s.join(0, 1));
+            all.extend(s.join(5, 2));
+            all.extend(s.push(50, 1, 0, &[1.0; 4]));
+            all.extend(s.push(60, 2, 0, &[2.0; 4]));
+            all.extend(s.input(70, Input::Aggregated { round: 0, grad: vec![0.0; 4], samples: 20, loss: 4.0, decode_secs: 0.0, aggregate_secs: 0.0 }));
+            all.extend(s.input(80, updated(3)));
+            all.extend(s.input(3000, Input::Tick));
+            format!("{all:?}")
+        };
+        assert_eq!(trace(), trace());
+    }
+
+    #[test]
     fn a_restarted_server_resumes_after_its_checkpoint_with_its_demotions() {
         let h = StateHeader {
             round: 2,
