@@ -122,6 +122,22 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
             .map(|m| m.iter().filter(|p| !self.demoted.contains(*p)).cloned().collect())
             .unwrap_or_default()
     }
+    /// The run says `p` trains in this epoch (a state adopted by a catch-up
+    /// lists it active): a death we recorded for it while cut off from the run
+    /// is stale. It is alive again at the incarnation we knew, so that its next
+    /// heartbeat (a higher incarnation: it refuted our rumour) is no news and
+    /// does not demote it. If it is really dead, the failure detector says so again.
+    pub fn trust_alive(&mut self, p: &P, now: u64) {
+        if *p == self.me {
+            return;
+        }
+        if let Some(m) = self.members.get_mut(p).filter(|m| !m.alive) {
+            m.alive = true;
+            m.last_heard = Some(now);
+            self.suspected.remove(p);
+        }
+    }
+
     /// Takes `p` out of the current epoch's rounds (it follows until the next epoch).
     pub fn demote(&mut self, p: &P) -> bool {
         self.is_epoch_member(p) && self.epoch_members.is_some() && self.demoted.insert(p.clone())
@@ -617,6 +633,24 @@ mod tests {
         assert_eq!(s.active_members(), vec![0, 1, 2]);
         s.set_epoch_members([0, 1, 2, 3]);
         assert_eq!(s.expected(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_peer_the_run_says_is_active_is_not_demoted_by_our_stale_record_of_its_death() {
+        let mut s = state();
+        s.set_epoch_members([0, 1, 2, 3]);
+        // We (0) were cut off and buried 3; the run went on with it, and we
+        // adopt the run's schedule by a catch-up state sync.
+        s.declare_dead(&3);
+        s.set_epoch_members([0, 1, 2, 3]);
+        assert!(!s.is_alive(&3) && !s.expected().contains(&3), "without trust it would wait for nobody, then demote it");
+        s.trust_alive(&3, 100);
+        assert!(s.is_alive(&3) && s.is_active(&3));
+        // It refuted our rumour: a higher incarnation of a live peer is no news.
+        assert_eq!(s.heard(3, 2, 110), None);
+        assert!(s.is_active(&3), "still waited for: it trains in this epoch");
+        // Really dead after all: the detector buries it again.
+        assert!(s.tick(110 + 10_000).contains(&Change::Died(3)));
     }
 
     #[test]

@@ -148,7 +148,6 @@ fn sigkill_during_a_checkpoint_write_restores_the_last_complete_one_and_ends_as_
 }
 
 #[test]
-#[ignore = "known defect, open: in about a third of runs the minority side ends with stale parameters when the majority finishes during its catch-up (issue 16's closing note); run with --ignored"]
 fn the_minority_side_of_a_partition_waits_then_catches_up_and_everyone_ends_equal() {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();

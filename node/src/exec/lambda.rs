@@ -742,3 +742,29 @@ pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(us
     let upload = lx.stats.peer_upload_ms / 1e3 + lx.stats.data_upload_seconds - before;
     (out.outputs, out.failed, upload)
 }
+
+/// A round's tasks computed: in the function tier first when there is one
+/// (`tier`), then here those it could not do (all of them without a tier), at
+/// `params` when given. Returns the summed gradient and the seconds spent
+/// putting the inputs in the store. The same for a peer and a worker.
+pub(crate) async fn compute_round(
+    tier: Option<(&mut LambdaExecutor, Offload<'_>)>,
+    trainer: &crate::train::TrainerHandle,
+    batches: Vec<Vec<usize>>,
+    tasks: &[TaskPlan],
+    params: Option<Arc<Vec<f32>>>,
+    numel: usize,
+) -> Result<(crate::train::Computed, f64), crate::train::TrainerStopped> {
+    let t0 = Instant::now();
+    let mut local = tasks.to_vec();
+    let (mut outputs, mut upload) = (Vec::new(), 0.0);
+    if let Some((lx, work)) = tier {
+        let (out, failed, up) = offload(lx, work).await;
+        (outputs, upload) = (out, up);
+        local.retain(|t| failed.contains(&t.index));
+    }
+    if !local.is_empty() {
+        outputs.extend(trainer.compute(batches, local, params).await?);
+    }
+    Ok((crate::train::sum_outputs(outputs, numel, t0.elapsed().as_secs_f64()), upload))
+}

@@ -218,10 +218,23 @@ pub(crate) fn async_select<P: Copy + Eq + Hash>(
     chosen
 }
 
+/// How long a finished node waits for members it lost (declared dead, not
+/// finished) to come back and take the final state: a partitioned peer that
+/// returns within it catches up instead of waiting for a run that is gone.
+pub(crate) const LOST_MEMBER_GRACE_MS: u64 = 10_000;
+
 /// A finished node may leave once every other live peer has finished or passed
-/// its last round (it served them what they needed).
-pub(crate) fn may_leave<P: Eq + Hash>(live: &[P], me: &P, views: &HashMap<P, PeerView<P>>, last: u64) -> bool {
-    live.iter().filter(|p| *p != me).all(|p| views.get(p).is_some_and(|v| v.finished || v.round >= last))
+/// its last round (it served them what they needed), and, if members it lost
+/// (`lost`: dead, not seen finished) may still come back, once it has waited
+/// [`LOST_MEMBER_GRACE_MS`] since it finished (`finished_for_ms`).
+pub(crate) fn may_leave<P: Eq + Hash>(live: &[P], lost: &[P], me: &P, views: &HashMap<P, PeerView<P>>, last: u64, finished_for_ms: u64) -> bool {
+    let served = live.iter().filter(|p| *p != me).all(|p| views.get(p).is_some_and(|v| v.finished || v.round >= last));
+    served && (lost.is_empty() || finished_for_ms >= LOST_MEMBER_GRACE_MS)
+}
+
+/// Members declared dead that were not seen finished: they may be partitioned away.
+pub(crate) fn lost_members<P: Ord + Copy + Hash>(members: impl IntoIterator<Item = (P, bool)>, views: &HashMap<P, PeerView<P>>) -> Vec<P> {
+    members.into_iter().filter(|(p, alive)| !alive && !views.get(p).is_some_and(|v| v.finished)).map(|(p, _)| p).collect()
 }
 
 /// Rounds of an epoch with `members` members, as [`Schedule`](crate::train::Schedule) computes them.
@@ -376,8 +389,13 @@ mod tests {
         assert!(!state_lacks_next_epoch(13, 10, 4, true));
         assert!(!state_lacks_next_epoch(12, 10, 4, false));
         let views = HashMap::from([(1, view(9, true, false)), (2, view(3, true, true))]);
-        assert!(may_leave(&[0, 1, 2], &0, &views, 9), "1 passed our last round, 2 finished");
-        assert!(!may_leave(&[0, 1, 2, 3], &0, &views, 9), "3 is live and silent");
-        assert!(!may_leave(&[0, 1], &0, &views, 10));
+        assert!(may_leave(&[0, 1, 2], &[], &0, &views, 9, 0), "1 passed our last round, 2 finished");
+        assert!(!may_leave(&[0, 1, 2, 3], &[], &0, &views, 9, 0), "3 is live and silent");
+        assert!(!may_leave(&[0, 1], &[], &0, &views, 10, 0));
+        // 4 was declared dead (a partition?): it gets the grace to come back.
+        let lost = lost_members([(0, true), (1, true), (2, false), (4, false)], &views);
+        assert_eq!(lost, vec![4], "2 finished before it went");
+        assert!(!may_leave(&[0, 1], &lost, &0, &views, 9, LOST_MEMBER_GRACE_MS - 1));
+        assert!(may_leave(&[0, 1], &lost, &0, &views, 9, LOST_MEMBER_GRACE_MS));
     }
 }

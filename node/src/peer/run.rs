@@ -2,7 +2,7 @@
 
 use crate::checkpoint::CheckpointMeta;
 use crate::config::{P2pConfig, TrainConfig};
-use crate::exec::{self, offload, ExecutorKind, LambdaExecutor, Offload};
+use crate::exec::{self, compute_round, ExecutorKind, LambdaExecutor, Offload};
 use crate::checkpoint::CheckpointWriter;
 use super::rogue::run_rogue;
 use crate::round::{RoundState, Stragglers};
@@ -16,7 +16,7 @@ use p2pml_proto::line::Line;
 use anyhow::bail;
 use libp2p::PeerId;
 use p2pml_lambda_grad::TensorData;
-use p2pml_proto::wire::{self, Announce, Digest, Gossip, SyncMode, ValStats};
+use p2pml_proto::wire::{self, Digest, Gossip, SyncMode, ValStats};
 use p2pml_proto::Attack;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -274,9 +274,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let batches = sched.batches[lo..hi].to_vec();
 
             let tasks = exec::plan_round(batches.len(), p2p.exec.batches_per_invocation, cfg.seed, round, &me.to_bytes());
-            let t_compute = Instant::now();
-            let mut local_tasks = tasks.clone();
-            let mut outputs = Vec::new();
+            let mut tier = None;
             if let Some(lx) = lambda.as_mut() {
                 let digest = node.last_digest.map(|(_, d)| d);
                 let params = match (&latest_params, digest) {
@@ -305,17 +303,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     params_digest: digest_hex,
                     uploader,
                 };
-                let (out, failed, upload) = node.while_pumping(offload(lx, work)).await?;
-                outputs = out;
-                st.upload = upload;
-                local_tasks.retain(|t| failed.contains(&t.index));
+                tier = Some((lx, work));
             }
-            // Local computation (all tasks, or those the function tier failed), off the async threads.
-            if !local_tasks.is_empty() {
-                let local = node.while_pumping(trainer.compute(batches, local_tasks, None)).await??;
-                outputs.extend(local);
-            }
-            let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
+            // The function tier's tasks, then (all of them, or those it failed) here, off the async threads.
+            let (c, upload) = node.while_pumping(compute_round(tier, &trainer, batches, &tasks, None, numel)).await??;
+            st.upload = upload;
             st.compute = c.secs;
 
             // Encode and announce.
@@ -323,27 +315,13 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
             let seed = gradient_seed(cfg.seed, round, &me);
             let mut c = c;
             let blob = encode_own(&mut c.grad, c.samples, &compression, seed, attack.as_ref(), round)?;
-            let digest = *blake3::hash(&blob).as_bytes();
             st.encode = t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
-            let len = blob.len() as u64;
-            let inline = (blob.len() <= wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.clone()));
+            let val = if k == 0 { pending_val.take() } else { None };
+            let a = announcement(&run_id, round, epoch, &c, &blob, val, ids(&node.ready_joiners()));
+            let len = a.len;
             store.lock().expect("store lock").insert(round, &me, Arc::new(blob));
             node.rs.hold(round, me);
-            let val = if k == 0 { pending_val.take() } else { None };
-            let joiners = node.ready_joiners().iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())).collect();
-            let a = Announce {
-                run_id: run_id.clone(),
-                round,
-                epoch,
-                samples: c.samples,
-                loss_sum: c.loss_sum,
-                val,
-                len,
-                digest,
-                inline,
-                joiners,
-            };
             node.announces.insert((round, me), a.clone());
             store.lock().expect("store lock").insert_announce(&me, a.clone());
             let topic = node.epoch_topic(epoch);
@@ -402,6 +380,13 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                                 let active = node.views.get(&source).map(|v| v.active.clone()).unwrap_or_default();
                                 node.round = h.round + 1;
                                 sched = node.adopt_schedule(&cfg, &p2p, n_train, &val_all, &h, &active)?;
+                                // The run's view of who trains wins over ours: peers we
+                                // buried while cut off (a partition) are not demoted when
+                                // their refutation reaches us.
+                                let now = node.now_ms();
+                                for p in peer_ids(&h.active).iter().filter(|p| active.contains(p)) {
+                                    node.rs.trust_alive(p, now);
+                                }
                                 node.epoch = sched.epoch;
                                 for e in [sched.epoch, sched.epoch + 1] {
                                     if node.subscribed.insert(e) {
@@ -551,13 +536,16 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         }
     }
 
-    // Keep serving until every live peer has passed our last round (bounded).
+    // Keep serving until every live peer has passed our last round, and lost
+    // members have had a grace to come back for the final state (bounded).
     node.finished = true;
     node.heartbeat().await;
     let last = node.round;
+    let finished_at = node.now_ms();
     let linger_deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < linger_deadline {
-        if decide::may_leave(&node.rs.live(), &me, &node.views, last) {
+        let lost = decide::lost_members(node.rs.members().iter().map(|(p, m)| (*p, m.alive)), &node.views);
+        if decide::may_leave(&node.rs.live(), &lost, &me, &node.views, last, node.now_ms() - finished_at) {
             break;
         }
         tokio::select! {

@@ -9,12 +9,12 @@ use crate::metrics::record_costs;
 use crate::report::*;
 use crate::setup::*;
 use crate::train::*;
-use crate::exec::{offload, Offload};
+use crate::exec::{compute_round, Offload};
 use crate::store::{chunks, SharedStore, Store};
 use anyhow::bail;
 use libp2p::{Multiaddr, PeerId};
 use p2pml_lambda_grad::TensorData;
-use p2pml_proto::wire::{self, Announce, PsWork, Request, Response, RunSpec};
+use p2pml_proto::wire::{PsWork, Request, Response, RunSpec};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -243,10 +243,10 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         let hi = ((k as usize + 1) * bpr).min(sc.batches.len());
         let batches = sc.batches[lo..hi].to_vec();
         let tasks = exec::plan_round(batches.len(), p2p.exec.batches_per_invocation, cfg.seed, round, &me.to_bytes());
-        let t_compute = Instant::now();
-        let mut local_tasks = tasks.clone();
-        let mut outputs = Vec::new();
-        if let Some(lx) = lambda.as_mut() {
+        let tier = lambda.as_mut().map(|lx| {
+            let digest = hex(&work.params_digest);
+            let members: Vec<String> = sc.members.iter().map(|p| p.to_string()).collect();
+            let uploader = exec::params_uploader(&digest, members.iter().map(String::as_str), &me_s);
             let w = Offload {
                 run: &run_id,
                 peer: &me_s,
@@ -259,19 +259,12 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 batch_ids: (lo..hi).collect(),
                 tasks: &tasks,
                 params: params.clone(),
-                params_digest: hex(&work.params_digest),
-                uploader: {
-                    let members: Vec<String> = sc.members.iter().map(|p| p.to_string()).collect();
-                    exec::params_uploader(&hex(&work.params_digest), members.iter().map(String::as_str), &me_s)
-                },
+                params_digest: digest,
+                uploader,
             };
-            let (out, failed, _) = offload(lx, w).await;
-            outputs = out;
-            local_tasks.retain(|t| failed.contains(&t.index));
-        }
-        let local = trainer.compute(batches, local_tasks, Some(params)).await?;
-        outputs.extend(local);
-        let c = sum_outputs(outputs, numel, t_compute.elapsed().as_secs_f64());
+            (lx, w)
+        });
+        let (c, _) = compute_round(tier, &trainer, batches, &tasks, Some(params.clone()), numel).await?;
         st.compute = c.secs;
 
         // Encode and push.
@@ -281,18 +274,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         st.encode = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let len = blob.len() as u64;
-        let a = Announce {
-            run_id: run_id.clone(),
-            round,
-            epoch: work.epoch,
-            samples: c.samples,
-            loss_sum: c.loss_sum,
-            val: None,
-            len,
-            digest: *blake3::hash(&blob).as_bytes(),
-            inline: (blob.len() <= wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.clone())),
-            joiners: Vec::new(),
-        };
+        let a = announcement(&run_id, round, work.epoch, &c, &blob, None, Vec::new());
         {
             let mut s = store.lock().expect("store lock");
             s.insert(round, &me, Arc::new(blob));

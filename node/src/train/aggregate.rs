@@ -141,3 +141,27 @@ mod tests {
         assert_eq!((empty, samples), (vec![0.0, 0.0], 0));
     }
 }
+
+/// This peer's announcement of its encoded gradient `blob` (inline when small).
+pub(crate) fn announcement(
+    run_id: &str,
+    round: u64,
+    epoch: u64,
+    c: &super::Computed,
+    blob: &[u8],
+    val: Option<p2pml_proto::wire::ValStats>,
+    joiners: Vec<serde_bytes::ByteBuf>,
+) -> p2pml_proto::wire::Announce {
+    p2pml_proto::wire::Announce {
+        run_id: run_id.to_string(),
+        round,
+        epoch,
+        samples: c.samples,
+        loss_sum: c.loss_sum,
+        val,
+        len: blob.len() as u64,
+        digest: *blake3::hash(blob).as_bytes(),
+        inline: (blob.len() <= p2pml_proto::wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.to_vec())),
+        joiners,
+    }
+}
