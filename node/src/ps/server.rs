@@ -67,7 +67,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     // Start once --peers workers are live, or --min-peers and the grace has passed
     // (a restarted server waits the same way for its workers to find it again).
     tracing::info!("waiting for {} workers ({} at least)", p2p.peers, p2p.min_peers);
-    'run: loop {
+    loop {
         let wake = start + Duration::from_millis(core.next_deadline());
         let input = tokio::select! {
             ev = events.recv() => match ev {
@@ -156,7 +156,8 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                     invalid_pushes += 1;
                     crate::metrics::invalid_push();
                 }
-                Action::Done => break 'run,
+                // The loop ends on the phase below, after this batch's other actions.
+                Action::Done => {}
                 Action::Fail(why) => bail!("{why}"),
             }
         }

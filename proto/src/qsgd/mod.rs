@@ -70,7 +70,7 @@
 //! position and carries the zeros; after a sparse bucket the next is zeroed first and
 //! the window starts at the first value, so that runs of up to 31 zeros are free.
 //!
-//! Layout: [`config`](self) settings and errors, `bits` (bit I/O), `encode`,
+//! Layout: `config` (settings and errors), `bits` (bit I/O), `encode`,
 //! `decode`, `tables` (compile-time tables), `tests`.
 
 use crate::Rng;
