@@ -4,11 +4,12 @@
 use crate::net::{Client, InboundRequest};
 use crate::store::{chunks, SharedStore};
 use libp2p::PeerId;
-use p2pml_proto::wire::{Request, Response, RunSpec};
-use std::time::Instant;
+use p2pml_proto::wire::{self, Digest, Request, Response, RunSpec};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// A gradient fetched (or failed to fetch) by a background task.
+#[derive(Debug)]
 pub(crate) struct Fetched {
     pub(crate) round: u64,
     pub(crate) owner: PeerId,
@@ -44,6 +45,59 @@ async fn fetch_chunks(client: &Client, src: PeerId, owner: PeerId, round: u64, l
         return Err(format!("got {} of {len} bytes", blob.len()));
     }
     Ok(blob)
+}
+
+/// Attempts of a gradient fetch, over its sources in turn, with a backoff from
+/// 100 ms to 1.6 s between them.
+pub(crate) const FETCH_ATTEMPTS: usize = 6;
+
+/// Fetches `owner`'s gradient of `round` (`len` bytes) from `sources` in turn
+/// until one gives a blob of blake3 `digest`.
+pub(crate) async fn fetch_verified(client: &Client, sources: &[PeerId], owner: PeerId, round: u64, len: u64, digest: Digest) -> Result<Vec<u8>, String> {
+    let mut last_err = String::from("no source");
+    if sources.is_empty() {
+        return Err(last_err);
+    }
+    for attempt in 0..FETCH_ATTEMPTS {
+        let src = sources[attempt % sources.len()];
+        match fetch_blob(client, src, owner, round, len).await {
+            Ok(blob) if *blake3::hash(&blob).as_bytes() == digest => return Ok(blob),
+            Ok(_) => last_err = format!("digest mismatch from {src}"),
+            Err(e) => last_err = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+    }
+    Err(last_err)
+}
+
+/// How long a state transfer waits for its source to have the state asked for.
+const STATE_WAIT: Duration = Duration::from_secs(30);
+
+/// Fetches `peer`'s state after round `min_round` or later, in chunks: the
+/// first from its newest state (asked again every 100 ms, for 30 s, until it
+/// has one that recent), the others from that same round's state. Returns the
+/// state's round and bytes.
+pub(crate) async fn fetch_state(client: &Client, peer: PeerId, min_round: u64) -> Result<(u64, Vec<u8>), String> {
+    let deadline = Instant::now() + STATE_WAIT;
+    let (round, total_len, data) = loop {
+        match client.request(peer, Request::State { round: min_round, index: 0 }).await {
+            Ok(Response::State { round: r, total_len, data, .. }) if r >= min_round => break (r, total_len, data),
+            Ok(_) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(other) => return Err(format!("no state for round {min_round}: {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    if total_len > wire::MAX_BLOB_BYTES * 3 {
+        return Err(format!("state of {total_len} bytes is too large"));
+    }
+    let mut bytes = data.into_vec();
+    for index in 1..chunks(total_len) {
+        match client.request(peer, Request::State { round, index }).await {
+            Ok(Response::State { round: r, data, .. }) if r == round => bytes.extend_from_slice(&data),
+            other => return Err(format!("state chunk {index}: {other:?}")),
+        }
+    }
+    Ok((round, bytes))
 }
 
 /// Serves inbound requests from the shared store until the network stops.

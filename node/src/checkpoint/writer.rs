@@ -68,9 +68,10 @@ impl CheckpointWriter {
 
 
 impl CheckpointMeta {
-    /// The metadata of a checkpoint written now after `round`: the membership as
-    /// `rs` holds it, with each member's last known addresses (`addrs`).
-    pub(crate) fn now(
+    /// The metadata of a checkpoint after `round`: the membership as `rs`
+    /// holds it, with each member's last known addresses (`addrs`). The time
+    /// it is written at is the writer's to stamp (`written_unix_ms` is 0).
+    pub(crate) fn of(
         run_id: &str,
         round: u64,
         epoch: u64,
@@ -82,7 +83,7 @@ impl CheckpointMeta {
             round,
             epoch,
             incarnation: rs.incarnation(),
-            written_unix_ms: crate::report::unix_ms(),
+            written_unix_ms: 0,
             members: rs
                 .members()
                 .iter()

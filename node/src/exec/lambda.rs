@@ -749,7 +749,7 @@ pub(crate) async fn offload(lx: &mut LambdaExecutor, w: Offload<'_>) -> (Vec<(us
 /// putting the inputs in the store. The same for a peer and a worker.
 pub(crate) async fn compute_round(
     tier: Option<(&mut LambdaExecutor, Offload<'_>)>,
-    trainer: &crate::train::TrainerHandle,
+    trainer: &crate::train::TrainerLink,
     batches: Vec<Vec<usize>>,
     tasks: &[TaskPlan],
     params: Option<Arc<Vec<f32>>>,

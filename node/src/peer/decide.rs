@@ -12,7 +12,7 @@
 
 use crate::round::Barrier;
 use p2pml_proto::wire::{Digest, SyncMode};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 
 /// A catch-up source that could not give its state is skipped this long.
@@ -37,9 +37,9 @@ pub(crate) struct PeerView<P> {
 /// of a partition) catches up from it too. Sources that failed less than
 /// [`CATCH_UP_RETRY_MS`] ago are skipped.
 pub(crate) fn catch_up_source<P: Ord + Copy + Hash>(
-    views: &HashMap<P, PeerView<P>>,
+    views: &BTreeMap<P, PeerView<P>>,
     round: u64,
-    failed: &HashMap<P, u64>,
+    failed: &BTreeMap<P, u64>,
     now_ms: u64,
     alive: impl Fn(&P) -> bool,
 ) -> Option<P> {
@@ -53,7 +53,7 @@ pub(crate) fn catch_up_source<P: Ord + Copy + Hash>(
 
 /// The peer to join a run in progress from: the furthest live, ready peer that
 /// has not finished.
-pub(crate) fn join_source<P: Ord + Copy + Hash>(views: &HashMap<P, PeerView<P>>, alive: impl Fn(&P) -> bool) -> Option<P> {
+pub(crate) fn join_source<P: Ord + Copy + Hash>(views: &BTreeMap<P, PeerView<P>>, alive: impl Fn(&P) -> bool) -> Option<P> {
     views
         .iter()
         .filter(|(p, v)| v.ready && !v.finished && alive(p))
@@ -62,7 +62,7 @@ pub(crate) fn join_source<P: Ord + Copy + Hash>(views: &HashMap<P, PeerView<P>>,
 }
 
 /// The furthest round anybody told us about (heartbeats, Hello answers).
-pub(crate) fn remote_round<P>(views: &HashMap<P, PeerView<P>>, hello_round: u64) -> u64 {
+pub(crate) fn remote_round<P>(views: &BTreeMap<P, PeerView<P>>, hello_round: u64) -> u64 {
     views.values().map(|v| v.round).max().unwrap_or(0).max(hello_round)
 }
 
@@ -72,9 +72,9 @@ pub(crate) fn remote_round<P>(views: &HashMap<P, PeerView<P>>, hello_round: u64)
 pub(crate) fn ready_joiners<P: Ord + Copy + Hash>(
     live: Vec<P>,
     is_active: impl Fn(&P) -> bool,
-    withheld: &HashMap<P, u64>,
+    withheld: &BTreeMap<P, u64>,
     epoch: u64,
-    views: &HashMap<P, PeerView<P>>,
+    views: &BTreeMap<P, PeerView<P>>,
 ) -> Vec<P> {
     live.into_iter()
         .filter(|p| !is_active(p) && withheld.get(p) != Some(&epoch) && views.get(p).is_some_and(|v| v.ready && !v.finished))
@@ -90,7 +90,7 @@ pub(crate) fn next_epoch_members<P: Ord + Copy + Hash>(
     named_joiners: impl Fn(&P) -> Vec<P>,
     live: Vec<P>,
     me: P,
-    views: &HashMap<P, PeerView<P>>,
+    views: &BTreeMap<P, PeerView<P>>,
 ) -> Vec<P> {
     let mut members: Vec<P> = last_contributors.to_vec();
     for c in last_contributors {
@@ -199,10 +199,10 @@ pub(crate) fn async_ready<P>(expected: &[P], holds: impl Fn(u64, &P) -> bool, fl
 
 /// Bounded staleness: each expected peer's freshest gradient in `floor..=round`
 /// not yet applied (recorded in `applied`, which forgets rounds below `floor`).
-pub(crate) fn async_select<P: Copy + Eq + Hash>(
+pub(crate) fn async_select<P: Copy + Ord + Hash>(
     expected: &[P],
     holds: impl Fn(u64, &P) -> bool,
-    applied: &mut HashSet<(u64, P)>,
+    applied: &mut BTreeSet<(u64, P)>,
     floor: u64,
     round: u64,
 ) -> Vec<(P, u64)> {
@@ -227,13 +227,13 @@ pub(crate) const LOST_MEMBER_GRACE_MS: u64 = 10_000;
 /// its last round (it served them what they needed), and, if members it lost
 /// (`lost`: dead, not seen finished) may still come back, once it has waited
 /// [`LOST_MEMBER_GRACE_MS`] since it finished (`finished_for_ms`).
-pub(crate) fn may_leave<P: Eq + Hash>(live: &[P], lost: &[P], me: &P, views: &HashMap<P, PeerView<P>>, last: u64, finished_for_ms: u64) -> bool {
+pub(crate) fn may_leave<P: Ord + Hash>(live: &[P], lost: &[P], me: &P, views: &BTreeMap<P, PeerView<P>>, last: u64, finished_for_ms: u64) -> bool {
     let served = live.iter().filter(|p| *p != me).all(|p| views.get(p).is_some_and(|v| v.finished || v.round >= last));
     served && (lost.is_empty() || finished_for_ms >= LOST_MEMBER_GRACE_MS)
 }
 
 /// Members declared dead that were not seen finished: they may be partitioned away.
-pub(crate) fn lost_members<P: Ord + Copy + Hash>(members: impl IntoIterator<Item = (P, bool)>, views: &HashMap<P, PeerView<P>>) -> Vec<P> {
+pub(crate) fn lost_members<P: Ord + Copy + Hash>(members: impl IntoIterator<Item = (P, bool)>, views: &BTreeMap<P, PeerView<P>>) -> Vec<P> {
     members.into_iter().filter(|(p, alive)| !alive && !views.get(p).is_some_and(|v| v.finished)).map(|(p, _)| p).collect()
 }
 
@@ -282,32 +282,32 @@ mod tests {
 
     #[test]
     fn a_peer_two_rounds_behind_catches_up_from_the_furthest_live_ready_peer() {
-        let views = HashMap::from([(1, view(7, true, false)), (2, view(9, true, false)), (3, view(9, true, false)), (4, view(20, false, false))]);
-        let none = HashMap::new();
+        let views = BTreeMap::from([(1, view(7, true, false)), (2, view(9, true, false)), (3, view(9, true, false)), (4, view(20, false, false))]);
+        let none = BTreeMap::new();
         let all = |_: &u32| true;
         assert_eq!(catch_up_source(&views, 8, &none, 0, all), None, "one round behind: it will be waited for");
         assert_eq!(catch_up_source(&views, 7, &none, 0, all), Some(2), "the furthest ready one; ties go to the smallest id");
         assert_eq!(catch_up_source(&views, 7, &none, 0, |p| *p != 2), Some(3), "only live peers");
-        let failed = HashMap::from([(2, 1_000)]);
+        let failed = BTreeMap::from([(2, 1_000)]);
         assert_eq!(catch_up_source(&views, 7, &failed, 5_000, all), Some(3), "a source that just failed is skipped");
         assert_eq!(catch_up_source(&views, 7, &failed, 1_000 + CATCH_UP_RETRY_MS + 1, all), Some(2), "and tried again later");
-        let finished = HashMap::from([(5, view(30, true, true))]);
+        let finished = BTreeMap::from([(5, view(30, true, true))]);
         assert_eq!(catch_up_source(&finished, 10, &none, 0, all), Some(5), "a finished peer holds the final state");
         assert_eq!(join_source(&finished, all), None, "but nobody joins a finished run from it");
         assert_eq!(join_source(&views, all), Some(2));
         assert_eq!(remote_round(&views, 3), 20);
-        assert_eq!(remote_round(&HashMap::<u32, PeerView<u32>>::new(), 3), 3);
+        assert_eq!(remote_round(&BTreeMap::<u32, PeerView<u32>>::new(), 3), 3);
     }
 
     #[test]
     fn the_next_epoch_is_the_last_contributors_and_the_joiners_they_named() {
-        let views = HashMap::from([(1, view(5, true, false)), (2, view(5, true, false)), (5, view(5, true, false)), (6, view(5, false, false)), (7, view(5, true, true))]);
+        let views = BTreeMap::from([(1, view(5, true, false)), (2, view(5, true, false)), (5, view(5, true, false)), (6, view(5, false, false)), (7, view(5, true, true))]);
         // 5 is a ready joiner; 6 is not ready; 7 finished; 4 withheld this epoch.
         let active = |p: &u32| *p <= 3;
-        let withheld = HashMap::from([(4, 2)]);
+        let withheld = BTreeMap::from([(4, 2)]);
         let live = vec![1, 2, 3, 4, 5, 6, 7];
         assert_eq!(ready_joiners(live.clone(), active, &withheld, 2, &views), vec![5]);
-        let views4 = HashMap::from([(4, view(5, true, false))]);
+        let views4 = BTreeMap::from([(4, view(5, true, false))]);
         assert_eq!(ready_joiners(vec![4], active, &withheld, 3, &views4), vec![4], "withholding keeps a peer out of one epoch only");
         let named = |c: &u32| if *c == 2 { vec![5] } else { vec![] };
         assert_eq!(next_epoch_members(&[3, 1, 2], named, live.clone(), 1, &views), vec![1, 2, 3, 5]);
@@ -355,11 +355,11 @@ mod tests {
 
     #[test]
     fn an_asynchronous_round_applies_each_freshest_gradient_once() {
-        let held: HashSet<(u64, u32)> = HashSet::from([(3, 1), (5, 1), (4, 2), (1, 3)]);
+        let held: BTreeSet<(u64, u32)> = BTreeSet::from([(3, 1), (5, 1), (4, 2), (1, 3)]);
         let holds = |r: u64, p: &u32| held.contains(&(r, *p));
         assert!(!async_ready(&[1, 2, 3], holds, 3, 5), "peer 3 is more than the staleness behind");
         assert!(async_ready(&[1, 2], holds, 3, 5));
-        let mut applied = HashSet::new();
+        let mut applied = BTreeSet::new();
         assert_eq!(async_select(&[1, 2], holds, &mut applied, 3, 5), vec![(1, 5), (2, 4)]);
         assert_eq!(async_select(&[1, 2], holds, &mut applied, 3, 6), vec![(1, 3)], "never the same gradient twice; an older one is still fresh");
         assert_eq!(async_select(&[1, 2], holds, &mut applied, 6, 6), vec![]);
@@ -388,7 +388,7 @@ mod tests {
         assert!(state_lacks_next_epoch(13, 10, 4, false), "round 13 is the last of 10..14");
         assert!(!state_lacks_next_epoch(13, 10, 4, true));
         assert!(!state_lacks_next_epoch(12, 10, 4, false));
-        let views = HashMap::from([(1, view(9, true, false)), (2, view(3, true, true))]);
+        let views = BTreeMap::from([(1, view(9, true, false)), (2, view(3, true, true))]);
         assert!(may_leave(&[0, 1, 2], &[], &0, &views, 9, 0), "1 passed our last round, 2 finished");
         assert!(!may_leave(&[0, 1, 2, 3], &[], &0, &views, 9, 0), "3 is live and silent");
         assert!(!may_leave(&[0, 1], &[], &0, &views, 10, 0));

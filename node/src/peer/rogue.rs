@@ -1,51 +1,16 @@
-//! Fault injection: a rogue node that only sends invalid messages (or heartbeats without a Hello).
+//! Fault injection: the invalid messages a rogue node (--fault-garbage)
+//! publishes where honest peers send heartbeats, until the run's peers have
+//! finished or gone (the core's [`Phase::Rogue`](super::core::Phase::Rogue)).
 
-use crate::report::*;
-use crate::train::*;
+use super::core::PeerCore;
+use crate::train::max_round_samples;
 use p2pml_proto::wire::{self, Announce, Gossip};
-use std::time::{Duration, Instant};
-use super::node::*;
 
-/// Rogue mode (--fault-garbage, for tests of validation and peer scoring): the
-/// node never joins the membership or trains; every heartbeat interval it
-/// publishes invalid messages of every kind on the current epoch's topic, until
-/// the run's peers have finished or gone.
-pub(super) async fn run_rogue(mut node: Node, reporter: ReportBuilder) -> anyhow::Result<NodeReport> {
-    let wall = Instant::now();
-    if node.p2p.faults.heartbeat_only {
-        tracing::warn!("rogue mode: heartbeats without a Hello until the run ends");
-    } else {
-        tracing::warn!("rogue mode: publishing invalid messages until the run ends");
-    }
-    let mut alone_since: Option<Instant> = None;
-    node.wait_until("the run to end", |n| {
-        let seen = !n.views.is_empty();
-        let all_finished = seen && n.views.values().all(|v| v.finished);
-        alone_since = if seen && n.connected.is_empty() { alone_since.or(Some(Instant::now())) } else { None };
-        all_finished || alone_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
-    })
-    .await?;
-    let report = reporter.build(
-        wall.elapsed().as_secs_f64(),
-        Outcome {
-            peer_scores: node.scores_report(),
-            garbage_sent: node.garbage_sent,
-            membership_log: std::mem::take(&mut node.membership.events),
-            ..Outcome::default()
-        },
-    );
-    write_report(&node.p2p, &report)?;
-    Ok(report)
-}
-
-
-impl Node {
-    /// Fault injection (--fault-garbage): publishes invalid messages of every kind
-    /// the validation must stop.
-    pub(super) async fn publish_garbage(&mut self, round: u64, epoch: u64) {
-        let topic = self.epoch_topic(epoch);
+impl PeerCore {
+    /// Invalid messages of every kind the validation must stop.
+    pub(super) fn garbage(&self, round: u64, epoch: u64) -> Vec<Vec<u8>> {
         let mut bad = vec![
-            vec![0xff, 0x00, 0x13, 0x37],          // not CBOR
+            vec![0xff, 0x00, 0x13, 0x37],             // not CBOR
             wire::encode(&"a string, not a message"), // CBOR, wrong type
         ];
         let honest = Announce {
@@ -68,14 +33,14 @@ impl Node {
         let mut cut = wire::encode(&Gossip::Announce(honest.clone()));
         cut.truncate(cut.len() / 2);
         bad.push(cut);
-        if self.p2p.faults.forge {
+        if self.s.p2p.faults.forge {
             // Forged (unsigned, "from" the first bootstrap peer): a well-formed
             // announcement of the next round's gradient that, were it accepted
             // first, would stand in for that peer's real one.
-            let plain = self.numel as u64 * 4;
+            let plain = self.s.numel as u64 * 4;
             bad.push(wire::encode(&Gossip::Announce(Announce {
                 round: round + 1,
-                samples: max_round_samples(&self.p2p, self.batch_size),
+                samples: max_round_samples(&self.s.p2p, self.s.cfg.batch_size),
                 len: plain,
                 digest: *blake3::hash(b"forged").as_bytes(),
                 inline: None,
@@ -84,10 +49,6 @@ impl Node {
         }
         // Another run's message.
         bad.push(wire::encode(&Gossip::Announce(Announce { run_id: "0000000000000000".into(), ..honest })));
-        for b in bad {
-            if self.client.publish(&topic, b).await.is_ok() {
-                self.garbage_sent += 1;
-            }
-        }
+        bad
     }
 }

@@ -51,7 +51,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         lr: opt.lr(),
     };
     let mut core = ServerCore::new(settings, model.params_vec(), conv, restored.map(|r| r.header));
-    let mut trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
+    let trainer = TrainerHandle::start(Trainer { model, opt, train, test, eval_batch_size: cfg.eval_batch_size });
     let ckpt_writer = CheckpointWriter::start(ckpt.clone(), p2p.faults.checkpoint_stall);
     let mut progress = Progress::new();
     let mut membership = MembershipLog::default();

@@ -274,7 +274,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
         st.encode = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let len = blob.len() as u64;
-        let a = announcement(&run_id, round, work.epoch, &c, &blob, None, Vec::new());
+        let a = announcement(&run_id, round, work.epoch, (c.samples, c.loss_sum), &blob, None, Vec::new());
         {
             let mut s = store.lock().expect("store lock");
             s.insert(round, &me, Arc::new(blob));

@@ -49,6 +49,7 @@ pub(crate) struct UpdateJob {
 }
 
 /// The parameters after an update: their digest, the state blob and (if asked) the values.
+#[derive(Debug)]
 pub(crate) struct Updated {
     pub(crate) digest: Digest,
     pub(crate) state: Vec<u8>,
@@ -73,6 +74,8 @@ enum Job {
     Load(Box<LoadJob>, oneshot::Sender<Digest>),
     Params(oneshot::Sender<Arc<Vec<f32>>>),
     SetLr(f64),
+    /// The handle is dropped: stop after the jobs queued before.
+    Stop,
 }
 
 /// The trainer thread stopped (it panicked): the node cannot go on.
@@ -80,36 +83,60 @@ enum Job {
 #[error("the trainer thread stopped (see the panic above)")]
 pub(crate) struct TrainerStopped;
 
-/// The async side's link to the trainer thread. The learning rate is mirrored
-/// here: only this handle changes it (set_lr, load), so the copy is exact.
+/// The async side's owner of the trainer thread (the learning rate is the
+/// core's to keep: the handle only forwards it).
 pub(crate) struct TrainerHandle {
+    link: TrainerLink,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A shareable link to the trainer thread, for tasks that await its answers
+/// (the function tier's executor, a state sync); the thread stops when the
+/// [`TrainerHandle`] is dropped.
+#[derive(Clone)]
+pub(crate) struct TrainerLink {
     tx: mpsc::UnboundedSender<Job>,
-    lr: f64,
     numel: usize,
     opt_vectors: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for TrainerHandle {
+    type Target = TrainerLink;
+    fn deref(&self) -> &TrainerLink {
+        &self.link
+    }
 }
 
 impl TrainerHandle {
     /// Starts the trainer thread with `t`.
     pub(crate) fn start(t: Trainer) -> TrainerHandle {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-        let (lr, numel, opt_vectors) = (t.opt.lr(), t.model.numel(), t.opt.state_vectors());
+        let (numel, opt_vectors) = (t.model.numel(), t.opt.state_vectors());
         let thread = std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || {
                 let mut t = t;
                 while let Some(job) = rx.blocking_recv() {
+                    if matches!(job, Job::Stop) {
+                        break;
+                    }
                     t.run(job);
                 }
             })
             .expect("spawn the trainer thread");
-        TrainerHandle { tx, lr, numel, opt_vectors, thread: Some(thread) }
+        TrainerHandle { link: TrainerLink { tx, numel, opt_vectors }, thread: Some(thread) }
     }
 
-    pub(crate) fn lr(&self) -> f64 {
-        self.lr
+    pub(crate) fn set_lr(&self, lr: f64) {
+        let _ = self.link.tx.send(Job::SetLr(lr));
     }
+    /// A link for a task.
+    pub(crate) fn link(&self) -> TrainerLink {
+        self.link.clone()
+    }
+}
+
+impl TrainerLink {
     pub(crate) fn numel(&self) -> usize {
         self.numel
     }
@@ -144,19 +171,9 @@ impl TrainerHandle {
     pub(crate) async fn compute(&self, batches: Vec<Vec<usize>>, tasks: Vec<TaskPlan>, params: Option<Arc<Vec<f32>>>) -> Result<Vec<(usize, GradOutput)>, TrainerStopped> {
         self.ask(|reply| Job::Compute { batches, tasks, params, reply }).await
     }
-    pub(crate) async fn update(&self, job: UpdateJob) -> Result<Updated, TrainerStopped> {
-        self.ask(|reply| Job::Update(Box::new(job), reply)).await
-    }
-    pub(crate) async fn evaluate(&self, val: Option<&TensorData>) -> Result<(Option<Evaluation>, Evaluation), TrainerStopped> {
-        let val = val.map(|d| (d.x.shallow_clone(), d.y.shallow_clone()));
-        self.ask(|reply| Job::Evaluate { val, reply }).await
-    }
     /// Loads a state; returns the digest of the parameters loaded.
-    pub(crate) async fn load(&mut self, job: LoadJob) -> Result<Digest, TrainerStopped> {
-        let lr = job.lr;
-        let d = self.ask(|reply| Job::Load(Box::new(job), reply)).await?;
-        self.lr = lr;
-        Ok(d)
+    pub(crate) async fn load(&self, job: LoadJob) -> Result<Digest, TrainerStopped> {
+        self.ask(|reply| Job::Load(Box::new(job), reply)).await
     }
     pub(crate) async fn params(&self) -> Result<Arc<Vec<f32>>, TrainerStopped> {
         self.ask(Job::Params).await
@@ -164,17 +181,13 @@ impl TrainerHandle {
     pub(crate) async fn digest(&self) -> Result<Digest, TrainerStopped> {
         Ok(digest_of(&self.params().await?))
     }
-    pub(crate) fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-        let _ = self.tx.send(Job::SetLr(lr));
-    }
 }
 
 impl Drop for TrainerHandle {
     /// Closes the queue and waits for the job in progress.
     fn drop(&mut self) {
-        let (tx, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        // Links held by tasks keep the queue open: a stop job ends the thread.
+        let _ = self.link.tx.send(Job::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -208,6 +221,7 @@ impl Trainer {
                 let _ = reply.send(Arc::new(self.model.params_vec()));
             }
             Job::SetLr(lr) => self.opt.set_lr(lr),
+            Job::Stop => {}
         }
     }
 
