@@ -595,7 +595,7 @@ impl PeerCore {
         self.rs.hold(round, me);
         self.announces.insert((round, me), a.clone());
         self.store.insert_announce(&me, a.clone());
-        out.push(Action::Publish { topic: self.epoch_topic(self.epoch), data: wire::encode(&Gossip::Announce(a)) });
+        out.push(Action::Publish { topic: self.epoch_topic(self.epoch), data: wire::encode(&Gossip::Announce(a)), gradient: true });
         self.enter_barrier(now, round);
     }
 

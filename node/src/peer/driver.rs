@@ -110,7 +110,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     loop {
         for action in actions.drain(..) {
             match action {
-                Action::Publish { topic, data } => ops.send(NetOp::Publish { topic, data }),
+                Action::Publish { topic, data, gradient } => ops.send(NetOp::Publish { topic, data, gradient }),
                 Action::Verdict { id, propagated_by, verdict } => ops.send(NetOp::Verdict { id, propagated_by, verdict }),
                 Action::Subscribe(t) => ops.send(NetOp::Subscribe(t)),
                 Action::Unsubscribe(t) => ops.send(NetOp::Unsubscribe(t)),
@@ -341,7 +341,7 @@ fn remembered_addresses(meta: &CheckpointMeta, me: &PeerId) -> BTreeMap<PeerId, 
 
 /// A network command, sent by one task in the order the core asked.
 enum NetOp {
-    Publish { topic: String, data: Vec<u8> },
+    Publish { topic: String, data: Vec<u8>, gradient: bool },
     Verdict { id: MessageId, propagated_by: PeerId, verdict: Verdict },
     Subscribe(String),
     Unsubscribe(String),
@@ -358,7 +358,14 @@ impl NetOps {
         tokio::spawn(async move {
             while let Some(op) = rx.recv().await {
                 let r = match op {
-                    NetOp::Publish { topic, data } => client.publish(&topic, data).await,
+                    NetOp::Publish { topic, data, gradient } => {
+                        let t0 = Instant::now();
+                        let r = client.publish(&topic, data).await;
+                        if gradient {
+                            crate::metrics::stage("send", t0.elapsed().as_secs_f64());
+                        }
+                        r
+                    }
                     NetOp::Verdict { id, propagated_by, verdict: Verdict::Ignore } => client.ignore(id, propagated_by).await,
                     NetOp::Verdict { id, propagated_by, verdict } => client.validate(id, propagated_by, verdict == Verdict::Accept).await,
                     NetOp::Subscribe(t) => client.subscribe(&t).await,

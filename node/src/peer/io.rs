@@ -99,7 +99,8 @@ pub(crate) struct ComputeJob {
 /// What the driver does for the core, without awaiting anything in its loop.
 #[derive(Debug)]
 pub(crate) enum Action {
-    Publish { topic: String, data: Vec<u8> },
+    /// `gradient`: our announcement, whose send time is the round's "send" stage.
+    Publish { topic: String, data: Vec<u8>, gradient: bool },
     Verdict { id: MessageId, propagated_by: PeerId, verdict: Verdict },
     Subscribe(String),
     Unsubscribe(String),

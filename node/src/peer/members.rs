@@ -317,7 +317,7 @@ impl PeerCore {
             let (round, epoch) = self.views.values().map(|v| (v.round, v.epoch)).max().unwrap_or((0, 0));
             for data in self.garbage(round, epoch) {
                 self.garbage_sent += 1;
-                out.push(Action::Publish { topic: self.epoch_topic(epoch), data });
+                out.push(Action::Publish { topic: self.epoch_topic(epoch), data, gradient: false });
             }
             return;
         }
@@ -354,7 +354,7 @@ impl PeerCore {
             active: crate::train::ids(&self.rs.active_members()),
             boot: self.s.boot,
         };
-        out.push(Action::Publish { topic: self.control_topic(), data: wire::encode(&Gossip::Heartbeat(hb)) });
+        out.push(Action::Publish { topic: self.control_topic(), data: wire::encode(&Gossip::Heartbeat(hb)), gradient: false });
     }
 
     pub(super) fn on_change(&mut self, c: Change<PeerId>, out: &mut Vec<Action>) {

@@ -100,37 +100,37 @@ pub(crate) fn apply_state(model: &mut Model, opt: &mut Optimizer, params: &[f32]
     opt.restore(lr, steps, state);
 }
 
-/// The state blob of the trainer after `round`.
-pub(crate) fn state_blob(
-    t: &Trainer,
-    params: &[f32],
-    round: u64,
-    epoch: u64,
-    plateau: (f64, u64),
-    stopping: (f64, u64),
-    sched: &EpochInfo,
-) -> Vec<u8> {
+/// The state blob of the trainer after the update `j`.
+pub(crate) fn state_blob(t: &Trainer, params: &[f32], j: &UpdateJob) -> Vec<u8> {
     let opt: Vec<Vec<f32>> = t
         .opt
         .state()
         .iter()
         .map(|x| Vec::<f32>::try_from(&x.to_device(tch::Device::Cpu)).expect("f32 state"))
         .collect();
-    let h = p2pml_proto::StateHeader {
-        round,
-        epoch,
-        lr: t.opt.lr(),
-        opt_steps: t.opt.steps(),
-        numel: t.model.numel() as u64,
-        opt_vectors: opt.len() as u32,
-        plateau,
-        stopping,
-        epoch_start: sched.first_round,
-        epoch_members: ids(&sched.members),
-        active: ids(&sched.active),
-        next_members: ids(&sched.next),
-        withheld: ids(&sched.withheld),
-    };
+    let h = j.header(t.opt.lr(), t.opt.steps(), t.model.numel() as u64, opt.len() as u32);
     p2pml_proto::encode_state(&h, params, &opt)
+}
+
+impl UpdateJob {
+    /// The header of the state after this update, with the optimizer's figures.
+    pub(crate) fn header(&self, lr: f64, opt_steps: u64, numel: u64, opt_vectors: u32) -> p2pml_proto::StateHeader {
+        let sched = &self.info;
+        p2pml_proto::StateHeader {
+            round: self.round,
+            epoch: self.epoch,
+            lr,
+            opt_steps,
+            numel,
+            opt_vectors,
+            plateau: self.plateau,
+            stopping: self.stopping,
+            epoch_start: sched.first_round,
+            epoch_members: ids(&sched.members),
+            active: ids(&sched.active),
+            next_members: ids(&sched.next),
+            withheld: ids(&sched.withheld),
+        }
+    }
 }
 

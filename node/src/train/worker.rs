@@ -239,7 +239,7 @@ impl Trainer {
         // One copy of the parameters serves the digest and the state snapshot.
         let params = self.model.params_vec();
         let digest = digest_of(&params);
-        let state = state_blob(self, &params, j.round, j.epoch, j.plateau, j.stopping, &j.info);
+        let state = state_blob(self, &params, &j);
         Updated { digest, state, params: j.keep_params.then(|| Arc::new(params)) }
     }
 }
