@@ -5,7 +5,7 @@
 //! metrics endpoint and testnet's control stdin.
 
 use crate::checkpoint::{Checkpoints, Restored};
-use crate::config::{run_spec, P2pConfig, TrainConfig};
+use crate::config::{run_spec, Addresses, P2pConfig, TrainConfig};
 use crate::report::{unix_ms, CheckpointStats, ReportBuilder};
 use crate::train::{max_round_samples, restore_checkpoint, Convergence};
 use p2pml_lambda_grad::data::{Dataset, Partition};
@@ -15,8 +15,8 @@ use p2pml_proto::wire::RunSpec;
 use p2pml_proto::{Aggregation, Attack, Compression};
 use std::sync::Arc;
 use crate::net::{self, Client, Event, InboundRequest};
-use anyhow::{anyhow, bail, Context};
-use libp2p::{Multiaddr, PeerId};
+use anyhow::{anyhow, Context};
+use libp2p::PeerId;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -30,6 +30,8 @@ pub(crate) struct Setup {
     /// This peer's attack (--byzantine).
     pub(crate) attack: Option<Attack>,
     pub(crate) started_unix_ms: u64,
+    /// --listen, --bootstrap and --ps, parsed once.
+    pub(crate) addrs: Addresses,
 }
 
 /// The data set, the model and its optimizer.
@@ -60,7 +62,7 @@ impl Setup {
     /// (a mistake there costs seconds, not a training run).
     pub(crate) fn new(cfg: &TrainConfig, p2p: &P2pConfig) -> anyhow::Result<Setup> {
         cfg.validate()?;
-        p2p.validate().map_err(|e| anyhow!(e))?;
+        let addrs = p2p.validate()?;
         crate::fsutil::check_node_outputs(p2p).map_err(|e| anyhow!(e))?;
         if cfg.threads > 0 {
             p2pml_lambda_grad::set_torch_threads(cfg.threads);
@@ -72,7 +74,7 @@ impl Setup {
         if let Some(a) = &attack {
             tracing::warn!("byzantine mode: this peer sends {a} gradients");
         }
-        Ok(Setup { device, spec, run_id, compression, rule, attack, started_unix_ms: unix_ms() })
+        Ok(Setup { device, spec, run_id, compression, rule, attack, started_unix_ms: unix_ms(), addrs })
     }
 
     /// Loads the data set and builds the model (before the network: a bad data
@@ -114,15 +116,6 @@ impl Setup {
     }
 }
 
-/// A peer address (--bootstrap, --ps): a multiaddr that ends in /p2p/<peer id>.
-pub(crate) fn dial_addr(flag: &str, a: &str, whose: &str) -> anyhow::Result<(PeerId, Multiaddr)> {
-    let addr: Multiaddr = a.parse().map_err(|e| anyhow!("{flag} {a} is not a multiaddr ({e}); for example /ip4/10.0.0.1/tcp/4001/p2p/12D3Koo..."))?;
-    match addr.iter().last() {
-        Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok((p, addr)),
-        _ => bail!("{flag} {a} must end in /p2p/<peer id> (the id {whose} prints at start)"),
-    }
-}
-
 /// What every role sets up the same way: the network (private if --swarm-key),
 /// the printed addresses, metrics and the control stdin.
 pub(crate) struct Net {
@@ -132,28 +125,19 @@ pub(crate) struct Net {
     pub(crate) me: PeerId,
 }
 
-pub(crate) async fn start_net(p2p: &P2pConfig, run_id: &str) -> anyhow::Result<Net> {
-    let mut listen = Vec::new();
-    for a in &p2p.listen {
-        listen.push(a.parse::<Multiaddr>().map_err(|e| anyhow!("--listen {a} is not a multiaddr ({e}); for example /ip4/0.0.0.0/tcp/4001"))?);
-    }
+pub(crate) async fn start_net(p2p: &P2pConfig, addrs: &Addresses, run_id: &str) -> anyhow::Result<Net> {
     std::fs::create_dir_all(&p2p.state_dir).with_context(|| format!("cannot create --state-dir {}", p2p.state_dir.display()))?;
     let key = match p2p.identity_seed {
         Some(seed) => net::key_from_seed(seed),
         None => net::load_or_create_key(&p2p.state_dir.join("peer.key"))?,
     };
     let psk = p2p.swarm_key.as_deref().map(net::load_swarm_key).transpose()?;
-    let forge_as = match (p2p.faults.forge, p2p.bootstrap.first()) {
-        (true, Some(b)) => match b.parse::<Multiaddr>().ok().and_then(|a| a.iter().last().map(|p| p.acquire())) {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
-            _ => bail!("--fault-forge: --bootstrap {b} must end in /p2p/<peer id>"),
-        },
-        _ => None,
-    };
+    // validate() has checked that --fault-forge comes with a --bootstrap.
+    let forge_as = addrs.bootstrap.first().filter(|_| p2p.faults.forge).map(|(peer, _)| *peer);
     if psk.is_some() {
         tracing::info!("private swarm: only peers with the same --swarm-key can connect");
     }
-    let (client, events, requests, event_loop) = net::new(key, &listen, &net::NetOptions { psk, forge_as, queue: 0 })?;
+    let (client, events, requests, event_loop) = net::new(key, &addrs.listen, &net::NetOptions { psk, forge_as, queue: 0 })?;
     tokio::spawn(event_loop.run());
     if p2p.control_stdin {
         tokio::spawn(control_stdin(client.clone()));

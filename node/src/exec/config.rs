@@ -238,33 +238,39 @@ impl ExecArgs {
     }
 }
 
+/// What `ExecConfig::validate` refuses: each is one line naming the setting.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExecConfigError {
+    /// A setting below its least value (the flag and that value).
+    #[error("{0} must be at least {1}")]
+    TooSmall(&'static str, u64),
+    #[error("{0}")]
+    Endpoint(String),
+    #[error("--s3-bucket {0}: not a valid bucket name (3-63 characters: lowercase letters, digits, '-' and '.')")]
+    Bucket(String),
+}
+
 impl ExecConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_concurrency == 0 {
-            return Err("--max-concurrency must be at least 1".into());
-        }
-        if self.batches_per_invocation == 0 {
-            return Err("--batches-per-invocation must be at least 1".into());
-        }
-        if self.task_timeout_ms < 100 {
-            return Err("--task-timeout-ms must be at least 100".into());
-        }
-        if self.breaker_failures == 0 {
-            return Err("--breaker-failures must be at least 1".into());
-        }
-        if self.breaker_backoff_ms < 100 {
-            return Err("--breaker-backoff-ms must be at least 100".into());
+    pub fn validate(&self) -> Result<(), ExecConfigError> {
+        for (flag, value, least) in [
+            ("--max-concurrency", self.max_concurrency as u64, 1),
+            ("--batches-per-invocation", self.batches_per_invocation as u64, 1),
+            ("--task-timeout-ms", self.task_timeout_ms, 100),
+            ("--breaker-failures", self.breaker_failures as u64, 1),
+            ("--breaker-backoff-ms", self.breaker_backoff_ms, 100),
+        ] {
+            if value < least {
+                return Err(ExecConfigError::TooSmall(flag, least));
+            }
         }
         use p2pml_lambda_grad::objstore::{check_bucket_name, check_endpoint};
         if let Some(e) = &self.store.endpoint {
-            check_endpoint(&format!("--s3-endpoint {e}"), e).map_err(|e| e.to_string())?;
+            check_endpoint(&format!("--s3-endpoint {e}"), e).map_err(|e| ExecConfigError::Endpoint(e.to_string()))?;
         }
         if let Some(e) = &self.lambda_endpoint {
-            check_endpoint(&format!("--lambda-endpoint {e}"), e).map_err(|e| e.to_string())?;
+            check_endpoint(&format!("--lambda-endpoint {e}"), e).map_err(|e| ExecConfigError::Endpoint(e.to_string()))?;
         }
-        check_bucket_name(&self.store.bucket).map_err(|_| {
-            format!("--s3-bucket {}: not a valid bucket name (3-63 characters: lowercase letters, digits, '-' and '.')", self.store.bucket)
-        })?;
+        check_bucket_name(&self.store.bucket).map_err(|_| ExecConfigError::Bucket(self.store.bucket.clone()))?;
         Ok(())
     }
 }

@@ -309,14 +309,11 @@ where
 /// An aws-sdk-lambda client for `endpoint` (None: AWS), credentials from the
 /// environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
 /// The SDK does not retry: the executor retries tasks itself.
-pub(super) fn lambda_client(endpoint: Option<&str>, region: &str, timeout: Duration) -> anyhow::Result<aws_sdk_lambda::Client> {
+pub(super) fn lambda_client(endpoint: Option<&str>, region: &str, timeout: Duration) -> Result<aws_sdk_lambda::Client, super::StartError> {
     use aws_sdk_lambda::config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Credentials, Region};
     use p2pml_lambda_grad::objstore::{credentials_from, sdk_http_client};
     let Some((key, secret, token)) = credentials_from(|k| std::env::var(k).ok()) else {
-        anyhow::bail!(
-            "--executor lambda needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
-             (testnet sets them for its local function host)"
-        );
+        return Err(super::StartError::NoCredentials);
     };
     let mut b = aws_sdk_lambda::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())

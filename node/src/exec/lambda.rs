@@ -20,6 +20,25 @@ pub enum ExecError {
     Output(#[from] task::ObjectError),
 }
 
+/// Why the function tier cannot be used: found at start, before the network.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} (or pass --s3-create-bucket)")]
+    NoBucket(String),
+    #[error("--executor lambda needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (testnet sets them for its local function host)")]
+    NoCredentials,
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("function {name} not found at {endpoint}: check --function-name (P2PML_FUNCTION_NAME) and the region (AWS_REGION)")]
+    FunctionNotFound { name: String, endpoint: String },
+    #[error("cannot check function {name} at {endpoint}: {reason}")]
+    CheckFailed { name: String, endpoint: String, reason: String },
+    #[error("function {name} reads bucket {theirs} (its P2PML_S3_BUCKET) but this node puts the tasks' objects in bucket {ours} (--s3-bucket / P2PML_S3_BUCKET): give both the same bucket")]
+    BucketMismatch { name: String, theirs: String, ours: String },
+}
+
 /// What one round asked of the function tier.
 pub struct RoundWork<'a> {
     pub run: &'a str,
@@ -148,14 +167,14 @@ impl LambdaExecutor {
     /// start: the bucket (created only with --s3-create-bucket), the Lambda
     /// endpoint and the function (GetFunction), and that the function's store
     /// is this node's bucket. Each failure is one line naming the setting.
-    pub async fn new(cfg: &ExecConfig) -> anyhow::Result<Self> {
+    pub async fn new(cfg: &ExecConfig) -> Result<Self, StartError> {
         let store = ObjectStore::new(&cfg.store)?.named_by("--s3-endpoint (P2PML_S3_ENDPOINT) of this node", "--s3-bucket (P2PML_S3_BUCKET) of this node");
         if cfg.create_bucket {
             store.ensure_bucket().await?;
         } else {
             store.check_bucket().await.map_err(|e| match e.to_string() {
-                m if m.contains("NoSuchBucket") => anyhow::anyhow!("{m} (or pass --s3-create-bucket)"),
-                m => anyhow::anyhow!("{m}"),
+                m if m.contains("NoSuchBucket") => StartError::NoBucket(m),
+                _ => StartError::Store(e),
             })?;
         }
         let lambda = lambda_client(cfg.lambda_endpoint.as_deref(), &cfg.region, Duration::from_millis(cfg.task_timeout_ms))?;
@@ -659,7 +678,7 @@ impl LambdaExecutor {
 /// this node's bucket (when the function's variables are visible). Returns the
 /// function's timeout. A refused GetFunction (a role with only
 /// lambda:InvokeFunction) is a warning: the tasks will tell.
-pub(super) async fn check_function(lambda: &aws_sdk_lambda::Client, cfg: &ExecConfig, bucket: &str) -> anyhow::Result<Option<Duration>> {
+pub(super) async fn check_function(lambda: &aws_sdk_lambda::Client, cfg: &ExecConfig, bucket: &str) -> Result<Option<Duration>, StartError> {
     use aws_sdk_lambda::error::ProvideErrorMetadata;
     let ep = lambda_endpoint_display(cfg);
     let out = match lambda.get_function().function_name(&cfg.function_name).send().await {
@@ -667,29 +686,25 @@ pub(super) async fn check_function(lambda: &aws_sdk_lambda::Client, cfg: &ExecCo
         Err(e) => {
             let code = e.code().unwrap_or_default().to_string();
             return match classify_sdk_error(e, &ep) {
-                ExecError::Unreachable(m) => Err(anyhow::anyhow!("{m}")),
-                _ if code == "ResourceNotFoundException" => Err(anyhow::anyhow!(
-                    "function {} not found at {ep}: check --function-name (P2PML_FUNCTION_NAME) and the region (AWS_REGION)",
-                    cfg.function_name
-                )),
+                ExecError::Unreachable(m) => Err(StartError::Unreachable(m)),
+                _ if code == "ResourceNotFoundException" => Err(StartError::FunctionNotFound { name: cfg.function_name.clone(), endpoint: ep }),
                 _ if code.contains("AccessDenied") => {
                     tracing::warn!("cannot check function {} at {ep} ({code}): going on; its tasks will tell", cfg.function_name);
                     Ok(None)
                 }
-                ExecError::Function { message, .. } => {
-                    Err(anyhow::anyhow!("cannot check function {} at {ep}: {message} (--lambda-endpoint, --function-name)", cfg.function_name))
-                }
-                other => Err(anyhow::anyhow!("cannot check function {} at {ep}: {other}", cfg.function_name)),
+                ExecError::Function { message, .. } => Err(StartError::CheckFailed {
+                    name: cfg.function_name.clone(),
+                    endpoint: ep,
+                    reason: format!("{message} (--lambda-endpoint, --function-name)"),
+                }),
+                other => Err(StartError::CheckFailed { name: cfg.function_name.clone(), endpoint: ep, reason: other.to_string() }),
             };
         }
     };
     let conf = out.configuration();
     let theirs = conf.and_then(|c| c.environment()).and_then(|e| e.variables()).and_then(|v| v.get(p2pml_lambda_grad::objstore::ENV_BUCKET));
     if let Some(theirs) = theirs.filter(|b| b.as_str() != bucket) {
-        anyhow::bail!(
-            "function {} reads bucket {theirs} (its P2PML_S3_BUCKET) but this node puts the tasks' objects in bucket {bucket} (--s3-bucket / P2PML_S3_BUCKET): give both the same bucket",
-            cfg.function_name
-        );
+        return Err(StartError::BucketMismatch { name: cfg.function_name.clone(), theirs: theirs.clone(), ours: bucket.to_string() });
     }
     Ok(conf.and_then(|c| c.timeout()).filter(|t| *t > 0).map(|t| Duration::from_secs(t as u64)))
 }

@@ -97,11 +97,14 @@ fn exactly_one_member_uploads_each_digest_and_all_agree() {
 fn bad_endpoints_and_buckets_name_the_flag() {
     let mut c = ExecConfig::default();
     c.store.endpoint = Some("127.0.0.1:9000".into());
-    let e = c.validate().unwrap_err();
+    let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("--s3-endpoint 127.0.0.1:9000") && e.contains("http://HOST:PORT"), "{e}");
     let mut c = ExecConfig { lambda_endpoint: Some("localhost:9001".into()), ..Default::default() };
-    assert!(c.validate().unwrap_err().contains("--lambda-endpoint localhost:9001"));
+    assert!(c.validate().unwrap_err().to_string().contains("--lambda-endpoint localhost:9001"));
     c.lambda_endpoint = None;
     c.store.bucket = "My_Bucket".into();
-    assert!(c.validate().unwrap_err().contains("--s3-bucket My_Bucket"));
+    assert_eq!(c.validate().unwrap_err(), ExecConfigError::Bucket("My_Bucket".into()));
+    c.store.bucket = "ok-bucket".into();
+    c.task_timeout_ms = 99;
+    assert_eq!(c.validate().unwrap_err().to_string(), "--task-timeout-ms must be at least 100");
 }

@@ -42,8 +42,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
         ExecutorKind::Lambda if !rogue => Some(LambdaExecutor::new(&p2p.exec).await?),
         _ => None,
     };
-    let bootstrap =
-        p2p.bootstrap.iter().map(|a| dial_addr("--bootstrap", a, "the bootstrap node")).collect::<anyhow::Result<Vec<_>>>()?;
+    let bootstrap = setup.addrs.bootstrap.clone();
 
     // Data and model before the network, so that a bad flag fails fast.
     let mut loaded = setup.load(&cfg, &p2p)?;
@@ -52,7 +51,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     let train = TensorData::new(&ds.train, cfg.dataset, cfg.normalization, device);
     let test = TensorData::new(&ds.test, cfg.dataset, cfg.normalization, device);
     let split = Arc::new(ds.train);
-    let net = start_net(&p2p, &run_id).await?;
+    let net = start_net(&p2p, &setup.addrs, &run_id).await?;
     let reporter = setup.report_builder(if rogue { "rogue" } else { "peer" }, &net, incarnation, &p2p);
     let Net { client, mut events, mut requests, me } = net;
     let listen: Vec<String> = client.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();

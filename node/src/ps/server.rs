@@ -35,7 +35,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     // The server computes no gradients: an empty training set stands in.
     let train = TensorData::new(&ds.train.select(&[]), cfg.dataset, cfg.normalization, device);
 
-    let net = start_net(&p2p, &run_id).await?;
+    let net = start_net(&p2p, &setup.addrs, &run_id).await?;
     let reporter = setup.report_builder("ps", &net, incarnation, &p2p);
     let Net { client, mut events, mut requests, me } = net;
     let settings = ServerSettings {

@@ -124,7 +124,8 @@ async fn fetch_params(client: &Client, server: PeerId, w: &PsWork, numel: usize)
 /// `--role worker --ps ADDR`: computes gradients for the server.
 pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport> {
     let setup = Setup::new(&cfg, &p2p)?;
-    let (server, addr) = dial_addr("--ps", p2p.ps.as_deref().unwrap_or_default(), "the server")?;
+    // validate() has checked that a worker has --ps.
+    let (server, addr) = setup.addrs.ps.clone().expect("a worker's --ps is checked");
     let mut lambda = match p2p.exec.executor {
         ExecutorKind::Local => None,
         ExecutorKind::Lambda => Some(LambdaExecutor::new(&p2p.exec).await?),
@@ -136,7 +137,7 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
     // A restarted worker is a new incarnation: the start time orders them.
     let incarnation = setup.started_unix_ms;
 
-    let net = start_net(&p2p, &run_id).await?;
+    let net = start_net(&p2p, &setup.addrs, &run_id).await?;
     let reporter = setup.report_builder("worker", &net, incarnation, &p2p);
     let me = net.me;
     let me_s = me.to_string();

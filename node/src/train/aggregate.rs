@@ -2,7 +2,6 @@
 //! and combined by the run's aggregation rule.
 
 use crate::config::P2pConfig;
-use anyhow::anyhow;
 use p2pml_proto::{Aggregation, Attack};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +88,14 @@ pub(crate) fn max_round_samples(p2p: &P2pConfig, batch_size: usize) -> u64 {
 
 /// Encodes this peer's gradient for the wire; a byzantine peer (--byzantine)
 /// poisons it first.
+/// A gradient that cannot be encoded (not finite): the run diverged.
+#[derive(Debug, thiserror::Error)]
+#[error("round {round}: cannot encode the gradient ({reason}); the run diverged: lower --lr, or, if a peer may be byzantine, use a robust --aggregation (median, trimmed-mean:BETA, krum:F)")]
+pub(crate) struct Diverged {
+    pub(crate) round: u64,
+    pub(crate) reason: String,
+}
+
 pub(crate) fn encode_own(
     grad: &mut [f32],
     samples: u64,
@@ -96,14 +103,12 @@ pub(crate) fn encode_own(
     seed: u64,
     attack: Option<&Attack>,
     round: u64,
-) -> anyhow::Result<Vec<u8>> {
+) -> Result<Vec<u8>, Diverged> {
     if let Some(a) = attack {
         a.apply(grad, samples, seed);
     }
     let mut blob = p2pml_proto::encode_gradient(grad, compression, seed)
-        .map_err(|e| {
-            anyhow!("round {round}: cannot encode the gradient ({e}); the run diverged: lower --lr, or, if a peer may be byzantine, use a robust --aggregation (median, trimmed-mean:BETA, krum:F)")
-        })?;
+        .map_err(|e| Diverged { round, reason: e.to_string() })?;
     if let Some(a) = attack {
         a.poison(&mut blob);
     }

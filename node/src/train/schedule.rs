@@ -28,7 +28,7 @@ impl Schedule {
         first_round: u64,
         mut members: Vec<PeerId>,
         me: PeerId,
-    ) -> anyhow::Result<Schedule> {
+    ) -> Result<Schedule, p2pml_lambda_grad::data::PartitionError> {
         members.sort();
         members.dedup();
         let p = members.len().max(1);

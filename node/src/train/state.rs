@@ -63,7 +63,7 @@ pub(crate) fn restore_checkpoint(
     opt: &mut Optimizer,
     conv: &mut Convergence,
     stats: &mut CheckpointStats,
-) -> anyhow::Result<Option<crate::checkpoint::Restored>> {
+) -> Result<Option<crate::checkpoint::Restored>, crate::checkpoint::CheckpointError> {
     let Some(r) = ckpt.latest(model.numel() as u64)? else { return Ok(None) };
     if let Err(why) = check_state(&r.header, r.opt.len(), opt.state_vectors()) {
         tracing::warn!("checkpoint of round {} does not fit this run ({why}); starting without it", r.header.round);
