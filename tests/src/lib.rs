@@ -60,7 +60,13 @@ pub fn small_run(train: u32, test: u32, val: u32, epochs: u32, extra: &[&str]) -
 
 /// `testnet run` with `testnet_args`, then `--` and `node_args`: (exit ok, report).
 pub fn testnet(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_args: &[String]) -> (bool, serde_json::Value) {
+    testnet_env(out, peers, testnet_args, node_args, &[])
+}
+
+/// [`testnet`] with these environment variables set for testnet and its nodes.
+pub fn testnet_env(out: &std::path::Path, peers: usize, testnet_args: &[&str], node_args: &[String], env: &[(&str, &str)]) -> (bool, serde_json::Value) {
     let o = std::process::Command::new(bin("testnet"))
+        .envs(env.iter().copied())
         .args(["run", "--peers", &peers.to_string(), "--out", out.to_str().unwrap(), "--timeout", "600"])
         .args(testnet_args)
         .arg("--")

@@ -1,17 +1,32 @@
 //! Golden digests: fixed-seed runs whose every round's parameters digest is
 //! recorded in `tests/golden/digests.json`. A refactoring that "changes no
 //! behaviour" must keep them bit for bit: a 4-peer run, a parameter-server run,
-//! a run with a peer killed and revived (at rounds, not at times), and an
-//! asynchronous run (staleness 0: with a larger bound, which stale gradient
-//! arrives first is a matter of timing, by design).
+//! and an asynchronous run (staleness 0: with a larger bound, which stale gradient
+//! arrives first is a matter of timing, by design). A run with a peer killed
+//! and revived is not here: whether the revived peer is loaded before the next
+//! epoch's boundary (and so trains in it) is a race between its start-up and
+//! the rounds, by design too (1 of 5 runs differed from round 12 on); the
+//! in-memory simulation in node/src/peer/sim.rs holds a kill and a revival to
+//! the same trace for the same seed instead.
+//!
+//! The digests are bit-exact, and libtorch's CPU kernels are not the same
+//! arithmetic on every CPU: it picks vectorised kernels (AVX2, AVX-512, AMX)
+//! by what the host has, and their sums run in other orders. Recorded on one
+//! host, the digests differed on the next. So these runs pin the numerics to
+//! the baseline kernels every x86-64 has ([`PINNED`]): slower, the same bits
+//! everywhere. A node run without them is as deterministic on its own host.
 //!
 //! `P2PML_GOLDEN_RECORD=1 cargo test --release -p p2pml-tests --test golden`
 //! records them again (only when a change of behaviour is intended: say so in
 //! the commit).
 
-use p2pml_tests::{root, small_run, testnet};
+use p2pml_tests::{root, small_run, testnet_env};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+
+/// ATen's kernels without vectorisation, oneDNN at SSE4.1, MKL in its
+/// conditional-numerical-reproducibility mode.
+const PINNED: [(&str, &str); 3] = [("ATEN_CPU_CAPABILITY", "default"), ("ONEDNN_MAX_CPU_ISA", "SSE41"), ("MKL_CBWR", "COMPATIBLE")];
 
 fn cases() -> Vec<(&'static str, Vec<&'static str>, Vec<String>)> {
     let common = ["--seed", "11", "--failure-timeout-ms", "2000"];
@@ -19,7 +34,6 @@ fn cases() -> Vec<(&'static str, Vec<&'static str>, Vec<String>)> {
     vec![
         ("p2p", vec![], small_run(1600, 200, 100, 2, &with(&[]))),
         ("ps", vec!["--role", "ps"], small_run(1600, 200, 100, 2, &with(&[]))),
-        ("kill_revive", vec!["--kill", "3@r4", "--revive", "3@r8"], small_run(3000, 200, 100, 3, &with(&[]))),
         ("async", vec![], small_run(1600, 200, 100, 2, &with(&["--sync", "async", "--max-staleness", "0"]))),
     ]
 }
@@ -53,7 +67,7 @@ fn fixed_seed_runs_keep_their_golden_digests() {
         let dir = tempfile::tempdir().unwrap();
         let mut tn_args = vec!["--threads-per-node", "1"];
         tn_args.extend(tn);
-        let (ok, r) = testnet(dir.path(), 4, &tn_args, &args);
+        let (ok, r) = testnet_env(dir.path(), 4, &tn_args, &args, &PINNED);
         assert!(ok, "{name}: {}", r["problems"]);
         let d = digests(dir.path());
         if !record {
