@@ -2,7 +2,7 @@
 
 use clap::Args;
 use p2pml_lambda_grad::{DeviceChoice, OptimizerConfig};
-use p2pml_proto::{Aggregation, Attack, Compression, DatasetKind, ModelKind, Normalization, OptimizerKind};
+use p2pml_proto::{Aggregation, Attack, Compression, Exchange, DatasetKind, ModelKind, Normalization, OptimizerKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -310,6 +310,9 @@ pub struct P2pConfig {
     /// How each round's gradients are combined.
     #[serde(with = "text")]
     pub aggregation: Aggregation,
+    /// How each round's gradients travel: all-to-all or sharded.
+    #[serde(with = "text")]
+    pub exchange: Exchange,
     /// The private swarm's pre-shared key file (libp2p pnet); None: an open swarm.
     pub swarm_key: Option<PathBuf>,
     /// Move earlier checkpoints in --state-dir aside (into old-<unix>/) and start afresh.
@@ -423,6 +426,7 @@ impl Default for P2pConfig {
             control_stdin: false,
             metrics_addr: Some("127.0.0.1:0".into()),
             aggregation: Aggregation::Mean,
+            exchange: Exchange::AllToAll,
             swarm_key: None,
             fresh: false,
             straggler: Straggler::default(),
@@ -438,6 +442,10 @@ fn parse_stall(s: &str) -> Result<(u64, u64), String> {
 
 fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
     s.parse::<Aggregation>().map_err(|e| e.to_string())
+}
+
+fn parse_exchange(s: &str) -> Result<Exchange, String> {
+    s.parse::<Exchange>()
 }
 
 fn parse_attack(s: &str) -> Result<Attack, String> {
@@ -548,6 +556,12 @@ pub struct P2pArgs {
     /// closest to its n-F-2 nearest others; tolerates F byzantine peers when n >= 2F+3).
     #[arg(long, env = "P2PML_AGGREGATION", default_value = "mean", value_parser = parse_aggregation)]
     pub aggregation: Aggregation,
+    /// How each round's gradients travel: all-to-all (every peer fetches and
+    /// decodes every gradient) or sharded (the gradient is cut into one shard per
+    /// member; each shard's owner aggregates it, and every peer fetches the
+    /// aggregated shards: about two gradients' worth of bytes per peer at any size).
+    #[arg(long, env = "P2PML_EXCHANGE", default_value = "all-to-all", value_parser = parse_exchange)]
+    pub exchange: Exchange,
     /// Private swarm: the libp2p pre-shared key file (`p2pml-node swarm-key` writes
     /// one). Every peer of the run needs the same file; peers without it cannot connect.
     #[arg(long, env = "P2PML_SWARM_KEY")]
@@ -614,6 +628,7 @@ impl P2pArgs {
             control_stdin: self.control_stdin,
             metrics_addr: (self.metrics_addr != "none").then(|| self.metrics_addr.clone()),
             aggregation: self.aggregation,
+            exchange: self.exchange,
             swarm_key: self.swarm_key.clone(),
             fresh: self.fresh,
             straggler: Straggler {
@@ -659,6 +674,7 @@ pub fn run_spec(t: &TrainConfig, p: &P2pConfig) -> p2pml_proto::wire::RunSpec {
         failure_timeout_ms: p.failure_timeout_ms,
         aggregation: p.aggregation.to_string(),
         straggler: p.straggler.to_string(),
+        exchange: p.exchange,
     }
 }
 

@@ -61,6 +61,10 @@ pub struct RunSpec {
     /// empty when a peer of an older version leaves it out.
     #[serde(default)]
     pub straggler: String,
+    /// How gradients travel; left out (all-to-all) by older peers, and when
+    /// all-to-all, so that such runs keep their run id.
+    #[serde(default, skip_serializing_if = "crate::Exchange::is_all_to_all")]
+    pub exchange: crate::Exchange,
 }
 
 fn mean() -> String {
@@ -115,7 +119,16 @@ fn serde_json_like(s: &RunSpec) -> Vec<(&'static str, String)> {
         ("failure_timeout_ms", s.failure_timeout_ms.to_string()),
         ("aggregation", s.aggregation.clone()),
         ("straggler", s.straggler.clone()),
+        ("exchange", s.exchange.to_string()),
     ]
+}
+
+/// The validation statistics drive every peer's lr schedule and early stop.
+fn check_val(v: &ValStats) -> Result<(), WireError> {
+    if !v.loss_sum.is_finite() || v.correct > v.count {
+        return Err(WireError::Invalid("validation statistics out of range".into()));
+    }
+    Ok(())
 }
 
 /// A 32-byte content digest (BLAKE3 of the bytes it names).
@@ -190,6 +203,47 @@ pub struct Announce {
     /// Ready peers the sender has seen that are not members of this epoch: on the
     /// last round of an epoch, the union over the contributors joins the next epoch.
     pub joiners: Vec<serde_bytes::ByteBuf>,
+    /// Sharded exchange: the gradient's shards, each encoded on its own and
+    /// fetched only by its owner (`len` and `digest` above then name nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRef>,
+}
+
+/// The length and digest of one encoded shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRef {
+    pub len: u64,
+    pub digest: Digest,
+}
+
+/// Sharded exchange: the owner of a shard has aggregated it (the small gossip
+/// message; the aggregated shard itself is fetched over request-response).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub run_id: String,
+    pub round: u64,
+    pub epoch: u64,
+    pub shard: u32,
+    /// How many shards the round's gradient was cut into.
+    pub shards: u32,
+    /// Whose shards the aggregate sums, sorted.
+    pub contributors: Vec<serde_bytes::ByteBuf>,
+    pub samples: u64,
+    pub loss_sum: f64,
+    /// The validation statistics the contributors' announcements carried, summed.
+    pub val: Option<ValStats>,
+    /// The ready joiners the contributors named (their union).
+    pub joiners: Vec<serde_bytes::ByteBuf>,
+    pub len: u64,
+    pub digest: Digest,
+}
+
+/// Which part of a peer's round a chunk request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Part {
+    pub shard: u32,
+    /// The owner's aggregate of the shard, or the owner's own contribution to it.
+    pub aggregated: bool,
 }
 
 impl Announce {
@@ -205,6 +259,7 @@ impl Announce {
             len: 0,
             digest: [0; 32],
             inline: None,
+            shards: Vec::new(),
             joiners: vec![],
         }
     }
@@ -215,6 +270,7 @@ impl Announce {
 pub enum Gossip {
     Heartbeat(Heartbeat),
     Announce(Announce),
+    Ticket(Ticket),
 }
 
 /// Requests over request-response.
@@ -228,6 +284,9 @@ pub enum Request {
         owner: Vec<u8>,
         round: u64,
         index: u32,
+        /// Sharded exchange: a shard of the round (the whole gradient when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     /// One chunk of the responder's full state (parameters and optimizer) after `round`.
     State { round: u64, index: u32 },
@@ -330,13 +389,14 @@ impl Gossip {
         let (rid, r) = match &g {
             Gossip::Heartbeat(h) => (&h.run_id, h.round),
             Gossip::Announce(a) => (&a.run_id, a.round),
+            Gossip::Ticket(t) => (&t.run_id, t.round),
         };
         if rid != run_id {
             return Err(WireError::Invalid(format!("run {rid} is not this run ({run_id})")));
         }
         if r > round.saturating_add(ROUND_WINDOW) || r.saturating_add(ROUND_WINDOW) < round {
             // A far-behind heartbeat is a restarting peer: still useful; announcements are not.
-            if matches!(g, Gossip::Announce(_)) {
+            if !matches!(g, Gossip::Heartbeat(_)) {
                 return Err(WireError::OutOfWindow(format!("round {r} is outside the window around {round}")));
             }
         }
@@ -354,9 +414,24 @@ impl Gossip {
             }
             // The validation statistics drive every peer's lr schedule and early stop.
             if let Some(v) = &a.val {
-                if !v.loss_sum.is_finite() || v.correct > v.count {
-                    return Err(WireError::Invalid("validation statistics out of range".into()));
-                }
+                check_val(v)?;
+            }
+            if a.shards.len() > crate::shard::MAX_SHARDS || a.shards.iter().any(|s| s.len > MAX_BLOB_BYTES) {
+                return Err(WireError::Invalid("too many shards, or a shard too large".into()));
+            }
+        }
+        if let Gossip::Ticket(t) = &g {
+            if t.shards == 0 || t.shards as usize > crate::shard::MAX_SHARDS || t.shard >= t.shards {
+                return Err(WireError::Invalid(format!("shard {} of {} is out of range", t.shard, t.shards)));
+            }
+            if t.len > MAX_BLOB_BYTES || t.contributors.is_empty() || t.contributors.len() > crate::shard::MAX_SHARDS || t.joiners.len() > crate::shard::MAX_SHARDS {
+                return Err(WireError::Invalid("ticket out of range (length, contributors or joiners)".into()));
+            }
+            if !t.loss_sum.is_finite() {
+                return Err(WireError::Invalid("non-finite loss".into()));
+            }
+            if let Some(v) = &t.val {
+                check_val(v)?;
             }
         }
         Ok(())
@@ -390,7 +465,44 @@ mod tests {
             failure_timeout_ms: 2000,
             aggregation: "mean".into(),
             straggler: String::new(),
+            exchange: crate::Exchange::AllToAll,
         }
+    }
+
+    #[test]
+    fn an_all_to_all_spec_keeps_its_run_id_and_a_sharded_one_differs() {
+        let a = spec();
+        let bytes = encode(&a);
+        assert!(!bytes.windows(8).any(|w| w == b"exchange"), "all-to-all is left out of the encoding");
+        let b = RunSpec { exchange: crate::Exchange::Sharded, ..spec() };
+        assert_ne!(a.run_id(), b.run_id());
+        assert_eq!(a.differences(&b), vec!["exchange: all-to-all vs sharded".to_string()]);
+        let back: RunSpec = decode(&encode(&b), 1 << 16).unwrap();
+        assert_eq!(back, b);
+    }
+
+    #[test]
+    fn tickets_are_validated() {
+        let t = Ticket {
+            run_id: spec().run_id(),
+            round: 3,
+            epoch: 0,
+            shard: 1,
+            shards: 4,
+            contributors: vec![serde_bytes::ByteBuf::from(vec![1])],
+            samples: 64,
+            loss_sum: 1.0,
+            val: None,
+            joiners: vec![],
+            len: 10,
+            digest: [0; 32],
+        };
+        let ok = Gossip::Ticket(t.clone());
+        assert!(ok.validate(&spec().run_id(), 3).is_ok());
+        for bad in [Ticket { shard: 4, ..t.clone() }, Ticket { shards: 0, shard: 0, ..t.clone() }, Ticket { contributors: vec![], ..t.clone() }, Ticket { loss_sum: f64::NAN, ..t.clone() }] {
+            assert!(matches!(Gossip::Ticket(bad).validate(&spec().run_id(), 3), Err(WireError::Invalid(_))));
+        }
+        assert!(matches!(Gossip::Ticket(Ticket { round: 1000, ..t }).validate(&spec().run_id(), 3), Err(WireError::OutOfWindow(_))));
     }
 
     #[test]
@@ -416,6 +528,7 @@ mod tests {
             digest: [7; 32],
             inline: Some(serde_bytes::ByteBuf::from(vec![0u8; 8])),
             joiners: vec![],
+            shards: Vec::new(),
         };
         let bytes = encode(&Gossip::Announce(a.clone()));
         assert_eq!(Gossip::decode_valid(&bytes, &spec().run_id(), 5).unwrap(), Gossip::Announce(a.clone()));

@@ -89,6 +89,10 @@ pub enum P2pConfigError {
     MinLr(f64),
     #[error("--aggregation krum:{f} needs --peers of at least {need} (2F+3); lower F or use median or trimmed-mean")]
     KrumPeers { f: usize, need: usize },
+    #[error("--exchange sharded aggregates each shard on its own and krum needs whole gradients: use --aggregation mean, median or trimmed-mean:BETA, or --exchange all-to-all")]
+    ShardedKrum,
+    #[error("--exchange sharded is synchronous: use --sync sync, or --exchange all-to-all")]
+    ShardedAsync,
     #[error("--fault-forge needs --fault-garbage")]
     ForgeNeedsGarbage,
     #[error("--fault-forge needs --bootstrap (it claims to be that peer)")]
@@ -184,6 +188,14 @@ impl P2pConfig {
         if let Aggregation::Krum { f } = self.aggregation {
             if self.peers < 2 * f + 3 {
                 return Err(P2pConfigError::KrumPeers { f, need: 2 * f + 3 });
+            }
+        }
+        if self.exchange == p2pml_proto::Exchange::Sharded {
+            if matches!(self.aggregation, Aggregation::Krum { .. }) {
+                return Err(P2pConfigError::ShardedKrum);
+            }
+            if self.sync != p2pml_proto::wire::SyncMode::Sync {
+                return Err(P2pConfigError::ShardedAsync);
             }
         }
         if self.faults.forge && !self.faults.garbage {

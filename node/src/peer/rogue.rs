@@ -24,6 +24,7 @@ impl PeerCore {
             digest: *blake3::hash(&[0u8; 8]).as_bytes(),
             inline: Some(serde_bytes::ByteBuf::from(vec![0u8; 8])),
             joiners: vec![],
+            shards: Vec::new(),
         };
         // A gradient of the wrong length (8 bytes for a model of many parameters).
         bad.push(wire::encode(&Gossip::Announce(honest.clone())));

@@ -55,6 +55,7 @@ impl Script {
             digest: *blake3::hash(&blob).as_bytes(),
             inline: Some(serde_bytes::ByteBuf::from(blob)),
             joiners: vec![],
+            shards: Vec::new(),
         };
         self.ask(at, peer, Request::PsPush(Box::new(a)))
     }

@@ -168,5 +168,6 @@ pub(crate) fn announcement(
         digest: *blake3::hash(blob).as_bytes(),
         inline: (blob.len() <= p2pml_proto::wire::INLINE_MAX_BYTES).then(|| serde_bytes::ByteBuf::from(blob.to_vec())),
         joiners,
+        shards: Vec::new(),
     }
 }
