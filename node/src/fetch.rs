@@ -4,7 +4,7 @@
 use crate::net::{Client, InboundRequest};
 use crate::store::{chunks, SharedStore};
 use libp2p::PeerId;
-use p2pml_proto::wire::{self, Digest, Request, Response, RunSpec};
+use p2pml_proto::wire::{self, Digest, Part, Request, Response, RunSpec};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -13,23 +13,25 @@ use tokio::sync::mpsc;
 pub(crate) struct Fetched {
     pub(crate) round: u64,
     pub(crate) owner: PeerId,
+    /// The part of the round fetched (sharded exchange), or the whole gradient.
+    pub(crate) part: Option<Part>,
     pub(crate) result: Result<Vec<u8>, String>,
 }
 
-pub(crate) async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch_blob(client: &Client, src: PeerId, owner: PeerId, round: u64, part: Option<Part>, len: u64) -> Result<Vec<u8>, String> {
     let t0 = Instant::now();
-    let r = fetch_chunks(client, src, owner, round, len).await;
+    let r = fetch_chunks(client, src, owner, round, part, len).await;
     if r.is_ok() {
         crate::metrics::stage("receive", t0.elapsed().as_secs_f64());
     }
     r
 }
 
-async fn fetch_chunks(client: &Client, src: PeerId, owner: PeerId, round: u64, len: u64) -> Result<Vec<u8>, String> {
+async fn fetch_chunks(client: &Client, src: PeerId, owner: PeerId, round: u64, part: Option<Part>, len: u64) -> Result<Vec<u8>, String> {
     let n = chunks(len);
     let reqs = (0..n).map(|index| {
         let client = client.clone();
-        async move { client.request(src, Request::Chunk { owner: owner.to_bytes(), round, index }).await }
+        async move { client.request(src, Request::Chunk { owner: owner.to_bytes(), round, index, part }).await }
     });
     let parts = futures::future::join_all(reqs).await;
     let mut blob = Vec::with_capacity(len as usize);
@@ -53,14 +55,14 @@ pub(crate) const FETCH_ATTEMPTS: usize = 6;
 
 /// Fetches `owner`'s gradient of `round` (`len` bytes) from `sources` in turn
 /// until one gives a blob of blake3 `digest`.
-pub(crate) async fn fetch_verified(client: &Client, sources: &[PeerId], owner: PeerId, round: u64, len: u64, digest: Digest) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch_verified(client: &Client, sources: &[PeerId], owner: PeerId, round: u64, part: Option<Part>, len: u64, digest: Digest) -> Result<Vec<u8>, String> {
     let mut last_err = String::from("no source");
     if sources.is_empty() {
         return Err(last_err);
     }
     for attempt in 0..FETCH_ATTEMPTS {
         let src = sources[attempt % sources.len()];
-        match fetch_blob(client, src, owner, round, len).await {
+        match fetch_blob(client, src, owner, round, part, len).await {
             Ok(blob) if *blake3::hash(&blob).as_bytes() == digest => return Ok(blob),
             Ok(_) => last_err = format!("digest mismatch from {src}"),
             Err(e) => last_err = e,

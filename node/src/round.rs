@@ -321,12 +321,17 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
 
     /// The barrier of `round`.
     pub fn barrier(&self, round: u64) -> Barrier<P> {
+        self.barrier_of(self.held.get(&round))
+    }
+
+    /// The barrier over a set of held inputs (a round's gradients, or in the
+    /// sharded exchange the contributions to one shard).
+    pub fn barrier_of(&self, held: Option<&BTreeSet<P>>) -> Barrier<P> {
         let quorum = self.members.values().filter(|m| m.alive).count();
         if quorum < self.min_peers {
             return Barrier::BelowMinPeers { live: quorum, min: self.min_peers };
         }
         let live = self.expected();
-        let held = self.held.get(&round);
         let missing: Vec<P> = live.iter().filter(|p| !held.is_some_and(|h| h.contains(*p))).cloned().collect();
         if !missing.is_empty() {
             return Barrier::Waiting(missing);
@@ -343,8 +348,13 @@ impl<P: Ord + Clone + std::fmt::Debug> RoundState<P> {
     /// `min_peers`, and at least `min_peers` members alive): what a round closed on
     /// its straggler deadline aggregates. `None` below the quorum.
     pub fn quorum_held(&self, round: u64) -> Option<Vec<P>> {
+        self.quorum_of(self.held.get(&round)?)
+    }
+
+    /// [`Self::quorum_held`] over a set of held inputs.
+    pub fn quorum_of(&self, held: &BTreeSet<P>) -> Option<Vec<P>> {
         let live = self.members.values().filter(|m| m.alive).count();
-        let held: Vec<P> = self.held.get(&round)?.iter().filter(|p| self.members.contains_key(*p)).cloned().collect();
+        let held: Vec<P> = held.iter().filter(|p| self.members.contains_key(*p)).cloned().collect();
         (live >= self.min_peers && held.len() >= self.min_peers.max(1)).then_some(held)
     }
 

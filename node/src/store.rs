@@ -3,7 +3,7 @@
 //! Shared between the training loop (writer) and the responder task (reader).
 
 use libp2p::PeerId;
-use p2pml_proto::wire::{Announce, Request, Response, RunSpec, CHUNK_BYTES};
+use p2pml_proto::wire::{Announce, Part, Request, Response, RunSpec, CHUNK_BYTES};
 use serde_bytes::ByteBuf;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,9 @@ pub struct StateBlob {
 
 #[derive(Debug, Default)]
 pub struct Store {
-    blobs: BTreeMap<(u64, Vec<u8>), Arc<Vec<u8>>>,
+    /// By (round, author, part): a whole gradient (no part), or in the sharded
+    /// exchange a contribution to a shard or an owner's aggregate of one.
+    blobs: BTreeMap<(u64, Vec<u8>, Option<Part>), Arc<Vec<u8>>>,
     announces: BTreeMap<(u64, Vec<u8>), Announce>,
     /// The latest states by round (a few, so that a peer fetching one state's
     /// chunks is not cut off when the next round's state replaces it).
@@ -41,17 +43,26 @@ const STATES_KEPT: usize = 3;
 
 impl Store {
     pub fn insert(&mut self, round: u64, owner: &PeerId, blob: Arc<Vec<u8>>) {
-        self.blobs.insert((round, owner.to_bytes()), blob);
+        self.insert_part(round, owner, None, blob);
     }
     pub fn get(&self, round: u64, owner: &PeerId) -> Option<Arc<Vec<u8>>> {
-        self.blobs.get(&(round, owner.to_bytes())).cloned()
+        self.get_part(round, owner, None)
+    }
+    pub fn insert_part(&mut self, round: u64, owner: &PeerId, part: Option<Part>, blob: Arc<Vec<u8>>) {
+        self.blobs.insert((round, owner.to_bytes(), part), blob);
+    }
+    pub fn get_part(&self, round: u64, owner: &PeerId, part: Option<Part>) -> Option<Arc<Vec<u8>>> {
+        self.blobs.get(&(round, owner.to_bytes(), part)).cloned()
+    }
+    pub fn has_part(&self, round: u64, owner: &PeerId, part: Option<Part>) -> bool {
+        self.blobs.contains_key(&(round, owner.to_bytes(), part))
     }
     pub fn insert_announce(&mut self, owner: &PeerId, a: Announce) {
         self.announces.insert((a.round, owner.to_bytes()), a);
     }
     /// Drops blobs and announcements of rounds before `round`.
     pub fn prune(&mut self, round: u64) {
-        self.blobs = self.blobs.split_off(&(round, Vec::new()));
+        self.blobs = self.blobs.split_off(&(round, Vec::new(), None));
         self.announces = self.announces.split_off(&(round, Vec::new()));
     }
     pub fn set_state(&mut self, s: StateBlob) {
@@ -91,9 +102,9 @@ impl Store {
                     }
                 }
             }
-            Request::Chunk { owner, round, index } => {
+            Request::Chunk { owner, round, index, part } => {
                 let Ok(owner) = PeerId::from_bytes(&owner) else { return Response::Missing };
-                match self.get(round, &owner) {
+                match self.get_part(round, &owner, part) {
                     Some(blob) => chunk(&blob, index)
                         .map(|data| Response::Chunk { total_len: blob.len() as u64, data })
                         .unwrap_or(Response::Missing),

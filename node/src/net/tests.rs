@@ -24,7 +24,7 @@ async fn a_full_event_queue_sheds_requests_keeps_connection_events_and_never_blo
         .map(|i| {
             let b = b.clone();
             let to = a.peer_id;
-            tokio::spawn(async move { b.request(to, Request::Chunk { owner: vec![], round: i, index: 0 }).await })
+            tokio::spawn(async move { b.request(to, Request::Chunk { owner: vec![], round: i, index: 0, part: None }).await })
         })
         .collect();
     // (The one request that fits in the queue waits for A; the others are dropped.)

@@ -126,6 +126,13 @@ pub(crate) struct PeerCore {
     pub(super) note_ms: u64,
     pub(super) final_digest: Option<Digest>,
     pub(super) failed: Option<PeerError>,
+    /// Sharded exchange: the round's shard work, the tickets by (round, shard)
+    /// with their authors, the joiners the last round's tickets named, and how
+    /// many shards were taken from an owner that sent no ticket in time.
+    pub(super) shards: super::shard::ShardWork,
+    pub(super) tickets: BTreeMap<(u64, u32), (PeerId, wire::Ticket)>,
+    pub(super) shard_joiners: Vec<PeerId>,
+    pub(super) shard_reassignments: u64,
 }
 
 impl PeerCore {
@@ -204,6 +211,10 @@ impl PeerCore {
             note_ms: NOTE_MS,
             final_digest: None,
             failed: None,
+            shards: Default::default(),
+            tickets: BTreeMap::new(),
+            shard_joiners: Vec::new(),
+            shard_reassignments: 0,
             s,
         }
     }
@@ -253,6 +264,11 @@ impl PeerCore {
         match &self.phase {
             Phase::Settling { until_ms } => d = d.min(*until_ms),
             Phase::Joining { source: None, retry_ms } => d = d.min(*retry_ms),
+            Phase::Barrier { .. } if self.sharded() => {
+                if let Some(t) = self.shards.deadline(self.stragglers.deadline_ms()) {
+                    d = d.min(t);
+                }
+            }
             Phase::Barrier { quorum_ms: Some(q), .. } => d = d.min(q + self.stragglers.deadline_ms()),
             Phase::Lingering { since_ms } => d = d.min(since_ms + decide::LOST_MEMBER_GRACE_MS).min(since_ms + LINGER_MS),
             Phase::Rogue { alone_ms: Some(t) } => d = d.min(t + 2001),
@@ -298,7 +314,11 @@ impl PeerCore {
             Input::Gossip { id, propagated_by, author, data } => self.on_gossip_message(now, id, propagated_by, author, &data, &mut out),
             Input::Request { id, peer, request } => self.on_request(id, peer, request, &mut out),
             Input::HelloAnswer { peer, result } => self.on_hello(peer, result, &mut out),
-            Input::Fetched(f) => self.on_fetched(f, &mut out),
+            Input::Fetched(f) => match f.part {
+                Some(p) => self.on_part_fetched(f.round, f.owner, p, f.result),
+                None => self.on_fetched(f, &mut out),
+            },
+            Input::ShardAggregated { round, shard, result } => self.on_shard_aggregated(round, shard, result, &mut out),
             Input::Recovered { owner, announce } => self.on_recovered(now, owner, announce, &mut out),
             Input::NetInfo { scores, addrs } => {
                 for (p, s) in scores {
@@ -352,7 +372,7 @@ impl PeerCore {
         }
     }
 
-    fn set_phase(&mut self, now: u64, phase: Phase) {
+    pub(super) fn set_phase(&mut self, now: u64, phase: Phase) {
         self.phase = phase;
         self.wait_since_ms = now;
         self.note_ms = now + NOTE_MS;
@@ -423,6 +443,7 @@ impl PeerCore {
                     }
                 }
                 Phase::Next => self.next(now, out),
+                Phase::Barrier { round, .. } if self.sharded() => self.sharded_barrier(now, round, out),
                 Phase::Barrier { round, quorum_ms } => self.barrier(now, round, quorum_ms, out),
                 Phase::Lingering { since_ms } => {
                     let lost = decide::lost_members(self.rs.members().iter().map(|(p, m)| (*p, m.alive)), &self.views);
@@ -520,7 +541,7 @@ impl PeerCore {
         self.set_phase(now, Phase::Next);
     }
 
-    fn sched(&self) -> &Schedule {
+    pub(super) fn sched(&self) -> &Schedule {
         self.sched.as_ref().expect("a schedule once training")
     }
 
@@ -568,6 +589,7 @@ impl PeerCore {
                 params_digest: self.last_digest.map(|(_, d)| d),
                 members: self.rs.active_members(),
                 seed: crate::train::gradient_seed(self.s.cfg.seed, round, &self.s.me),
+                shards: if self.sharded() { self.shard_ranges() } else { Vec::new() },
             };
             self.set_phase(now, Phase::Computing { round });
             out.push(Action::Compute(Box::new(job)));
@@ -588,10 +610,15 @@ impl PeerCore {
         let first = self.sched().first_round;
         let val = if round == first { self.pending_val.take() } else { None };
         let joiners = ids(&self.ready_joiners());
-        let a = crate::train::announcement(&self.run_id, round, self.epoch, (g.samples, g.loss_sum), &g.blob, val, joiners);
-        self.gradient_bytes_sent += a.len;
+        let mut a = crate::train::announcement(&self.run_id, round, self.epoch, (g.samples, g.loss_sum), &g.blob, val, joiners);
         let me = self.s.me;
-        self.store.insert(round, &me, Arc::new(g.blob));
+        if self.sharded() {
+            self.gradient_bytes_sent += g.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            self.announce_shards(round, g.parts, &mut a);
+        } else {
+            self.gradient_bytes_sent += a.len;
+            self.store.insert(round, &me, Arc::new(g.blob));
+        }
         self.rs.hold(round, me);
         self.announces.insert((round, me), a.clone());
         self.store.insert_announce(&me, a.clone());
@@ -751,6 +778,7 @@ impl PeerCore {
         self.rs.prune(round.saturating_sub(keep));
         self.store.prune(round.saturating_sub(keep));
         self.announces.retain(|(r, _), _| *r + 2 * keep >= round);
+        self.tickets.retain(|(r, _), _| *r + keep >= round);
         self.round += 1;
         if self.stopped_early || self.shutdown {
             if self.stopped_early {

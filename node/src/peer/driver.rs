@@ -134,11 +134,11 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                         let _ = tx.send(Input::HelloAnswer { peer, result });
                     });
                 }
-                Action::Fetch { round, owner, sources, len, digest } => {
+                Action::Fetch { round, owner, part, sources, len, digest } => {
                     let (c, tx) = (client.clone(), done_tx.clone());
                     tokio::spawn(async move {
-                        let result = fetch_verified(&c, &sources, owner, round, len, digest).await;
-                        let _ = tx.send(Input::Fetched(Fetched { round, owner, result }));
+                        let result = fetch_verified(&c, &sources, owner, round, part, len, digest).await;
+                        let _ = tx.send(Input::Fetched(Fetched { round, owner, part, result }));
                     });
                 }
                 Action::Recover { round, owner, sources } => {
@@ -166,6 +166,28 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
                     tokio::task::spawn_blocking(move || {
                         let (grad, samples, loss, decode_secs, aggregate_secs) = aggregate(&inputs, &compression, numel, &rule, max_samples);
                         let _ = tx.send(Input::Aggregated { round, grad, samples, loss, decode_secs, aggregate_secs });
+                    });
+                }
+                Action::AggregateShard { round, shard, len, seed, inputs } => {
+                    let (tx, compression, rule) = (done_tx.clone(), setup.compression.clone(), setup.rule.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let result = aggregate_shard(&inputs, &compression, len, &rule, max_samples, seed);
+                        let _ = tx.send(Input::ShardAggregated { round, shard, result });
+                    });
+                }
+                Action::Assemble { round, parts, samples, loss } => {
+                    let (tx, compression) = (done_tx.clone(), setup.compression.clone());
+                    tokio::task::spawn_blocking(move || {
+                        // The shards' aggregates were checked by their digests; one
+                        // that does not decode is the owner's fault and fatal here.
+                        match assemble(&parts, &compression, numel) {
+                            Ok((grad, decode_secs)) => {
+                                let _ = tx.send(Input::Aggregated { round, grad, samples, loss, decode_secs, aggregate_secs: 0.0 });
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Input::Computed { round, result: Err(format!("round {round}: {e}")) });
+                            }
+                        }
                     });
                 }
                 Action::Update(job) => {
@@ -507,9 +529,14 @@ impl Executor {
         let (mut c, upload) = compute_round(tier, &self.trainer, batches, &tasks, None, self.numel).await.map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         let attack = self.p2p.faults.byzantine.as_ref();
-        let blob = encode_own(&mut c.grad, c.samples, &self.compression, job.seed, attack, job.round).map_err(|e| format!("{e:#}"))?;
+        let (blob, parts) = if job.shards.is_empty() {
+            (encode_own(&mut c.grad, c.samples, &self.compression, job.seed, attack, job.round).map_err(|e| format!("{e:#}"))?, Vec::new())
+        } else {
+            (Vec::new(), encode_own_shards(&mut c.grad, c.samples, &self.compression, job.seed, attack, job.round, &job.shards).map_err(|e| format!("{e:#}"))?)
+        };
         Ok(OwnGradient {
             blob,
+            parts,
             samples: c.samples,
             loss_sum: c.loss_sum,
             compute_secs: c.secs,

@@ -11,7 +11,7 @@ use libp2p::gossipsub::MessageId;
 use libp2p::{Multiaddr, PeerId};
 use p2pml_lambda_grad::Evaluation;
 use p2pml_proto::line::MemberEvent;
-use p2pml_proto::wire::{Announce, Digest, Request, Response, RunSpec};
+use p2pml_proto::wire::{Announce, Digest, Part, Request, Response, RunSpec};
 use p2pml_proto::{Compression, StateHeader};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +22,10 @@ pub(crate) type RequestId = u64;
 /// This peer's gradient of a round, computed and encoded by the driver.
 #[derive(Debug)]
 pub(crate) struct OwnGradient {
+    /// The whole gradient encoded (all-to-all; empty when sharded).
     pub(crate) blob: Vec<u8>,
+    /// Sharded exchange: each shard of the gradient encoded on its own.
+    pub(crate) parts: Vec<Vec<u8>>,
     pub(crate) samples: u64,
     pub(crate) loss_sum: f64,
     pub(crate) compute_secs: f64,
@@ -62,6 +65,8 @@ pub(crate) enum Input {
     NetInfo { scores: Vec<(PeerId, f64)>, addrs: Vec<String> },
     /// This peer's gradient of `round`, or why it could not be had (fatal).
     Computed { round: u64, result: Result<OwnGradient, String> },
+    /// Sharded exchange: our aggregate of a shard we own (or why there is none).
+    ShardAggregated { round: u64, shard: usize, result: Result<crate::train::ShardAggregate, String> },
     /// The round's aggregation.
     Aggregated { round: u64, grad: Vec<f32>, samples: u64, loss: f64, decode_secs: f64, aggregate_secs: f64 },
     Updated { round: u64, updated: Updated },
@@ -94,6 +99,8 @@ pub(crate) struct ComputeJob {
     pub(crate) members: Vec<PeerId>,
     /// The seed of the gradient's encoding.
     pub(crate) seed: u64,
+    /// Sharded exchange: the ranges encoded each on its own (empty: the whole gradient).
+    pub(crate) shards: Vec<std::ops::Range<usize>>,
 }
 
 /// What the driver does for the core, without awaiting anything in its loop.
@@ -114,7 +121,8 @@ pub(crate) enum Action {
     Drop { id: RequestId },
     /// Fetch `owner`'s gradient of `round` (`len` bytes, blake3 `digest`) from
     /// these sources in turn, with the fetch's retry policy: [`Input::Fetched`].
-    Fetch { round: u64, owner: PeerId, sources: Vec<PeerId>, len: u64, digest: Digest },
+    /// `part`: a shard's contribution or aggregate (sharded exchange).
+    Fetch { round: u64, owner: PeerId, part: Option<Part>, sources: Vec<PeerId>, len: u64, digest: Digest },
     /// Ask these sources for `owner`'s announcement of `round`: [`Input::Recovered`].
     Recover { round: u64, owner: PeerId, sources: Vec<PeerId> },
     /// Ask the swarm for its peer scores and listen addresses: [`Input::NetInfo`].
@@ -122,6 +130,12 @@ pub(crate) enum Action {
     Compute(Box<ComputeJob>),
     /// Aggregate these (samples, loss, blob) inputs, in this order: [`Input::Aggregated`].
     Aggregate { round: u64, inputs: Vec<(u64, f64, Arc<Vec<u8>>)> },
+    /// Sharded exchange: aggregate shard `shard` (`len` values) from these
+    /// contributions, in this order, and encode it with `seed`: [`Input::ShardAggregated`].
+    AggregateShard { round: u64, shard: usize, len: usize, seed: u64, inputs: Vec<(u64, f64, Arc<Vec<u8>>)> },
+    /// Sharded exchange: decode the aggregated shards into the round's
+    /// gradient: [`Input::Aggregated`] with these samples and loss.
+    Assemble { round: u64, parts: Vec<(std::ops::Range<usize>, Arc<Vec<u8>>)>, samples: u64, loss: f64 },
     Update(Box<UpdateJob>),
     /// Evaluate the test set, and these validation samples: [`Input::Evaluated`].
     Evaluate { epoch: u64, val: Vec<usize> },

@@ -111,7 +111,7 @@ impl PeerCore {
             // Gradients come from admitted members only (heartbeats make
             // members): one from a peer we have not heard yet is fetched again
             // once it is a member.
-            Ok(Gossip::Announce(_)) if author != me && (!self.is_admitted(&author) || !self.rs.members().contains_key(&author)) => {
+            Ok(Gossip::Announce(_) | Gossip::Ticket(_)) if author != me && (!self.is_admitted(&author) || !self.rs.members().contains_key(&author)) => {
                 tracing::debug!("ignored an announcement from {author}: not an admitted member");
                 verdict(Verdict::Ignore);
             }
@@ -237,14 +237,21 @@ impl PeerCore {
                     return;
                 }
                 self.store.insert_announce(&author, a.clone());
+                if self.sharded() {
+                    // Its shards are fetched by their owners: the announcement is what counts here.
+                    self.rs.hold(a.round, author);
+                    self.announces.insert(key, a);
+                    return;
+                }
                 self.rs.contributed(a.round, author);
                 let inline = a.inline.as_ref().map(|b| b.to_vec());
                 self.announces.insert(key, a);
                 match inline {
-                    Some(blob) => self.on_fetched(Fetched { round: key.0, owner: author, result: Ok(blob) }, out),
+                    Some(blob) => self.on_fetched(Fetched { round: key.0, owner: author, part: None, result: Ok(blob) }, out),
                     None => self.start_fetch(key.0, author, out),
                 }
             }
+            Gossip::Ticket(t) => self.on_ticket(author, t),
         }
     }
 
@@ -268,7 +275,7 @@ impl PeerCore {
         }
         let mut sources = vec![owner];
         sources.extend(self.rs.contributors(round).into_iter().filter(|p| *p != owner && *p != self.s.me));
-        out.push(Action::Fetch { round, owner, sources, len: a.len, digest: a.digest });
+        out.push(Action::Fetch { round, owner, part: None, sources, len: a.len, digest: a.digest });
     }
 
     pub(super) fn on_fetched(&mut self, f: Fetched, out: &mut Vec<Action>) {
@@ -451,7 +458,13 @@ impl PeerCore {
     /// The members of the next epoch: the last round's contributors and the
     /// joiners they named (the same announcements on every peer).
     pub(super) fn next_epoch_members(&self, last_round: u64) -> Vec<PeerId> {
-        let named = |c: &PeerId| self.announces.get(&(last_round, *c)).map(|a| peer_ids(&a.joiners)).unwrap_or_default();
+        // Sharded: the joiners the round's tickets named (the same tickets on every peer).
+        let named = |c: &PeerId| {
+            if self.sharded() {
+                return self.shard_joiners.clone();
+            }
+            self.announces.get(&(last_round, *c)).map(|a| peer_ids(&a.joiners)).unwrap_or_default()
+        };
         decide::next_epoch_members(&self.last_contributors, named, self.rs.live(), self.s.me, &self.views)
     }
 }

@@ -16,6 +16,7 @@ mod driver;
 mod io;
 mod members;
 mod rogue;
+mod shard;
 mod sync;
 #[cfg(test)]
 mod tests;

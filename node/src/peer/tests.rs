@@ -136,7 +136,7 @@ impl World {
     }
     fn computed(&mut self, round: u64) -> &[Action] {
         let blob = p2pml_proto::encode_f32(&[1.0; NUMEL]).expect("f32");
-        let g = OwnGradient { blob, samples: 4, loss_sum: 1.0, compute_secs: 0.0, upload_secs: 0.0, encode_secs: 0.0 };
+        let g = OwnGradient { blob, parts: Vec::new(), samples: 4, loss_sum: 1.0, compute_secs: 0.0, upload_secs: 0.0, encode_secs: 0.0 };
         self.feed(Input::Computed { round, result: Ok(g) })
     }
     fn aggregated(&mut self, round: u64) -> &[Action] {

@@ -105,7 +105,7 @@ pub async fn run_server(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
                 Action::Fetch { round, peer, len } => {
                     let (c, tx) = (client.clone(), done_tx.clone());
                     tokio::spawn(async move {
-                        let result = fetch_blob(&c, peer, peer, round, len).await;
+                        let result = fetch_blob(&c, peer, peer, round, None, len).await;
                         let _ = tx.send(Input::Fetched { round, peer, result });
                     });
                 }

@@ -116,6 +116,76 @@ pub(crate) fn encode_own(
 }
 
 
+/// Sharded exchange: encodes each of `ranges` of this peer's gradient on its
+/// own (each with its own seed from `seed`), for the shard's owner; a
+/// byzantine peer poisons the whole gradient first and every part after.
+pub(crate) fn encode_own_shards(
+    grad: &mut [f32],
+    samples: u64,
+    compression: &p2pml_proto::Compression,
+    seed: u64,
+    attack: Option<&Attack>,
+    round: u64,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<Vec<Vec<u8>>, Diverged> {
+    if let Some(a) = attack {
+        a.apply(grad, samples, seed);
+    }
+    ranges
+        .iter()
+        .enumerate()
+        .map(|(j, r)| {
+            let s = p2pml_proto::shard::contribution_seed(seed, j);
+            let mut blob = p2pml_proto::encode_gradient(&grad[r.clone()], compression, s).map_err(|e| Diverged { round, reason: e.to_string() })?;
+            if let Some(a) = attack {
+                a.poison(&mut blob);
+            }
+            Ok(blob)
+        })
+        .collect()
+}
+
+/// An owner's aggregate of one shard: the contributions (in the order given)
+/// combined by `rule` over the shard's `len` values as [`aggregate`] combines
+/// whole gradients, then encoded with the shard's seed (the same on every peer).
+#[derive(Debug)]
+pub(crate) struct ShardAggregate {
+    pub(crate) blob: Vec<u8>,
+    pub(crate) samples: u64,
+    pub(crate) loss_sum: f64,
+    pub(crate) decode_secs: f64,
+    pub(crate) aggregate_secs: f64,
+    pub(crate) encode_secs: f64,
+}
+
+pub(crate) fn aggregate_shard(
+    inputs: &[(u64, f64, Arc<Vec<u8>>)],
+    compression: &p2pml_proto::Compression,
+    len: usize,
+    rule: &Aggregation,
+    max_samples: u64,
+    seed: u64,
+) -> Result<ShardAggregate, String> {
+    let (g, samples, loss_sum, decode_secs, aggregate_secs) = aggregate(inputs, compression, len, rule, max_samples);
+    let t = Instant::now();
+    let blob = p2pml_proto::encode_gradient(&g, compression, seed).map_err(|e| format!("cannot encode the aggregated shard: {e}"))?;
+    Ok(ShardAggregate { blob, samples, loss_sum, decode_secs, aggregate_secs, encode_secs: t.elapsed().as_secs_f64() })
+}
+
+/// Sharded exchange: the round's gradient from its decoded aggregated shards.
+pub(crate) fn assemble(parts: &[(std::ops::Range<usize>, Arc<Vec<u8>>)], compression: &p2pml_proto::Compression, numel: usize) -> Result<(Vec<f32>, f64), String> {
+    let t = Instant::now();
+    let mut g = vec![0f32; numel];
+    for (r, blob) in parts {
+        if r.end > numel {
+            return Err(format!("shard {r:?} is past the model's {numel} values"));
+        }
+        let v = p2pml_proto::decode_gradient(blob, compression, r.len()).map_err(|e| format!("aggregated shard {r:?}: {e}"))?;
+        g[r.clone()].copy_from_slice(&v);
+    }
+    Ok((g, t.elapsed().as_secs_f64()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
