@@ -185,17 +185,17 @@ impl P2pConfig {
         if !(self.min_lr >= 0.0 && self.min_lr.is_finite()) {
             return Err(P2pConfigError::MinLr(self.min_lr));
         }
-        if let Aggregation::Krum { f } = self.aggregation {
-            if self.peers < 2 * f + 3 {
-                return Err(P2pConfigError::KrumPeers { f, need: 2 * f + 3 });
-            }
-        }
         if self.exchange == p2pml_proto::Exchange::Sharded {
             if matches!(self.aggregation, Aggregation::Krum { .. }) {
                 return Err(P2pConfigError::ShardedKrum);
             }
             if self.sync != p2pml_proto::wire::SyncMode::Sync {
                 return Err(P2pConfigError::ShardedAsync);
+            }
+        }
+        if let Aggregation::Krum { f } = self.aggregation {
+            if self.peers < 2 * f + 3 {
+                return Err(P2pConfigError::KrumPeers { f, need: 2 * f + 3 });
             }
         }
         if self.faults.forge && !self.faults.garbage {

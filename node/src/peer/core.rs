@@ -336,8 +336,13 @@ impl PeerCore {
                 Err(e) => self.fail(PeerError::Compute(e), &mut out),
             },
             Input::Aggregated { round, grad, samples, loss, decode_secs, aggregate_secs } if self.phase == (Phase::Aggregating { round }) => {
-                self.work.stages.decode = decode_secs;
-                self.work.stages.aggregate = aggregate_secs;
+                // Sharded: the owned shards' decode and aggregation came first; add the assembly's decode.
+                let st = &mut self.work.stages;
+                if self.s.p2p.exchange.is_all_to_all() {
+                    (st.decode, st.aggregate) = (decode_secs, aggregate_secs);
+                } else {
+                    (st.decode, st.aggregate) = (st.decode + decode_secs, st.aggregate + aggregate_secs);
+                }
                 self.ask_update(now, round, grad, samples, loss, &mut out);
             }
             Input::Aggregated { .. } => {}
