@@ -315,6 +315,9 @@ pub struct P2pConfig {
     pub exchange: Exchange,
     /// The private swarm's pre-shared key file (libp2p pnet); None: an open swarm.
     pub swarm_key: Option<PathBuf>,
+    /// An emulated uplink for this node's sends (--link); None: the real network as it is.
+    #[serde(default)]
+    pub link: Option<crate::link::LinkSpec>,
     /// Move earlier checkpoints in --state-dir aside (into old-<unix>/) and start afresh.
     pub fresh: bool,
     /// The straggler deadline and the demotion of members that keep missing rounds.
@@ -427,6 +430,7 @@ impl Default for P2pConfig {
             metrics_addr: Some("127.0.0.1:0".into()),
             aggregation: Aggregation::Mean,
             exchange: Exchange::AllToAll,
+            link: None,
             swarm_key: None,
             fresh: false,
             straggler: Straggler::default(),
@@ -446,6 +450,10 @@ fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
 
 fn parse_exchange(s: &str) -> Result<Exchange, String> {
     s.parse::<Exchange>()
+}
+
+fn parse_link(s: &str) -> Result<crate::link::LinkSpec, String> {
+    s.parse()
 }
 
 fn parse_attack(s: &str) -> Result<Attack, String> {
@@ -562,6 +570,11 @@ pub struct P2pArgs {
     /// aggregated shards: about two gradients' worth of bytes per peer at any size).
     #[arg(long, env = "P2PML_EXCHANGE", default_value = "all-to-all", value_parser = parse_exchange)]
     pub exchange: Exchange,
+    /// Emulate a WAN uplink for this node's traffic: bw=RATE,delay=TIME[,jitter=TIME]
+    /// (e.g. bw=100mbit,delay=25ms): every connection's sends share a token bucket of
+    /// that bandwidth and arrive the delay later. For tests and experiments; off by default.
+    #[arg(long, env = "P2PML_LINK", value_parser = parse_link)]
+    pub link: Option<crate::link::LinkSpec>,
     /// Private swarm: the libp2p pre-shared key file (`p2pml-node swarm-key` writes
     /// one). Every peer of the run needs the same file; peers without it cannot connect.
     #[arg(long, env = "P2PML_SWARM_KEY")]
@@ -629,6 +642,7 @@ impl P2pArgs {
             metrics_addr: (self.metrics_addr != "none").then(|| self.metrics_addr.clone()),
             aggregation: self.aggregation,
             exchange: self.exchange,
+            link: self.link,
             swarm_key: self.swarm_key.clone(),
             fresh: self.fresh,
             straggler: Straggler {

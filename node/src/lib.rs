@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod exec;
 pub mod fsutil;
+pub mod link;
 pub mod metrics;
 pub mod standalone;
 pub mod net;

@@ -41,6 +41,8 @@ pub struct NetOptions {
     pub forge_as: Option<PeerId>,
     /// The node's event and request queues (0: the defaults, 4096 and 1024).
     pub queue: usize,
+    /// An emulated uplink every connection's sends go through (--link).
+    pub link: Option<std::sync::Arc<crate::link::Link>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -281,12 +283,19 @@ fn dns_over<T>(inner: impl Fn() -> T) -> libp2p::dns::tokio::Transport<T> {
 fn transport(
     key: &identity::Keypair,
     psk: Option<PreSharedKey>,
+    link: Option<std::sync::Arc<crate::link::Link>>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let tcp = dns_over(|| tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)));
     let noise = noise::Config::new(key)?;
     // One chain for both kinds of swarm: the socket is either wrapped by the
     // pre-shared key's handshake or passed through.
+    // An emulated link (--link) shapes the raw socket: everything above it,
+    // handshakes included, pays its bandwidth and delay.
     let socket = tcp.and_then(move |socket, _| async move {
+        let socket = match link {
+            Some(l) => futures::future::Either::Left(l.shape(socket)),
+            None => futures::future::Either::Right(socket),
+        };
         match psk {
             Some(psk) => PnetConfig::new(psk).handshake(socket).await.map(futures::future::Either::Left),
             None => Ok(futures::future::Either::Right(socket)),
@@ -420,10 +429,11 @@ pub fn new(
     let peer_id = key.public().to_peer_id();
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let psk = opts.psk;
+    let link = opts.link.clone();
     let forge_as = opts.forge_as;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|key| transport(key, psk))
+        .with_other_transport(|key| transport(key, psk, link))
         .map_err(|e| setup(&e))?
         .with_behaviour(|key| {
             // A forger publishes unsigned; only it runs in permissive mode.

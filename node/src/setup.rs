@@ -137,7 +137,11 @@ pub(crate) async fn start_net(p2p: &P2pConfig, addrs: &Addresses, run_id: &str) 
     if psk.is_some() {
         tracing::info!("private swarm: only peers with the same --swarm-key can connect");
     }
-    let (client, events, requests, event_loop) = net::new(key, &addrs.listen, &net::NetOptions { psk, forge_as, queue: 0 })?;
+    let link = p2p.link.map(|spec| {
+        tracing::info!("emulated link: this node's sends go through {spec}");
+        crate::link::Link::new(spec, p2p.identity_seed.unwrap_or(0) ^ 0x11_4b)
+    });
+    let (client, events, requests, event_loop) = net::new(key, &addrs.listen, &net::NetOptions { psk, forge_as, queue: 0, link })?;
     tokio::spawn(event_loop.run());
     if p2p.control_stdin {
         tokio::spawn(control_stdin(client.clone()));

@@ -16,6 +16,7 @@ mod blob;
 pub mod line;
 pub mod qsgd;
 pub mod robust;
+pub mod link;
 pub mod shard;
 mod rng;
 mod spec;
@@ -52,6 +53,7 @@ pub enum GradientCodecError {
 }
 pub use qsgd::{Compression, Norm, QsgdConfig, QsgdError};
 pub use robust::{Aggregation, Attack};
+pub use link::LinkSpec;
 pub use shard::Exchange;
 pub use rng::Rng;
 pub use state::{decode_state, encode_state, StateError, StateHeader};

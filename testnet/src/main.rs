@@ -70,6 +70,14 @@ struct RunArgs {
     /// e.g. --peer-args "2=--fault-perturb-round 5".
     #[arg(long)]
     peer_args: Vec<String>,
+    /// Emulate a WAN uplink on every node: bw=RATE,delay=TIME[,jitter=TIME],
+    /// e.g. bw=100mbit,delay=25ms (passed to each node as --link).
+    #[arg(long)]
+    link: Option<String>,
+    /// One node's own link instead: "INDEX=SPEC", repeatable (a slow peer),
+    /// e.g. --link-peer "3=bw=10mbit,delay=100ms".
+    #[arg(long)]
+    link_peer: Vec<String>,
     /// Start one peer late: "INDEX=SECONDS" after the first node, repeatable
     /// (it joins the run in progress by state sync).
     #[arg(long)]
@@ -418,6 +426,25 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         }
         // (the server takes no --peer-args)
         extra[i].extend(rest.split_whitespace().map(String::from));
+    }
+    let mut links: Vec<Option<String>> = vec![None; n_nodes];
+    if let Some(l) = &a.link {
+        l.parse::<p2pml_proto::LinkSpec>().map_err(bad)?;
+        links.iter_mut().for_each(|x| *x = Some(l.clone()));
+    }
+    for lp in &a.link_peer {
+        let Some((i, spec)) = lp.split_once('=') else { bail!("--link-peer {lp}: expected INDEX=SPEC, e.g. 3=bw=10mbit,delay=100ms") };
+        let i: usize = i.trim().parse().map_err(|_| anyhow::anyhow!("--link-peer {lp}: {i} is not a peer index"))?;
+        if i >= a.peers {
+            bail!("--link-peer {lp}: peer {i} does not exist (--peers {})", a.peers);
+        }
+        spec.parse::<p2pml_proto::LinkSpec>().map_err(bad)?;
+        links[i] = Some(spec.to_string());
+    }
+    for (i, l) in links.into_iter().enumerate() {
+        if let Some(l) = l {
+            extra[i].extend(["--link".to_string(), l]);
+        }
     }
     let mut byzantine = std::collections::BTreeSet::new();
     for b in &a.byzantine {

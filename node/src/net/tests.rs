@@ -6,7 +6,7 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_event_queue_sheds_requests_keeps_connection_events_and_never_blocks() {
     let lo: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    let opts = |queue| NetOptions { psk: None, forge_as: None, queue };
+    let opts = |queue| NetOptions { psk: None, forge_as: None, queue, link: None };
     let (a, mut a_events, _a_requests, a_loop) = new(key_from_seed(1), std::slice::from_ref(&lo), &opts(1)).unwrap();
     let (b, _b_events, _b_requests, b_loop) = new(key_from_seed(2), std::slice::from_ref(&lo), &opts(0)).unwrap();
     tokio::spawn(a_loop.run());
