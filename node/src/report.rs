@@ -44,6 +44,14 @@ pub struct RoundRecord {
     /// When the round finished (Unix ms): testnet lines it up with its fault events.
     pub unix_ms: u64,
     pub stages: StageTimes,
+    /// When this peer published its announcement of the round (Unix ms; None
+    /// when it did not contribute): testnet's critical-path exchange latency
+    /// runs from the last contributor's announcement to each peer's `unix_ms`.
+    pub announced_unix_ms: Option<u64>,
+    /// Payload bytes this node sent and received (gossip and request-response)
+    /// since the previous round finished.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// A change of the membership as this node saw it.
@@ -128,6 +136,8 @@ pub struct NodeReport {
     /// This start's incarnation (1 at the first start of the state directory).
     pub incarnation: u64,
     pub started_unix_ms: u64,
+    /// The process's peak resident memory (VmHWM) when the report was written.
+    pub peak_rss_mb: Option<f64>,
     /// When this node first held the run's state (founded, resumed or synced).
     pub ready_unix_ms: Option<u64>,
     /// State syncs that caught up with peers more than a round ahead.
@@ -252,6 +262,7 @@ impl ReportBuilder {
             function_tier: o.function_tier,
             cost: exec::cost(&self.exec, &stats, wall_seconds, self.batches_per_round),
             incarnation: self.incarnation,
+            peak_rss_mb: peak_rss_mb(),
             started_unix_ms: self.started_unix_ms,
             ready_unix_ms: o.ready_unix_ms,
             catch_ups: o.catch_ups,
@@ -302,6 +313,11 @@ pub(crate) struct Progress {
     pub(crate) epochs: Vec<EpochRecord>,
     /// Since the node held the run's state.
     pub(crate) wall: Instant,
+    /// The node's traffic counters, and their totals (sent, received) at the last round.
+    traffic: Option<Arc<crate::net::Traffic>>,
+    last_traffic: (u64, u64),
+    /// When the announcement of the round in progress was published.
+    pub(crate) announced_unix_ms: Option<u64>,
 }
 
 /// One finished round, as every role that updates parameters reports it.
@@ -319,7 +335,15 @@ pub(crate) struct RoundDone {
 
 impl Progress {
     pub(crate) fn new() -> Self {
-        Progress { rounds: Vec::new(), epochs: Vec::new(), wall: Instant::now() }
+        Progress { rounds: Vec::new(), epochs: Vec::new(), wall: Instant::now(), traffic: None, last_traffic: (0, 0), announced_unix_ms: None }
+    }
+
+    /// Rounds record the traffic of `t` since the round before.
+    pub(crate) fn with_traffic(t: Arc<crate::net::Traffic>) -> Self {
+        let mut p = Progress::new();
+        p.last_traffic = traffic_totals(&t);
+        p.traffic = Some(t);
+        p
     }
 
     pub(crate) fn wall_secs(&self) -> f64 {
@@ -344,7 +368,16 @@ impl Progress {
             }
         );
         crate::metrics::record_round(r.round, r.epoch, r.contributors, r.samples, &r.stages, train_loss, r.lr);
+        let (mut bytes_sent, mut bytes_received) = (0, 0);
+        if let Some(t) = &self.traffic {
+            let now = traffic_totals(t);
+            (bytes_sent, bytes_received) = (now.0.saturating_sub(self.last_traffic.0), now.1.saturating_sub(self.last_traffic.1));
+            self.last_traffic = now;
+        }
         self.rounds.push(RoundRecord {
+            announced_unix_ms: self.announced_unix_ms.take(),
+            bytes_sent,
+            bytes_received,
             round: r.round,
             epoch: r.epoch,
             contributors: r.contributors,
@@ -372,4 +405,17 @@ impl Progress {
             lr,
         });
     }
+}
+
+/// Payload bytes (sent, received) so far, gossip and request-response together.
+fn traffic_totals(t: &crate::net::Traffic) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (t.gossip_bytes_sent.load(Relaxed) + t.rr_bytes_sent.load(Relaxed), t.gossip_bytes_received.load(Relaxed) + t.rr_bytes_received.load(Relaxed))
+}
+
+/// This process's peak resident set (VmHWM), in MB (None where /proc has no such line).
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }

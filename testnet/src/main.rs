@@ -14,6 +14,7 @@ mod faults;
 mod promcfg;
 mod report;
 mod s3;
+mod scale;
 mod tier;
 mod units;
 mod run;
@@ -78,6 +79,11 @@ struct RunArgs {
     /// e.g. --link-peer "3=bw=10mbit,delay=100ms".
     #[arg(long)]
     link_peer: Vec<String>,
+    /// After the run, time a single process training the same model on every
+    /// core, and report the run's efficiency against that compute-bound ideal
+    /// (scale.efficiency: the round's samples at that rate over the measured round time).
+    #[arg(long)]
+    ideal: bool,
     /// Start one peer late: "INDEX=SECONDS" after the first node, repeatable
     /// (it joins the run in progress by state sync).
     #[arg(long)]

@@ -32,6 +32,9 @@ pub(crate) struct PeerSummary {
     pub(crate) function_tier: Value,
     /// The node's cost row: measured billing and the paper's formula.
     pub(crate) cost: Value,
+    /// The node's peak resident memory, MB.
+    #[serde(default)]
+    pub(crate) peak_rss_mb: Option<f64>,
 }
 
 /// The function tier across the run (`--executor lambda`).
@@ -135,6 +138,9 @@ pub(crate) struct Report {
     /// Peers that sent heartbeats but never completed an accepted Hello, one entry per peer.
     #[serde(default)]
     pub(crate) unadmitted_peers: Vec<UnadmittedPeer>,
+    /// Exchange latency, bytes per peer per round, memory, efficiency.
+    #[serde(default)]
+    pub(crate) scale: crate::scale::Scale,
 }
 
 /// A member demoted for withholding its gradient.
@@ -262,6 +268,7 @@ pub(crate) fn collect(
             peer_scores: v["peer_scores"].clone(),
             function_tier: v["function_tier"].clone(),
             cost: v["cost"].clone(),
+            peak_rss_mb: v["peak_rss_mb"].as_f64(),
         });
     }
     let mut rogue_summaries = Vec::new();
@@ -393,6 +400,7 @@ pub(crate) fn collect(
         deadline_rounds,
         withholding_demotions,
         unadmitted_peers,
+        scale: Default::default(),
     })
 }
 

@@ -794,6 +794,21 @@ pub(crate) async fn run_report(a: RunArgs) -> anyhow::Result<report::Report> {
         report.ok = false;
         report.interrupted = *c == Cut::Interrupted;
     }
+    report.scale = crate::scale::summarize(&report.peer_reports);
+    if a.ideal && cut.is_none() {
+        // After the run, alone on the machine: the swarm's round samples at one process's rate.
+        let samples: Vec<f64> = report.peer_reports.iter().flat_map(|p| p.rounds_log.as_array().cloned().unwrap_or_default()).filter_map(|r| r["samples"].as_f64()).collect();
+        let per_round = if samples.is_empty() { 0.0 } else { let mut v = samples; v.sort_by(f64::total_cmp); v[v.len() / 2] };
+        match crate::scale::single_process_rate(&bin, &a.node_args, &a.out.join("ideal"), (per_round as usize * 8).max(1024)) {
+            Ok(rate) => {
+                let ideal = per_round / rate * 1000.0;
+                report.scale.single_process_samples_per_s = Some(rate);
+                report.scale.ideal_round_ms = Some(ideal);
+                report.scale.efficiency = (report.scale.round_ms_median > 0.0).then(|| ideal / report.scale.round_ms_median);
+            }
+            Err(e) => report.problems.push(format!("--ideal: {e:#}")),
+        }
+    }
     report.faults = fault_reports;
     report.role = a.role.clone();
     report.stalled_seconds = report::stalled_seconds(&progress);

@@ -99,7 +99,7 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     );
     let mut channels: HashMap<RequestId, ResponseChannel<Response>> = HashMap::new();
     let mut next_id: RequestId = 0;
-    let mut progress = Progress::new();
+    let mut progress = Progress::with_traffic(client.traffic.clone());
     let mut membership = MembershipLog::default();
     let mut ready_unix_ms = None;
     let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
@@ -109,7 +109,12 @@ pub async fn run(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<NodeReport>
     loop {
         for action in actions.drain(..) {
             match action {
-                Action::Publish { topic, data, gradient } => ops.send(NetOp::Publish { topic, data, gradient }),
+                Action::Publish { topic, data, gradient } => {
+                    if gradient {
+                        progress.announced_unix_ms = Some(crate::report::unix_ms());
+                    }
+                    ops.send(NetOp::Publish { topic, data, gradient })
+                }
                 Action::Verdict { id, propagated_by, verdict } => ops.send(NetOp::Verdict { id, propagated_by, verdict }),
                 Action::Subscribe(t) => ops.send(NetOp::Subscribe(t)),
                 Action::Unsubscribe(t) => ops.send(NetOp::Unsubscribe(t)),

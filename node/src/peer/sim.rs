@@ -398,7 +398,9 @@ impl Sim {
             Action::AggregateShard { round, shard, len, seed, inputs } => {
                 self.shards_aggregated += 1;
                 let most = max_round_samples(&self.p2p, self.cfg.batch_size);
-                let result = crate::train::aggregate_shard(&inputs, &Compression::None, len, &Aggregation::Mean, most, seed);
+                // The stand-in's times are fixed (the trace must not depend on the host's clock).
+                let result = crate::train::aggregate_shard(&inputs, &Compression::None, len, &Aggregation::Mean, most, seed)
+                    .map(|a| crate::train::ShardAggregate { decode_secs: 0.0, aggregate_secs: 0.0, encode_secs: 0.0, ..a });
                 self.input(i, 2, Input::ShardAggregated { round, shard, result });
             }
             Action::Assemble { round, parts, samples, loss } => {

@@ -323,6 +323,9 @@ pub async fn run_worker(cfg: TrainConfig, p2p: P2pConfig) -> anyhow::Result<Node
             finished_at: wall.elapsed().as_secs_f64(),
             unix_ms: unix_ms(),
             stages: st,
+            announced_unix_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
         });
     };
     heartbeats.abort();
