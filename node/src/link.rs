@@ -195,7 +195,7 @@ mod tests {
         b.write_all(&one).await.unwrap();
         a.read_exact(&mut one).await.unwrap();
         let rtt = t.elapsed();
-        assert!(rtt >= Duration::from_millis(24) && rtt < Duration::from_millis(100), "ping {rtt:?}");
+        assert!(rtt >= Duration::from_millis(24) && rtt < Duration::from_millis(500), "ping {rtt:?}");
         // Bulk: 10 MB.
         let data = vec![3u8; 10_000_000];
         let t = std::time::Instant::now();
@@ -209,6 +209,6 @@ mod tests {
         let took = t.elapsed();
         assert_eq!(got, data);
         eprintln!("10 MB over {spec}: {took:?}, ping {rtt:?}");
-        assert!(took >= Duration::from_millis(800) && took < Duration::from_millis(1600), "10 MB took {took:?}");
+        assert!(took >= Duration::from_millis(800) && took < Duration::from_millis(3000), "10 MB took {took:?} (at least 0.8 s: the bucket; the upper bound leaves room for a loaded machine)");
     }
 }
