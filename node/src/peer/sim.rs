@@ -90,12 +90,8 @@ fn noise(parts: &[u64]) -> f64 {
 }
 
 impl Sim {
-    /// `n` nodes; node 0 founds the run, the others bootstrap from it.
-    pub(crate) fn new(n: usize, seed: u64, epochs: u64, samples_per_peer: usize) -> Sim {
-        Sim::with_exchange(n, seed, epochs, samples_per_peer, p2pml_proto::Exchange::AllToAll)
-    }
-
-    /// [`Sim::new`] with the gradients exchanged as `exchange` says.
+    /// `n` nodes exchanging gradients as `exchange` says; node 0 founds the
+    /// run, the others bootstrap from it.
     pub(crate) fn with_exchange(n: usize, seed: u64, epochs: u64, samples_per_peer: usize, exchange: p2pml_proto::Exchange) -> Sim {
         let cfg = TrainConfig { epochs, batch_size: 4, val_size: 40, seed, ..TrainConfig::default() };
         let p2p = P2pConfig {
@@ -545,18 +541,20 @@ fn addr(i: usize) -> Multiaddr {
     format!("/memory/{}", i + 1).parse().expect("a memory address")
 }
 
-#[test]
-fn eight_cores_agree_through_a_kill_a_revival_and_a_partition_and_the_same_seed_gives_the_same_trace() {
-    let run = |seed| {
-        let mut sim = Sim::new(8, seed, 3, 400);
-        sim.fault(3_000, Fault::Kill(5));
-        sim.fault(6_000, Fault::Revive(5));
-        sim.fault(9_000, Fault::Partition(vec![vec![0, 1, 2, 3, 4, 5], vec![6, 7]]));
-        sim.fault(13_000, Fault::Heal);
-        let finished = sim.run_ticked(600_000);
-        (finished, sim)
-    };
-    let (finished, a) = run(7);
+/// 8 cores through a kill of node 5 at `kill_ms`, its revival at 6 s, a
+/// partition {0..5}|{6,7} at 9 s and a heal at 13 s.
+fn faulted_run(seed: u64, exchange: p2pml_proto::Exchange, kill_ms: u64) -> (bool, Sim) {
+    let mut sim = Sim::with_exchange(8, seed, 3, 400, exchange);
+    sim.fault(kill_ms, Fault::Kill(5));
+    sim.fault(6_000, Fault::Revive(5));
+    sim.fault(9_000, Fault::Partition(vec![vec![0, 1, 2, 3, 4, 5], vec![6, 7]]));
+    sim.fault(13_000, Fault::Heal);
+    let finished = sim.run_ticked(600_000);
+    (finished, sim)
+}
+
+/// Every node finished on node 0's round and digest, after some hundreds of rounds: the rounds.
+fn assert_all_agree(finished: bool, a: &Sim) -> u64 {
     assert!(finished, "every node finished by {} ms:{}", a.now, a.status());
     let d = a.digests();
     let rounds = d[0].1;
@@ -564,6 +562,14 @@ fn eight_cores_agree_through_a_kill_a_revival_and_a_partition_and_the_same_seed_
     for (i, r, digest) in &d {
         assert_eq!((*r, *digest), (rounds, d[0].2), "node {i} ends on node 0's round and parameters");
     }
+    rounds
+}
+
+#[test]
+fn eight_cores_agree_through_a_kill_a_revival_and_a_partition_and_the_same_seed_gives_the_same_trace() {
+    let run = |seed| faulted_run(seed, p2pml_proto::Exchange::AllToAll, 3_000);
+    let (finished, a) = run(7);
+    let rounds = assert_all_agree(finished, &a);
     assert!(a.now > 13_000, "the run outlasts the faults: it ended at {} ms", a.now);
     let syncs: Vec<u64> = a.nodes.iter().flatten().map(|n| n.core.state_syncs).collect();
     assert!(syncs[5] >= 1, "the revived node joined by state sync: {syncs:?}");
@@ -595,24 +601,10 @@ fn sharded_cores_match_all_to_all_bit_for_bit_and_agree_through_an_owner_killed_
     assert_eq!(shards, 4 * a[0].1, "each of 4 owners aggregated its shard of every round");
     assert_eq!(a, s, "sharded f32 means are the all-to-all means");
 
-    let run = |seed| {
-        let mut sim = Sim::with_exchange(8, seed, 3, 400, Exchange::Sharded);
-        // 3,020 ms: inside a round (rounds take ~70 ms here); node 5 owns a shard of every round.
-        sim.fault(3_020, Fault::Kill(5));
-        sim.fault(6_000, Fault::Revive(5));
-        sim.fault(9_000, Fault::Partition(vec![vec![0, 1, 2, 3, 4, 5], vec![6, 7]]));
-        sim.fault(13_000, Fault::Heal);
-        let finished = sim.run_ticked(600_000);
-        (finished, sim)
-    };
+    // 3,020 ms: inside a round (rounds take ~70 ms here); node 5 owns a shard of every round.
+    let run = |seed| faulted_run(seed, Exchange::Sharded, 3_020);
     let (finished, a) = run(7);
-    assert!(finished, "every node finished by {} ms:{}", a.now, a.status());
-    let d = a.digests();
-    let rounds = d[0].1;
-    assert!(rounds >= 250, "some hundreds of rounds: {rounds}");
-    for (i, r, digest) in &d {
-        assert_eq!((*r, *digest), (rounds, d[0].2), "node {i} ends on node 0's round and parameters");
-    }
+    let rounds = assert_all_agree(finished, &a);
     let syncs: Vec<u64> = a.nodes.iter().flatten().map(|n| n.core.state_syncs).collect();
     assert!(syncs[5] >= 1, "the revived node joined by state sync: {syncs:?}");
     assert!(a.rounds_done[&6] < rounds, "the minority stalled while cut off: {:?}", a.rounds_done);
